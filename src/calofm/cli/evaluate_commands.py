@@ -1,0 +1,5 @@
+"""Subcommands of this concept (filled in by its owner)."""
+
+
+def register(subparsers) -> None:
+    pass

@@ -1,0 +1,47 @@
+"""Entry point of the `calofm` command.
+
+Each *_commands module exposes `register(subparsers)`; heavy imports (torch) happen inside the
+command functions so that `calofm simulate` starts fast. A CalofmError becomes one line on stderr
+and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from calofm import __version__
+from calofm.errors import CalofmError
+
+COMMAND_MODULES = (
+    "calofm.cli.data_commands",  # materials, geometry, simulate, inspect
+    "calofm.cli.model_commands",  # train, generate, info
+    "calofm.cli.evaluate_commands",  # evaluate
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="calofm", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"calofm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CalofmError as exc:
+        print(f"calofm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"calofm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

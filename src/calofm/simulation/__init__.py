@@ -1,0 +1,1 @@
+"""The embedded shower Monte Carlo (Grindhammer-Peters / GFlash parameterization)."""
