@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except CalofmError as exc:
         print(f"calofm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"calofm {args.command}: interrupted", file=sys.stderr)
         return 130

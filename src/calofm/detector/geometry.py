@@ -142,10 +142,11 @@ class Geometry:
         layer = np.asarray(layer)
         if self.is_cartesian:
             g = self.grid
-            ix = np.floor(x_mm / g.cell_mm + g.nx / 2).astype(np.int64)
-            iy = np.floor(y_mm / g.cell_mm + g.ny / 2).astype(np.int64)
-            inside = (ix >= 0) & (ix < g.nx) & (iy >= 0) & (iy < g.ny)
-            idx = layer * (g.nx * g.ny) + iy * g.nx + ix
+            # float32 and one comparison pass: this is the simulator's hot loop (millions of spots)
+            fx = np.asarray(x_mm, dtype=np.float32) * np.float32(1 / g.cell_mm) + np.float32(g.nx / 2)
+            fy = np.asarray(y_mm, dtype=np.float32) * np.float32(1 / g.cell_mm) + np.float32(g.ny / 2)
+            inside = (fx >= 0) & (fx < g.nx) & (fy >= 0) & (fy < g.ny)
+            idx = layer * (g.nx * g.ny) + fy.astype(np.int64) * g.nx + fx.astype(np.int64)
             return np.where(inside, idx, -1)
         idx = np.full(layer.shape, -1, dtype=np.int64)
         r = np.hypot(x_mm, y_mm)

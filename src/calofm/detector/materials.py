@@ -28,6 +28,7 @@ class Material:
     E_c_MeV: float
     lambda_I_cm: float
     dedx_min: float  # MeV cm2/g, minimum ionization
+    sampling_coefficient: float | None = None  # active media only: a = c * sqrt(d_mm / f_mip)
 
     @property
     def X0_mm(self) -> float:
@@ -39,7 +40,7 @@ class Material:
 
     @property
     def mip_MeV_per_mm(self) -> float:
-        """Most-probable-free mean energy a minimum-ionizing particle loses per mm."""
+        """Mean energy a minimum-ionizing particle loses per mm."""
         return self.dedx_min * self.density / 10.0
 
 
@@ -59,7 +60,7 @@ def _table() -> dict[str, Material]:
         table[name] = Material(
             name=name, kind=m["kind"], geant4=m["geant4"], Z=Z, A=A, density=m["density"],
             X0_cm=m["X0"], R_M_cm=m["R_M"], E_c_MeV=m["E_c"], lambda_I_cm=m["lambda_I"],
-            dedx_min=m["dedx_min"],
+            dedx_min=m["dedx_min"], sampling_coefficient=m.get("sampling_coefficient"),
         )
     return table
 

@@ -1,1 +1,9 @@
 """The embedded shower Monte Carlo (Grindhammer-Peters / GFlash parameterization)."""
+
+from calofm.simulation.medium import Medium
+from calofm.simulation.simulate import (
+    GENERATOR, calibrated_energy, canonical_particle, parse_energy, simulate, simulate_to_file,
+)
+
+__all__ = ["GENERATOR", "Medium", "calibrated_energy", "canonical_particle", "parse_energy", "simulate",
+           "simulate_to_file"]

@@ -1,0 +1,97 @@
+"""Data subcommands: materials, geometry, simulate, inspect."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def register(sub) -> None:
+    p = sub.add_parser("materials", help="table of the known materials and their constants")
+    p.set_defaults(func=cmd_materials)
+
+    p = sub.add_parser("geometry", help="describe a calorimeter geometry")
+    p.add_argument("--preset", default="cpu", help="preset name (cpu, ild) or a geometry .json file")
+    p.add_argument("--absorber", default=None, help="swap the absorber (thicknesses stay in mm)")
+    p.set_defaults(func=cmd_geometry)
+
+    p = sub.add_parser("simulate", help="simulate showers with the embedded GFlash-style Monte Carlo")
+    p.add_argument("--material", default="W", help="absorber material (see `calofm materials`)")
+    p.add_argument("--particle", default="gamma", help="gamma, e- or e+")
+    p.add_argument("--n", type=int, default=1000, help="number of showers")
+    p.add_argument("--energy", default="10:100", help="incident energy in GeV: E or Emin:Emax")
+    p.add_argument("--spectrum", default="uniform", choices=["uniform", "log"])
+    p.add_argument("--geometry", default="cpu", help="preset name or geometry .json file")
+    p.add_argument("--threshold", type=float, default=0.5, help="readout threshold in MIP (default 0.5)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("-o", "--output", default="showers.h5", help="output HDF5 file")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("inspect", help="summarize a shower file")
+    p.add_argument("file")
+    p.add_argument("--binning", default=None, help="CaloChallenge binning XML (for files without a geometry)")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_materials(args) -> None:
+    from calofm.detector.materials import list_materials, source
+
+    header = f"{'name':<12}{'kind':<9}{'Z':>6}{'A':>8}{'rho':>8}{'X0/mm':>8}{'R_M/mm':>8}{'E_c/MeV':>9}{'lam_I/mm':>10}"
+    print(header + "\n" + "-" * len(header))
+    for m in list_materials():
+        print(f"{m.name:<12}{m.kind:<9}{m.Z:>6.1f}{m.A:>8.2f}{m.density:>8.3f}{m.X0_mm:>8.2f}{m.R_M_mm:>8.2f}"
+              f"{m.E_c_MeV:>9.2f}{10 * m.lambda_I_cm:>10.1f}")
+    print(f"\nsource: {source()}")
+
+
+def cmd_geometry(args) -> None:
+    from calofm.detector.geometry import get_geometry
+    from calofm.simulation import Medium
+
+    geometry = get_geometry(args.preset, absorber=args.absorber)
+    print(geometry.describe())
+    medium = Medium.from_geometry(geometry)
+    print(f"  effective medium: Z = {medium.Z:.1f}, X0 = {medium.X0_mm:.2f} mm, R_M = {medium.R_M_mm:.2f} mm, "
+          f"E_c = {medium.E_c_MeV:.2f} MeV, F_s = {medium.F_s:.2f}, e/mip = {medium.e_hat:.3f}")
+    print(f"  visible fraction {medium.visible_fraction.min():.4f}-{medium.visible_fraction.max():.4f}, "
+          f"sampling term {100 * medium.resolution.min():.1f}-{100 * medium.resolution.max():.1f} %/sqrt(E), "
+          f"threshold {medium.threshold_MeV[0]:.3f} MeV")
+
+
+def cmd_simulate(args) -> None:
+    from calofm.simulation import simulate_to_file
+
+    start = time.perf_counter()
+    simulate_to_file(args.output, args.n, material=args.material, particle=args.particle,
+                     energy_GeV=args.energy, spectrum=args.spectrum, geometry=args.geometry, seed=args.seed,
+                     threshold_mip=args.threshold, workers=args.workers)
+    elapsed = time.perf_counter() - start
+    print(f"wrote {args.n} showers to {args.output} in {elapsed:.1f} s ({args.n / elapsed:.0f} showers/s)")
+    _summary(args.output, None)
+
+
+def cmd_inspect(args) -> None:
+    _summary(args.file, args.binning)
+
+
+def _summary(path: str, binning: str | None) -> None:
+    from calofm.data.showers import inspect_file, iter_showers
+
+    info = inspect_file(path, binning_xml=binning)
+    e_min, e_max, hits, visible, n = np.inf, 0.0, 0.0, 0.0, 0
+    for energies, showers in iter_showers(path, info=info):
+        e_min, e_max = min(e_min, float(energies.min())), max(e_max, float(energies.max()))
+        hits += float((showers > 0).sum())
+        visible += float((showers.sum(1) / energies).sum())
+        n += len(energies)
+    g = info.geometry
+    print(f"file:       {path}")
+    print(f"showers:    {info.n_showers} x {info.n_voxels} voxels"
+          + (f" (geometry {g.name!r}: {g.n_layers} layers, {g.cells_per_layer[0]} cells/layer)" if g else ""))
+    print(f"material:   {info.material or 'unknown'}    particle: {info.particle or 'unknown'}")
+    print(f"generator:  {info.generator or 'unknown'}    seed: {info.seed}")
+    print(f"energy:     {e_min / 1000:.2f} - {e_max / 1000:.2f} GeV")
+    print(f"mean hits:  {hits / n:.1f} cells above threshold")
+    print(f"mean E_vis/E_inc: {visible / n:.4f}")

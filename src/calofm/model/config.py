@@ -1,0 +1,94 @@
+"""Model hyper-parameters, with named presets.
+
+Vocabulary sizes are not hyper-parameters: they come from the tokenizer (`for_tokenizer`), as tuples
+of block sizes so that an appended vocabulary block becomes an appended embedding table.
+`moe_groups` lists the number of experts of each material group, in material-id order; appending a
+material appends one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from calofm.errors import CalofmError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ff_mult: float = 2.0  # expert hidden width = ff_mult * d_model (published: GELU MLP x2)
+    experts_per_material: int = 1
+    top_k: int = 1  # experts per token inside its material's group
+    shared_expert: bool = True  # one expert every token goes through, whatever its material
+    rope_fraction: float = 0.5  # partial RoPE: rotate this fraction of each head's dimensions
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    energy_head_voxel_cond: bool = True  # energy head sees the (teacher-forced / sampled) next voxel
+    lb_coef: float = 0.01  # Switch load-balance loss weight (within material groups)
+    z_coef: float = 1e-3  # router z-loss weight
+    # filled from the tokenizer
+    voxel_blocks: tuple[int, ...] = ()
+    energy_blocks: tuple[int, ...] = ()
+    material_blocks: tuple[int, ...] = ()
+    particle_blocks: tuple[int, ...] = ()
+    moe_groups: tuple[int, ...] = ()
+    max_seq_len: int = 0
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise CalofmError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise CalofmError("the head dimension must be even for RoPE")
+        if not 1 <= self.top_k <= self.experts_per_material:
+            raise CalofmError(f"top_k must be in 1..experts_per_material, got {self.top_k}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_voxel_tokens(self) -> int:
+        return sum(self.voxel_blocks)
+
+    @property
+    def n_energy_tokens(self) -> int:
+        return sum(self.energy_blocks)
+
+    def for_tokenizer(self, tokenizer) -> ModelConfig:
+        n_materials = len(tokenizer.materials)
+        return replace(
+            self, voxel_blocks=tokenizer.voxels.block_sizes(), energy_blocks=tokenizer.energies.block_sizes(),
+            material_blocks=tokenizer.materials.block_sizes(), particle_blocks=tokenizer.particles.block_sizes(),
+            moe_groups=(self.experts_per_material,) * n_materials, max_seq_len=tokenizer.max_seq_len,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise CalofmError(f"model config has unknown fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # unit tests: a few thousand parameters besides the embeddings; two experts per material so
+    # that top-k routing and the load-balance loss are exercised
+    "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, ff_mult=2.0, experts_per_material=2, top_k=1),
+    # CPU default: ~4M parameters, trains on two cores in under an hour
+    "small": ModelConfig(d_model=128, n_layers=4, n_heads=4, ff_mult=2.0, experts_per_material=2, top_k=1),
+    # published scale: width 256, 3 blocks, one expert per material, no shared expert
+    "base": ModelConfig(d_model=256, n_layers=3, n_heads=8, ff_mult=2.0, experts_per_material=1, top_k=1,
+                        shared_expert=False),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise CalofmError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
