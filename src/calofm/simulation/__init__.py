@@ -1,7 +1,7 @@
 """The embedded shower Monte Carlo (Grindhammer-Peters / GFlash parameterization)."""
 
 from calofm.simulation.medium import Medium
-from calofm.simulation.simulate import (
+from calofm.simulation.runner import (
     GENERATOR, calibrated_energy, canonical_particle, parse_energy, simulate, simulate_to_file,
 )
 
