@@ -1,0 +1,81 @@
+"""The diffusion baseline trains, samples (DDPM and DDIM), saves and reloads on a tiny config."""
+
+import numpy as np
+import pytest
+import torch
+
+from calofm.baselines.diffusion import DiffusionBaseline, DiffusionConfig, cosine_alpha_bar, train_diffusion
+from calofm.errors import CalofmError
+from calofm.simulation import simulate_to_file
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("diffusion")
+    files = []
+    for material in ("W", "Pb"):
+        path = str(d / f"{material}.h5")
+        simulate_to_file(path, 64, material, "gamma", (10, 100), seed=1, workers=1, progress=False)
+        files.append(path)
+    model = train_diffusion(files, str(d / "model"), channels=8, steps=150, batch_size=16, lr=5e-3, progress=False)
+    return d, files, model
+
+
+def test_schedule_is_monotone():
+    a = cosine_alpha_bar(400)
+    assert a[0] == pytest.approx(1.0) and a[-1] < 1e-3 and torch.all(torch.diff(a) < 0)
+
+
+def test_preprocessing_round_trip(tiny_run):
+    _, files, model = tiny_run
+    from calofm.data import read_showers
+
+    _, showers, _ = read_showers(files[0], stop=8)
+    back = model.from_image(model.to_image(showers))
+    assert np.allclose(back, showers, rtol=1e-4, atol=1e-6)
+
+
+def test_training_reduces_the_denoising_loss(tiny_run):
+    d, _, model = tiny_run
+    import json
+
+    training = json.load(open(d / "model" / "manifest.json"))["training"]
+    assert training["materials"] == ["W", "Pb"] and training["n_showers"] == 128
+    assert training["initial_loss"] == pytest.approx(1.0, abs=0.1)  # zero-initialized output: loss = E[noise^2]
+    assert training["final_loss"] < 0.8 * training["initial_loss"]
+
+
+@pytest.mark.parametrize("steps", [None, 5])
+def test_sampling_gives_valid_showers(tiny_run, steps):
+    _, _, model = tiny_run
+    incident = np.array([20e3, 80e3, 50e3])
+    showers = model.sample(incident, np.array([0, 1, 1]), steps=steps, seed=3, batch_size=2, bf16=False)
+    assert showers.shape == (3, 4500) and np.all(np.isfinite(showers)) and np.all(showers >= 0)
+    nonzero = showers[showers > 0]
+    assert nonzero.size == 0 or nonzero.min() >= model.cfg.threshold_MeV
+
+
+def test_save_load_reproduces_samples_and_refuses_tampering(tiny_run):
+    d, _, model = tiny_run
+    loaded, geometry = DiffusionBaseline.load(str(d / "model"))
+    assert geometry.n_voxels == 4500
+    args = (np.array([30e3, 60e3]), np.array([0, 1]))
+    assert np.array_equal(model.sample(*args, steps=4, seed=9, bf16=False),
+                          loaded.sample(*args, steps=4, seed=9, bf16=False))
+    weights = d / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    tampered = d / "tampered"
+    tampered.mkdir()
+    (tampered / "model.safetensors").write_bytes(bytes(data))
+    (tampered / "manifest.json").write_text((d / "model" / "manifest.json").read_text())
+    with pytest.raises(CalofmError, match="sha256"):
+        DiffusionBaseline.load(str(tampered))
+
+
+def test_refuses_non_cartesian_or_mixed_geometries(tmp_path, tiny_run):
+    _, files, _ = tiny_run
+    ild = str(tmp_path / "ild.h5")
+    simulate_to_file(ild, 4, "W", "gamma", 50, geometry="ild", seed=1, workers=1, progress=False)
+    with pytest.raises(CalofmError, match="geometry differs"):
+        train_diffusion([files[0], ild], str(tmp_path / "m"), channels=8, steps=1, progress=False)
