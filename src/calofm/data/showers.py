@@ -177,6 +177,7 @@ class ShowerWriter:
         if self.expected is not None and self.n_written != self.expected:
             self.abort()
             raise CalofmError(f"wrote {self.n_written} showers, expected {self.expected}; nothing written")
+        os.chmod(self.tmp_path, 0o644)  # mkstemp creates 0600; a data file should be readable like any other
         os.replace(self.tmp_path, self.path)
 
     def abort(self) -> None:
