@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "calofm.cli.data_commands",  # materials, geometry, simulate, inspect
     "calofm.cli.model_commands",  # train, generate, info
     "calofm.cli.evaluate_commands",  # evaluate
+    "calofm.cli.extension_commands",  # extend material|particle, info
     "calofm.cli.baseline_commands",  # baseline train|generate (diffusion comparison model)
 )
 

@@ -1,0 +1,275 @@
+"""Growing a trained model without touching it: material and particle adapters.
+
+A new **material** gets, in every MoE layer, an expert group that starts as the group of the closest
+known material (same frozen weights, by reference) plus trainable low-rank deltas on each expert's
+two matrices and its own router; plus one new row in the material vocabulary. Only showers of that
+material are routed to it.
+
+A new **particle** gets a new row in the particle vocabulary (initialized from a known particle),
+low-rank adapters on the q, k, v and output projections of every attention block, and a low-rank
+correction of the final hidden state, i.e. of both output heads (W -> W (1 + B A), the "modular
+vocabulary head" that replaces the published full new heads). All of them act only on showers of
+that particle (see lora.py).
+
+Either way the base parameters are frozen and never written, every new token gets an id after the
+existing ones, and adapters are saved as their own directory:
+    adapter.safetensors   the new parameters only
+    manifest.json         kind, names, ranks, init_from, the base model's weight sha256, the sha256
+                          of the adapters it was trained on top of (`requires`), training summary
+An adapter is refused on any other base, or without the adapters it requires (applied before it, in
+their order). Independent adapters (say a material and a particle) stack in any order: new ids are
+assigned when an adapter is attached and its tensors are keyed by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calofm.checkpoint import atomic_save_tensors, atomic_write_text, sha256_file
+from calofm.detector.materials import get_material
+from calofm.errors import CalofmError
+from calofm.extension.lora import GatedLoRALinear, GatedResidual, LowRank, ShowerGate
+from calofm.tokenizer import canonical_particle
+
+ADAPTER_FILE, MANIFEST_FILE, FORMAT = "adapter.safetensors", "manifest.json", "calofm-adapter"
+
+
+@dataclass
+class AdapterSpec:
+    kind: str  # "material" or "particle"
+    names: list[str]  # the materials, or the one particle, it adds
+    init_from: dict[str, str]  # new name -> the known name it starts from
+    rank: int = 8
+    alpha: float = 16.0
+    head_rank: int = 16  # particle adapters: rank of the output-head correction
+    base_sha256: str = ""
+    requires: list[str] = field(default_factory=list)  # sha256 of the adapters it was trained on top of
+
+
+# --- the new modules -------------------------------------------------------------------------------
+class LowRankExpertGroup(nn.Module):
+    """A new material's experts: a known material's experts (frozen, by reference) + low-rank deltas."""
+
+    def __init__(self, source, rank: int, alpha: float):
+        super().__init__()
+        self._source = [source]  # a list, so the source is not registered (not saved, not trained twice)
+        self.top_k = source.top_k
+        d, h = source.experts[0].fc1.in_features, source.experts[0].fc1.out_features
+        self.delta1 = nn.ModuleList([LowRank(d, h, rank, alpha) for _ in source.experts])
+        self.delta2 = nn.ModuleList([LowRank(h, d, rank, alpha) for _ in source.experts])
+        self.router = None
+        if source.router is not None:
+            self.router = nn.Linear(d, len(source.experts), bias=False)
+            self.router.weight.data.copy_(source.router.weight.data)
+        self.to(source.experts[0].fc1.weight.device)
+
+    @property
+    def experts(self):  # the MoE bookkeeping (utilization counts) reads len(group.experts)
+        return self._source[0].experts
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        mlp = self._source[0].experts[e]
+        h = F.gelu(mlp.fc1(x) + self.delta1[e](x).to(x.dtype))
+        return mlp.fc2(h) + self.delta2[e](h).to(x.dtype)
+
+    def forward(self, x: torch.Tensor):
+        """Same contract as ExpertGroup.forward: x (n, d) -> y, load-balance, z-loss, counts."""
+        n_exp = len(self.delta1)
+        if self.router is None:
+            return self._expert(0, x), None, None, torch.full((1,), x.shape[0], device=x.device, dtype=torch.long)
+        logits = self.router(x).float()
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        gates = top_p if self.top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e in range(n_exp):
+            rows, slot = (top_i == e).nonzero(as_tuple=True)
+            if rows.numel():
+                y.index_add_(0, rows, (self._expert(e, x[rows]) * gates[rows, slot, None]).to(y.dtype))
+        counts = torch.bincount(top_i.flatten(), minlength=n_exp)
+        lb = n_exp * (counts.float() / top_i.numel() * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return y, lb, z, counts
+
+
+def _ensure_context(model) -> dict:
+    if not hasattr(model, "context"):
+        raise CalofmError("this model class does not expose its batch context; cannot attach adapters")
+    return model.context
+
+
+def _append_row(tables, source_row: int) -> nn.Parameter:
+    """Append a one-token block to a BlockEmbedding, initialized from an existing row; returns it."""
+    tables.append_block(1)
+    new = tables.tables[-1]
+    with torch.no_grad():
+        new.copy_(tables.weight[source_row:source_row + 1])
+    return new
+
+
+def attach(shower_model, spec: AdapterSpec) -> dict[str, nn.Parameter]:
+    """Add the adapter's modules to a loaded ShowerModel (model and tokenizer, in place).
+
+    Returns the new parameters by stable name (the keys of adapter.safetensors)."""
+    model, tok = shower_model.model, shower_model.tokenizer
+    params: dict[str, nn.Parameter] = {}
+    if spec.kind == "material":
+        for name in spec.names:
+            src = tok.material_id(spec.init_from[name])
+            tok.materials.append(f"material:{name}", names=[name])
+            params[f"{name}.embedding"] = _append_row(model.material_emb, src)
+            for i, block in enumerate(model.blocks):
+                group = LowRankExpertGroup(block.moe.groups[src], spec.rank, spec.alpha)
+                block.moe.groups.append(group)
+                for pname, p in group.named_parameters():
+                    params[f"{name}.layer{i}.{pname}"] = p
+            model.cfg = replace(model.cfg, material_blocks=model.cfg.material_blocks + (1,),
+                                moe_groups=model.cfg.moe_groups + (model.cfg.moe_groups[src],))
+    elif spec.kind == "particle":
+        (name,) = spec.names
+        src = tok.particle_id(spec.init_from[name])
+        tok.particles.append(f"particle:{name}", names=[name])
+        params[f"{name}.embedding"] = _append_row(model.particle_emb, src)
+        gate = ShowerGate(_ensure_context(model), "particle", (tok.particle_id(name),))
+        for i, block in enumerate(model.blocks):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                wrapped = GatedLoRALinear(getattr(block.attn, proj), spec.rank, spec.alpha, gate)
+                setattr(block.attn, proj, wrapped)
+                params[f"{name}.layer{i}.{proj}.A"], params[f"{name}.layer{i}.{proj}.B"] = wrapped.lora.A, wrapped.lora.B
+        head = GatedResidual(model.ln_f, model.cfg.d_model, spec.head_rank, spec.alpha, gate)
+        model.ln_f = head
+        params[f"{name}.head.A"], params[f"{name}.head.B"] = head.lora.A, head.lora.B
+        model.cfg = replace(model.cfg, particle_blocks=model.cfg.particle_blocks + (1,))
+    else:
+        raise CalofmError(f"unknown adapter kind {spec.kind!r}")
+    shower_model.adapters = getattr(shower_model, "adapters", []) + [spec]
+    return params
+
+
+# --- choosing where a new material starts --------------------------------------------------------
+def closest_material(name: str, known: list[str]) -> str:
+    """The known material nearest in (ln X0, ln R_M, ln E_c, ln Z): what governs a shower's shape."""
+    def features(m):
+        mat = get_material(m)
+        return np.log([mat.X0_mm, mat.R_M_mm, mat.E_c_MeV, mat.Z])
+
+    target = features(name)
+    return min(known, key=lambda m: float(np.sum((features(m) - target) ** 2)))
+
+
+# --- files -------------------------------------------------------------------------------------------
+def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Parameter], training: dict) -> dict:
+    """Write the adapter directory atomically (assembled under a temporary name, then renamed)."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+    try:
+        digest = atomic_save_tensors({k: p.detach() for k, p in params.items()}, os.path.join(tmp, ADAPTER_FILE))
+        manifest = {"format": FORMAT, "format_version": 1, "spec": asdict(spec),
+                    "weights": {"file": ADAPTER_FILE, "sha256": digest,
+                                "n_parameters": int(sum(p.numel() for p in params.values()))},
+                    "training": training}
+        atomic_write_text(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=".old-adapter-", dir=parent)
+            os.replace(directory, os.path.join(old, "x"))
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+        return manifest
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def read_adapter_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        raise CalofmError(f"{directory}: not an adapter directory (no {MANIFEST_FILE})")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalofmError(f"{path}: unreadable adapter manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CalofmError(f"{path}: not a calofm adapter manifest")
+    return manifest
+
+
+def base_sha256(shower_model) -> str:
+    return shower_model.manifest.get("weights", {}).get("sha256", "")
+
+
+def applied_sha256(shower_model) -> list[str]:
+    return list(getattr(shower_model, "adapter_sha256", []))
+
+
+def apply_adapter(shower_model, directory: str) -> dict:
+    """Load an adapter directory onto a ShowerModel (after checking it belongs there); returns its manifest."""
+    from safetensors.torch import load_file
+
+    manifest = read_adapter_manifest(directory)
+    spec = AdapterSpec(**manifest["spec"])
+    if spec.base_sha256 != base_sha256(shower_model):
+        raise CalofmError(f"{directory}: adapter made for another base model (base sha256 {spec.base_sha256[:12]}, "
+                          f"this model {base_sha256(shower_model)[:12]})")
+    applied = applied_sha256(shower_model)
+    if [s for s in applied if s in spec.requires] != spec.requires:
+        raise CalofmError(f"{directory}: adapter was trained on top of adapters {[s[:12] for s in spec.requires]}, "
+                          f"but {[s[:12] for s in applied]} are applied; give those first, in that order")
+    weights = os.path.join(directory, manifest["weights"]["file"])
+    if not os.path.isfile(weights) or sha256_file(weights) != manifest["weights"]["sha256"]:
+        raise CalofmError(f"{weights}: missing, or its sha256 does not match the adapter manifest")
+    known = shower_model.tokenizer.materials.names() if spec.kind == "material" else shower_model.tokenizer.particles.names()
+    clash = [n for n in spec.names if n in known]
+    if clash:
+        raise CalofmError(f"{directory}: the model already knows {clash}")
+    params = attach(shower_model, spec)
+    tensors = load_file(weights)
+    if set(tensors) != set(params) or any(tensors[k].shape != params[k].shape for k in params):
+        raise CalofmError(f"{weights}: tensors do not match the adapter's modules")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+            p.requires_grad_(False)
+    shower_model.adapter_sha256 = applied_sha256(shower_model) + [manifest["weights"]["sha256"]]
+    shower_model.adapter_manifests = getattr(shower_model, "adapter_manifests", []) + [manifest]
+    return manifest
+
+
+def load_with_adapters(path: str, adapters: list[str] | tuple[str, ...] = (), device: str = "cpu"):
+    """calofm.load(path) plus adapter directories applied in order."""
+    from calofm.generation.api import load
+
+    shower_model = load(path, device=device)
+    for directory in adapters:
+        apply_adapter(shower_model, directory)
+    shower_model.model.eval()
+    return shower_model
+
+
+def check_new_names(shower_model, kind: str, names: list[str]) -> list[str]:
+    """Canonical names, refusing ones the model already knows."""
+    if kind == "material":
+        canon = [get_material(n).name for n in names]
+        known = shower_model.tokenizer.materials.names()
+    else:
+        canon = [canonical_particle(n) for n in names]
+        known = shower_model.tokenizer.particles.names()
+    clash = [n for n in canon if n in known]
+    if clash:
+        raise CalofmError(f"the model already knows {kind} {', '.join(clash)}; extend with something new")
+    if len(set(canon)) != len(canon):
+        raise CalofmError(f"{kind} given twice: {canon}")
+    return canon

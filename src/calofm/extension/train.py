@@ -1,0 +1,163 @@
+"""Training an adapter: everything the model had is frozen; only the adapter's parameters learn.
+
+Same objective as pre-training (next voxel + next energy NLL per predicted token, plus the MoE
+load-balance and z-losses), AdamW with warm-up + cosine, bf16 autocast, gradient clipping.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from calofm.data.showers import inspect_file
+from calofm.errors import CalofmError
+from calofm.extension.adapters import (
+    AdapterSpec, applied_sha256, attach, base_sha256, check_new_names, closest_material, load_with_adapters,
+    save_adapter,
+)
+from calofm.model.precision import autocast
+from calofm.training.data import load_corpus
+from calofm.training.distributed import DistInfo
+from calofm.training.schedule import BatchSampler, lr_at
+from calofm.training.trainer import evaluate
+
+
+def _check_geometry(shower_model, path: str) -> None:
+    """Same readout (cells, layer thicknesses, active material) as the model; the absorber may differ."""
+    info = inspect_file(path)
+    if info.geometry is None:
+        raise CalofmError(f"{path}: the file has no geometry attribute; extension needs calofm shower files")
+    ours = shower_model.geometry
+    if info.geometry.with_absorber(ours.layers[0].absorber).to_json() != ours.to_json():
+        raise CalofmError(f"{path}: geometry {info.geometry.name!r} differs from the model's {ours.name!r} "
+                          "(beyond the absorber)")
+
+
+def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[str, ...] = (),
+           particle: str | None = None, init_from: str | None = None, rank: int = 8, head_rank: int = 16,
+           alpha: float = 16.0, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, warmup: int = 30,
+           max_showers: int | None = None, precision: str = "bf16", seed: int = 0, threads: int | None = None,
+           progress: bool = True, log=print) -> dict:
+    """Train one adapter (new materials, or one new particle) on `data`; write it to `output`."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if not data:
+        raise CalofmError("no data files given (--data FILE ...)")
+    shower_model = load_with_adapters(base, adapters)
+    infos = []
+    for path in data:
+        _check_geometry(shower_model, path)
+        infos.append(inspect_file(path))
+    tok = shower_model.tokenizer
+
+    if kind == "material":
+        names = check_new_names(shower_model, "material", [i.material for i in infos])
+        known = tok.materials.names()
+        if init_from is not None:
+            source = {n: check_source(init_from, known) for n in names}
+        else:
+            source = {n: closest_material(n, known) for n in names}
+        unknown_particles = {i.particle for i in infos} - set(tok.particles.names())
+        if unknown_particles:
+            raise CalofmError(f"the data holds particles {sorted(unknown_particles)} the model does not know; "
+                              "add the particle first (calofm extend particle)")
+        spec = AdapterSpec("material", names, source, rank=rank, alpha=alpha)
+    elif kind == "particle":
+        if particle is None:
+            particle = infos[0].particle
+        (name,) = check_new_names(shower_model, "particle", [particle])
+        wrong = [p for p, i in zip(data, infos) if i.particle != name]
+        if wrong:
+            raise CalofmError(f"{wrong[0]}: holds {inspect_file(wrong[0]).particle} showers, not {name}")
+        missing = {i.material for i in infos} - set(tok.materials.names())
+        if missing:
+            raise CalofmError(f"the data holds materials {sorted(missing)} the model does not know")
+        source = init_from or tok.particles.names()[0]
+        spec = AdapterSpec("particle", [name], {name: check_source(source, tok.particles.names())}, rank=rank,
+                           alpha=alpha, head_rank=head_rank)
+    else:
+        raise CalofmError(f"unknown extension kind {kind!r}")
+    spec.base_sha256, spec.requires = base_sha256(shower_model), applied_sha256(shower_model)
+
+    model = shower_model.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_base = sum(p.numel() for p in model.parameters())
+    params = attach(shower_model, spec)
+    for p in params.values():
+        p.requires_grad_(True)
+    n_train = sum(p.numel() for p in params.values())
+    log(f"{kind} adapter {spec.names} from {spec.init_from}: {n_train} trainable parameters = "
+        f"{100 * n_train / n_base:.2f}% of the base model's {n_base}")
+
+    paths = list(data)
+    tokenizer, train_set, val_sets, summary = load_corpus(paths, tokenizer=tok, log=log)
+    if max_showers is not None:  # the fine-tuning budget (e.g. 1k showers) counts training showers only
+        keep = np.random.default_rng(seed).permutation(len(train_set))[:max_showers]
+        train_set = _subset(train_set, np.sort(keep))
+    device = shower_model.device
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+    sampler = BatchSampler(len(train_set), min(batch_size, len(train_set)), seed)
+    cfg = model.cfg
+    start, losses = time.perf_counter(), []
+    model.train()
+    bar = tqdm(range(steps), desc=f"extend {kind} {'+'.join(spec.names)}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, warmup, steps)
+        batch = train_set.batch(sampler.next(), device)
+        with autocast(device, precision):
+            t = model(batch)
+        loss = (t.voxel_nll + t.energy_nll) / max(t.n_targets, 1) + cfg.lb_coef * t.lb + cfg.z_coef * t.z
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    model.eval()
+    wall = time.perf_counter() - start
+    val = evaluate(model, val_sets, SimpleNamespace(eval_batch_size=64, precision=precision), DistInfo(device=device))
+    training = {"data": [str(p) for p in paths], "n_train_showers": len(train_set), "steps": steps,
+                "batch_size": batch_size, "lr": lr, "rank": rank, "seed": seed, "precision": precision,
+                "wall_time_s": wall, "initial_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-20:])),
+                "validation": val, "trainable_parameters": n_train, "base_parameters": n_base,
+                "trainable_fraction": n_train / n_base, "data_summary": summary}
+    save_adapter(output, spec, params, training)
+    log(f"wrote adapter {output}: {n_train} parameters ({100 * n_train / n_base:.2f}% of base), "
+        f"{wall:.0f} s; validation NLL/token " + ", ".join(f"{m} {v['nll']:.3f}" for m, v in val.items()))
+    return training
+
+
+def check_source(name: str, known: list[str]) -> str:
+    from calofm.tokenizer import canonical_particle
+    from calofm.detector.materials import get_material
+
+    for canon in (lambda n: get_material(n).name, canonical_particle):
+        try:
+            c = canon(name)
+        except CalofmError:
+            continue
+        if c in known:
+            return c
+    raise CalofmError(f"--init-from {name!r} is not known to the model (known: {', '.join(known)})")
+
+
+def _subset(corpus, idx: np.ndarray):
+    """A Corpus restricted to showers idx (token arrays are re-packed)."""
+    from calofm.tokenizer import TokenizedShowers
+    from calofm.training.data import Corpus
+
+    tok = corpus.tokens
+    counts = tok.counts[idx]
+    starts = tok.offsets[idx]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    flat = np.repeat(starts, counts) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts))
+    sub = TokenizedShowers(**{**tok.__dict__, "offsets": offsets, "voxel_tokens": tok.voxel_tokens[flat],
+                              "energy_tokens": tok.energy_tokens[flat]})
+    return Corpus(corpus.incident_MeV[idx], corpus.material[idx], corpus.particle[idx], sub)
