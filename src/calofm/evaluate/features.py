@@ -87,13 +87,16 @@ class Features:
         return list(self.scalars)
 
 
-def radial_edges(geometry: Geometry) -> np.ndarray:
-    """Radial bins of the radial profile in mm: one cell wide (Cartesian) or the grid's own r edges."""
+def radial_binning(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """Radial bins in mm (one cell wide on a Cartesian grid, the grid's own r edges on a cylindrical
+    one) and the bin of every voxel centre: (edges (K + 1,), voxel_bin (n_voxels,))."""
     r = np.hypot(*geometry.voxel_xy_mm.T)
     if geometry.is_cartesian:
         step = geometry.grid.cell_mm
-        return np.arange(0.0, r.max() + 1.5 * step, step)
-    return np.unique(np.concatenate([np.asarray(e, dtype=np.float64) for e in geometry.grid.r_edges_mm]))
+        edges = np.arange(0.0, r.max() + 1.5 * step, step)
+    else:
+        edges = np.unique(np.concatenate([np.asarray(e, dtype=np.float64) for e in geometry.grid.r_edges_mm]))
+    return edges, np.clip(np.searchsorted(edges, r, side="right") - 1, 0, len(edges) - 2)
 
 
 def hit_energy_edges(showers: np.ndarray, threshold_MeV: float = 0.0, n_bins: int = N_HIT_BINS) -> np.ndarray:
@@ -128,8 +131,7 @@ def compute_features(incident_MeV: np.ndarray, showers: np.ndarray, geometry: Ge
     x, y = geometry.voxel_xy_mm.T  # (V,) each
     r = np.hypot(x, y)
     cells = np.asarray(geometry.cells_per_layer, dtype=np.float64)  # (L,)
-    r_edges = radial_edges(geometry)
-    r_bin = np.clip(np.searchsorted(r_edges, r, side="right") - 1, 0, len(r_edges) - 2)  # (V,)
+    r_edges, r_bin = radial_binning(geometry)  # (K + 1,), (V,)
     r_onehot = np.zeros((geometry.n_voxels, len(r_edges) - 1))
     r_onehot[np.arange(geometry.n_voxels), r_bin] = 1.0
     if hit_edges is None:
