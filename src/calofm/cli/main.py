@@ -15,6 +15,7 @@ from calofm import __version__
 from calofm.errors import CalofmError
 
 COMMAND_MODULES = (
+    "calofm.cli.demo_commands",  # demo
     "calofm.cli.data_commands",  # materials, geometry, simulate, inspect
     "calofm.cli.model_commands",  # train, generate, info
     "calofm.cli.evaluate_commands",  # evaluate

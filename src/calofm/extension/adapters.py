@@ -249,12 +249,15 @@ def apply_adapter(shower_model, directory: str) -> dict:
 
 
 def load_with_adapters(path: str, adapters: list[str] | tuple[str, ...] = (), device: str = "cpu"):
-    """calofm.load(path) plus adapter directories applied in order."""
+    """Load a model directory (or a shipped model by name) and apply adapter directories (or the
+    names of its shipped adapters) in order."""
     from calofm.generation.api import load
+    from calofm.pretrained import resolve_adapter, resolve_model
 
+    path = resolve_model(path)
     shower_model = load(path, device=device)
     for directory in adapters:
-        apply_adapter(shower_model, directory)
+        apply_adapter(shower_model, resolve_adapter(path, directory))
     shower_model.model.eval()
     return shower_model
 

@@ -1,0 +1,118 @@
+"""Fidelity of a new material (or particle) against the number of fine-tuning showers.
+
+    python benchmarks/extension_study.py --kind material --base calofm-small \
+        --data runs/data/Pb.h5 --reference runs/data/ref/Pb.h5 --budgets 1000 10000 all \
+        --out runs/study-Pb --json benchmarks/results/extension_study_Pb.json
+
+For each budget: `calofm extend` on that many showers, generate, `calofm evaluate` against the
+reference. Two references bracket the result: the base model used zero-shot (the closest known
+material's experts, or the particle it starts from) as the lower one, and optionally (--upper DIR) a
+model pre-trained with the new material included as the upper one. Writes JSON and a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import time
+
+from calofm.data.showers import inspect_file
+from calofm.evaluate.compare import Options
+from calofm.evaluate.report import evaluate_files
+from calofm.extension.adapters import closest_material, load_with_adapters
+from calofm.extension.train import extend
+
+KEYS = ("classifier_auc_low", "classifier_auc_high", "fpd", "kpd")
+
+
+def evaluate(reference: str, generated: str, outdir: str, seed: int) -> dict:
+    m = evaluate_files([reference], [generated], outdir, plots=False,
+                       opts=Options(seed=seed, n_boot=20, max_epochs=20, progress=False, log=lambda *a: None))
+    return {k: m[k] for k in KEYS} | {"noise_floor": {k: m["noise_floor"][k] for k in KEYS}}
+
+
+def generate(model_dir: str, adapters: list[str], material: str, particle: str, n: int, path: str, seed: int) -> float:
+    sm = load_with_adapters(model_dir, adapters)
+    t = time.perf_counter()
+    sm.generate(n, material=material, particle=particle, energy_GeV=(10, 100), seed=seed, output=path,
+                batch_size=500)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=["material", "particle"], required=True)
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--adapter", action="append", default=[], help="adapters applied before (e.g. a material)")
+    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--reference", required=True, help="independent reference file of the new material/particle")
+    ap.add_argument("--budgets", nargs="+", default=["1000", "10000", "all"])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n-gen", type=int, default=1000)
+    ap.add_argument("--upper", default=None, help="model pre-trained with the new material (upper reference)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+
+    os.makedirs(args.out, exist_ok=True)
+    ref_info = inspect_file(args.reference)
+    material, particle = ref_info.material, ref_info.particle
+    base = load_with_adapters(args.base, args.adapter)
+    rows = []
+
+    # lower reference: zero-shot with what the base already has
+    if args.kind == "material":
+        proxy = closest_material(material, base.materials)
+        zero_shot = {"material": proxy, "particle": particle}
+    else:
+        proxy = base.particles[0]
+        zero_shot = {"material": material, "particle": proxy}
+    gen = os.path.join(args.out, "zero_shot.h5")
+    wall = generate(args.base, args.adapter, zero_shot["material"], zero_shot["particle"], args.n_gen, gen, args.seed)
+    rows.append({"setting": f"zero-shot ({proxy})", "showers": 0, "trainable": 0, "train_s": 0.0,
+                 "gen_s": wall, **evaluate(args.reference, gen, os.path.join(args.out, "eval_zero_shot"), args.seed)})
+    print(rows[-1])
+
+    for budget in args.budgets:
+        n = None if budget == "all" else int(budget)
+        adapter = os.path.join(args.out, f"adapter_{budget}")
+        t = extend(args.kind, args.base, args.data, adapter, adapters=tuple(args.adapter), max_showers=n,
+                   steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads, progress=True)
+        gen = os.path.join(args.out, f"gen_{budget}.h5")
+        wall = generate(args.base, args.adapter + [adapter], material, particle, args.n_gen, gen, args.seed)
+        rows.append({"setting": f"adapter, {budget} showers", "showers": t["n_train_showers"],
+                     "trainable": t["trainable_parameters"], "trainable_fraction": t["trainable_fraction"],
+                     "train_s": t["wall_time_s"], "gen_s": wall,
+                     **evaluate(args.reference, gen, os.path.join(args.out, f"eval_{budget}"), args.seed)})
+        print(rows[-1])
+
+    if args.upper:
+        gen = os.path.join(args.out, "upper.h5")
+        wall = generate(args.upper, [], material, particle, args.n_gen, gen, args.seed)
+        rows.append({"setting": "pre-trained with it (upper)", "showers": None, "trainable": None, "train_s": None,
+                     "gen_s": wall, **evaluate(args.reference, gen, os.path.join(args.out, "eval_upper"), args.seed)})
+
+    result = {"kind": args.kind, "new": material if args.kind == "material" else particle, "base": args.base,
+              "adapters_before": args.adapter, "steps": args.steps, "n_gen": args.n_gen, "rows": rows}
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(result, fh, indent=1)
+    lines = ["| setting | fine-tune showers | trainable params | train s | AUC low | AUC high | FPD ×10³ | KPD ×10³ |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if isinstance(v, (list, tuple)) else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['showers']} | {r['trainable']} | "
+                     f"{'' if r['train_s'] is None else round(r['train_s'])} | {fmt(r['classifier_auc_low'])} | "
+                     f"{fmt(r['classifier_auc_high'])} | {fmt(r['fpd'])} | {fmt(r['kpd'])} |")
+    floor = rows[0]["noise_floor"]
+    lines.append(f"| noise floor (ref vs ref) | | | | {fmt(floor['classifier_auc_low'])} | "
+                 f"{fmt(floor['classifier_auc_high'])} | {fmt(floor['fpd'])} | {fmt(floor['kpd'])} |")
+    with open(os.path.splitext(args.json)[0] + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
