@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "calofm.cli.evaluate_commands",  # evaluate
     "calofm.cli.extension_commands",  # extend material|particle, info
     "calofm.cli.baseline_commands",  # baseline train|generate (diffusion comparison model)
+    "calofm.cli.bench_commands",  # bench generate (speed)
 )
 
 

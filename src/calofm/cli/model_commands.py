@@ -1,5 +1,148 @@
-"""Subcommands of this concept (filled in by its owner)."""
+"""Model subcommands: train, generate, info."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
 
 
-def register(subparsers) -> None:
-    pass
+def register(sub) -> None:
+    p = sub.add_parser("train", help="pre-train the next-token shower model (DDP-ready: torchrun works)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help="calofm shower files, one material/particle each (e.g. W.h5 Ta.h5 Cu.h5)")
+    p.add_argument("--preset", default="small", help="model preset: tiny, small (CPU default), base")
+    p.add_argument("-o", "--output", required=True, help="run directory (model, checkpoints, log.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size in showers")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype (default bf16)")
+    p.add_argument("--order", choices=["energy", "spatial"], default="energy", help="hit order (default energy)")
+    p.add_argument("--max-hits", type=int, default=None,
+                   help="hits per shower kept (default: 1.1 x the 99.9th percentile of the data; truncation is counted)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="validation share of each file")
+    p.add_argument("--max-val", type=int, default=1000, help="at most this many validation showers per file")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, metavar="JSON",
+                   help='overrides of the preset, e.g. \'{"d_model": 192}\'')
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate showers with a trained model")
+    p.add_argument("--model", required=True, help="model directory (written by calofm train)")
+    p.add_argument("--material", default="W")
+    p.add_argument("--particle", default="gamma")
+    p.add_argument("--n", type=int, default=1000, help="number of showers")
+    p.add_argument("--energy", default="10:100", help="incident energy in GeV: E or Emin:Emax")
+    p.add_argument("--spectrum", default="uniform", choices=["uniform", "log"])
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--batch-size", type=int, default=256, help="showers decoded together")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("-o", "--output", default="generated.h5", help="output HDF5 file (CaloChallenge layout)")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter directory to compose with the model (repeat to stack, in order)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("info", help="describe a trained model directory (verifies its weights)")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapter directory to compose with the model (repeat to stack, in order)")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_train(args) -> None:
+    from calofm.errors import CalofmError
+    from calofm.training import TrainConfig, train
+
+    overrides = {}
+    if args.model:
+        try:
+            overrides = json.loads(args.model)
+        except json.JSONDecodeError as exc:
+            raise CalofmError(f"--model is not valid JSON: {exc}") from None
+        if not isinstance(overrides, dict):
+            raise CalofmError("--model must be a JSON object of preset overrides")
+    if args.resume:
+        cfg = TrainConfig(data=tuple(args.data or ()), out=args.output) if args.data else None
+        summary = train(cfg, resume_dir=args.output, threads=args.threads, progress=not args.no_progress)
+    else:
+        if not args.data:
+            raise CalofmError("--data is required (unless --resume)")
+        from calofm.model import get_preset
+
+        get_preset(args.preset, **overrides)  # fail early on a bad preset or override
+        cfg = TrainConfig(
+            data=tuple(args.data), out=args.output, preset=args.preset, model=overrides, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, order=args.order,
+            max_hits=args.max_hits, val_fraction=args.val_fraction, max_val=args.max_val, eval_every=args.eval_every,
+            ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device)
+        summary = train(cfg, threads=args.threads, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s -> {args.output}")
+        for material, r in summary.get("val", {}).items():
+            print(f"  val {material}: {r['nll']:.4f} nats/token (voxel {r['voxel_nll']:.4f}, energy {r['energy_nll']:.4f})")
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    from calofm.errors import CalofmError
+    from calofm.extension import load_with_adapters
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.n <= 0:
+        raise CalofmError(f"--n must be > 0, got {args.n}")
+    model = load_with_adapters(args.model, args.adapter, device=args.device)
+    t0 = time.time()
+    model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
+                   spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, batch_size=args.batch_size, precision=args.precision, output=args.output,
+                   progress=not args.no_progress)
+    s = model.last_stats
+    print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
+          f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']})")
+
+
+def cmd_info(args) -> None:
+    from calofm.extension import load_with_adapters
+
+    model = load_with_adapters(args.model, args.adapter)
+    m = model.manifest
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return
+    cfg, tr = m["config"], m.get("training", {})
+    print(repr(model))
+    print(f"  width {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, experts per material "
+          f"{cfg['moe_groups']}, shared expert {cfg['shared_expert']}, max sequence {cfg['max_seq_len']}")
+    print(f"  hit order {m['tokenizer']['order']}, max_hits {m['tokenizer']['max_hits']}, energy bins "
+          f"{m['tokenizer']['energy_bins']}")
+    print(f"  weights sha256 {m['weights']['sha256']}")
+    if tr:
+        print(f"  trained {tr.get('steps')} steps, {tr.get('tokens_seen')} tokens, {tr.get('wall_time_s')} s")
+        for material, r in tr.get("val", {}).items():
+            print(f"  val {material}: {r['nll']:.4f} nats/token")
+    n_base = m["weights"]["n_parameters"]
+    manifests = getattr(model, "adapter_manifests", [])
+    for path, am in zip(args.adapter, manifests):
+        spec, n = am["spec"], am["weights"]["n_parameters"]
+        print(f"  adapter {path}: {spec['kind']} {', '.join(spec['names'])} (initialized from {spec['init_from']}), "
+              f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base")

@@ -15,13 +15,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from calofm import __version__
+from calofm.checkpoint import atomic_write_text
 from calofm.data.showers import inspect_file, read_showers
 from calofm.detector.geometry import Geometry, get_geometry
 from calofm.errors import CalofmError
@@ -103,18 +103,6 @@ def pair_files(reference: list[str], generated: list[str], ref_infos: list,
 
 def _safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _clean(obj):

@@ -1,4 +1,9 @@
-"""Causal multi-head self-attention with partial rotary position embeddings."""
+"""Causal multi-head attention with partial rotary position embeddings.
+
+Self-attention, or (with `kv` given) causal cross-attention from one hit stream to the other at the
+same positions: query at position t sees the other stream's positions <= t (the energy -> space
+variant of the published model, see config.stream_combine).
+"""
 
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
-class CausalSelfAttention(nn.Module):
+class CausalAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: Rotary):
         super().__init__()
         d = cfg.d_model
@@ -43,18 +48,47 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
         self.rotary = rotary
         self.kv_cache: KVCache | None = None
+        # decode only: [W_q; W_k; W_v] concatenated (see fuse_qkv), not part of the state dict
+        self.qkv_weight: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, d) at positions pos (T,). Without a cache: causal over the T tokens. With a cache:
-        attend to everything cached so far; mask (T, S_max) says which cache slots each query sees."""
+    def fuse_qkv(self, on: bool = True) -> bool:
+        """Decode with one (3d, d) projection instead of three. Built from the current q/k/v weights
+        (the state dict keeps the separate ones); only when all three are plain nn.Linear without
+        bias: wrapped projections (a LoRA adapter) keep the separate path. Returns whether fused."""
+        self.qkv_weight = None
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if on and all(type(p) is nn.Linear and p.bias is None for p in projs):
+            self.qkv_weight = torch.cat([p.weight.detach() for p in projs], dim=0)
+        return self.qkv_weight is not None
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
+                kv: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d) at positions pos (T,); keys/values from kv (B, T, d) if given, else from x.
+        Without a cache: causal over the T tokens. With a cache: attend to everything cached so far;
+        mask (T, S) says which of the S cache slots read each query sees."""
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
+        if self.qkv_weight is not None and kv is None and not self.training:
+            q, k, v = (F.linear(x, self.qkv_weight).view(B, T, 3, self.n_heads, self.head_dim)
+                       .permute(2, 0, 3, 1, 4).unbind(0))  # (B, H, T, D) each
+        else:
+            kv = x if kv is None else kv
+            q, k, v = (proj(inp).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                       for proj, inp in ((self.q_proj, x), (self.k_proj, kv), (self.v_proj, kv)))  # (B, H, T, D)
         q, k = self.rotary(q, pos), self.rotary(k, pos)
         dropout = self.dropout if self.training else 0.0
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(pos, k, v)
+        dtype = q.dtype
+        if x.device.type == "cpu":  # the CPU attention kernels are faster in fp32 than in bf16
+            q, k, v = q.float(), k.float(), v.float()
         if self.kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif x.device.type == "cpu":
+            # decoding on CPU: explicit masked attention. Faster than SDPA's masked path for one query
+            # row, and gives bit-identical results whether the cache is read whole or as its aligned
+            # filled prefix (see KVCache), so decoding options never change a shower
+            scores = (q @ k.to(q.dtype).transpose(-1, -2)) * self.head_dim ** -0.5
+            y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v.to(q.dtype)
         else:
-            k, v = self.kv_cache.update(pos, k, v)
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))

@@ -8,7 +8,7 @@ material appends one entry.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from calofm.errors import CalofmError
 
@@ -22,6 +22,7 @@ class ModelConfig:
     experts_per_material: int = 1
     top_k: int = 1  # experts per token inside its material's group
     shared_expert: bool = True  # one expert every token goes through, whatever its material
+    stream_combine: str = "sum"  # "sum": voxel + energy embeddings; "cross": energy stream cross-attends to voxels
     rope_fraction: float = 0.5  # partial RoPE: rotate this fraction of each head's dimensions
     rope_base: float = 10000.0
     dropout: float = 0.0
@@ -41,6 +42,8 @@ class ModelConfig:
             raise CalofmError(f"d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise CalofmError("the head dimension must be even for RoPE")
+        if self.stream_combine not in ("sum", "cross"):
+            raise CalofmError(f"stream_combine must be 'sum' or 'cross', got {self.stream_combine!r}")
         if not 1 <= self.top_k <= self.experts_per_material:
             raise CalofmError(f"top_k must be in 1..experts_per_material, got {self.top_k}")
 
@@ -80,11 +83,13 @@ PRESETS: dict[str, ModelConfig] = {
     # unit tests: a few thousand parameters besides the embeddings; two experts per material so
     # that top-k routing and the load-balance loss are exercised
     "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=2, ff_mult=2.0, experts_per_material=2, top_k=1),
-    # CPU default: ~4M parameters, trains on two cores in under an hour
+    # CPU default: ~4M parameters, trains on two cores in under an hour; summed streams (cheapest per token)
     "small": ModelConfig(d_model=128, n_layers=4, n_heads=4, ff_mult=2.0, experts_per_material=2, top_k=1),
-    # published scale: width 256, 3 blocks, one expert per material, no shared expert
+    # published scale and layout: width 256, 3 blocks with energy->space cross-attention, one expert
+    # per material, no shared expert (cross-attention: lower loss per step, 1.5x the cost per token;
+    # see docs/model.md)
     "base": ModelConfig(d_model=256, n_layers=3, n_heads=8, ff_mult=2.0, experts_per_material=1, top_k=1,
-                        shared_expert=False),
+                        shared_expert=False, stream_combine="cross"),
 }
 
 

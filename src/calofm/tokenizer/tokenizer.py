@@ -32,18 +32,20 @@ import numpy as np
 from calofm.detector.geometry import Geometry
 from calofm.detector.materials import get_material
 from calofm.errors import CalofmError
+from calofm.simulation.runner import PARTICLES
 from calofm.tokenizer.energy_bins import LogEnergyBins
 from calofm.tokenizer.vocab import Vocabulary
 
 SPECIALS = ("PAD", "BOS", "EOS")  # ids 0, 1, 2 in both hit streams
 PAD, BOS, EOS = 0, 1, 2
 ORDERS = ("energy", "spatial")
-PARTICLE_ALIASES = {"photon": "gamma", "electron": "e-", "positron": "e+", "pion": "pi+", "pi": "pi+"}
 
 
 def canonical_particle(name: str) -> str:
+    """The simulator's spelling (photon -> gamma, ...); names it does not know pass through, so data
+    from other sources (a pion sample) still gets a particle token."""
     key = str(name).strip()
-    return PARTICLE_ALIASES.get(key.lower(), key)
+    return PARTICLES.get(key.lower(), key)
 
 
 def incident_feature(incident_MeV) -> np.ndarray:
@@ -146,15 +148,11 @@ class ShowerTokenizer:
         return self.max_hits + 3
 
     def material_id(self, name: str) -> int:
-        return self.materials.id(get_material(name).name if self._is_material(name) else str(name))
-
-    @staticmethod
-    def _is_material(name: str) -> bool:
         try:
-            get_material(name)
-            return True
+            name = get_material(name).name  # any spelling the materials table knows
         except CalofmError:
-            return False
+            pass  # not a material at all: the vocabulary lookup below names the known ones
+        return self.materials.id(str(name))
 
     def particle_id(self, name: str) -> int:
         return self.particles.id(canonical_particle(name))

@@ -1,0 +1,232 @@
+"""Model directories and training checkpoints: safetensors + JSON, never pickle.
+
+A model directory holds
+    model.safetensors   the weights
+    manifest.json       format, model config, tokenizer (vocabularies, energy bins, order, max_hits,
+                        geometry), materials, particles, training summary, and the sha256 of the
+                        weight file, which `load_model` verifies (an altered file is refused).
+
+A training run directory is a model directory (the latest weights, usable by `calofm generate`
+while training goes on) plus
+    checkpoints/step-NNNNNNNN/   model.safetensors, manifest.json, optimizer.safetensors (AdamW
+                                 moments and RNG states, flattened), train_state.json
+    checkpoints/latest           name of the newest complete checkpoint
+    log.jsonl                    one JSON object per log/eval event
+
+Every file is written to a temporary name and renamed (os.replace) once complete; a checkpoint
+directory is assembled under a temporary name and renamed, and only then does `latest` point to it,
+so a run killed at any moment resumes from a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from calofm import __version__
+from calofm.errors import CalofmError
+from calofm.model import ModelConfig, ShowerTransformer
+from calofm.tokenizer import ShowerTokenizer
+
+MODEL_FILE, MANIFEST_FILE = "model.safetensors", "manifest.json"
+OPTIMIZER_FILE, STATE_FILE = "optimizer.safetensors", "train_state.json"
+FORMAT, FORMAT_VERSION = "calofm-model", 1
+
+
+# --- atomic files ------------------------------------------------------------------------------
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tmp_path(path: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; model files are ordinary readable files
+    return tmp
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str) -> str:
+    """Write a safetensors file atomically; returns its sha256."""
+    tmp = _tmp_path(path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+        return digest
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CalofmError(f"{path}: cannot read {what} ({exc})") from None
+
+
+# --- model directories -------------------------------------------------------------------------
+def save_model(directory: str, model, tokenizer, training: dict | None = None) -> dict:
+    """Write model.safetensors then manifest.json (with the weight hash) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    digest = atomic_save_tensors(model.state_dict(), os.path.join(directory, MODEL_FILE))
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "calofm_version": __version__,
+        "weights": {"file": MODEL_FILE, "sha256": digest, "n_parameters": model.num_parameters()},
+        "config": model.cfg.to_dict(),
+        "materials": tokenizer.materials.names(), "particles": tokenizer.particles.names(),
+        "geometry": tokenizer.geometry.name,
+        "tokenizer": tokenizer.to_dict(),
+        "training": training or {},
+    }
+    atomic_write_text(os.path.join(directory, MANIFEST_FILE), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(directory: str) -> dict:
+    if not os.path.isdir(directory):
+        raise CalofmError(f"{directory}: no such model directory")
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.exists(path):
+        raise CalofmError(f"{directory}: no {MANIFEST_FILE}; not a calofm model directory")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalofmError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CalofmError(f"{path}: not a calofm model manifest")
+    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+        raise CalofmError(f"{path}: format version {manifest['format_version']} is newer than this calofm reads")
+    return manifest
+
+
+def load_model(directory: str, device: str | torch.device = "cpu"):
+    """(model, tokenizer, manifest) from a model directory, after checking the weight hash."""
+    manifest = read_manifest(directory)
+    weights = os.path.join(directory, manifest.get("weights", {}).get("file", MODEL_FILE))
+    if not os.path.exists(weights):
+        raise CalofmError(f"{directory}: weight file {os.path.basename(weights)} is missing")
+    expected = manifest.get("weights", {}).get("sha256")
+    if sha256_file(weights) != expected:
+        raise CalofmError(f"{weights}: sha256 does not match the manifest; the weight file was altered or "
+                          "belongs to another model")
+    try:
+        tokenizer = ShowerTokenizer.from_dict(manifest["tokenizer"])
+        cfg = ModelConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError) as exc:
+        raise CalofmError(f"{directory}: malformed manifest ({exc!r})") from None
+    model = ShowerTransformer(cfg)
+    state = _load_tensors(weights, "model weights")
+    expected_keys = model.state_dict()
+    missing, unexpected = set(expected_keys) - set(state), set(state) - set(expected_keys)
+    bad_shape = [k for k in set(state) & set(expected_keys) if state[k].shape != expected_keys[k].shape]
+    if missing or unexpected or bad_shape:
+        raise CalofmError(f"{weights}: weights do not fit the manifest's model (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}, wrong shape {sorted(bad_shape)[:3]})")
+    model.load_state_dict(state)
+    return model.to(device).eval(), tokenizer, manifest
+
+
+# --- training checkpoints ----------------------------------------------------------------------
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer state dict: tensors by 'state.<param>.<key>', the rest as JSON."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for key, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in meta.get("scalars", {}).items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, train_state: dict,
+                    training_summary: dict, keep: int = 2) -> str:
+    """Write checkpoints/step-N atomically, point `latest` at it, prune old ones, export the model."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(ckpt_root, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_root)
+    try:
+        save_model(tmp, model, tokenizer, training_summary)
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        opt_tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                opt_tensors[f"rng.cuda.{i}"] = s
+        digest = atomic_save_tensors(opt_tensors, os.path.join(tmp, OPTIMIZER_FILE))
+        state = dict(train_state, step=step, optimizer=opt_meta, optimizer_sha256=digest)
+        atomic_write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1))
+        final = os.path.join(ckpt_root, name)
+        if os.path.exists(final):  # the same step again after a resume: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    atomic_write_text(os.path.join(ckpt_root, "latest"), name + "\n")
+    old = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step-") and d != name)
+    for d in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    # the run directory itself is a usable model directory: weights first, manifest (hash) last
+    for fname in (MODEL_FILE, MANIFEST_FILE):
+        tmp_file = _tmp_path(os.path.join(run_dir, fname))
+        shutil.copyfile(os.path.join(final, fname), tmp_file)
+        os.replace(tmp_file, os.path.join(run_dir, fname))
+    return final
+
+
+def load_checkpoint(run_dir: str) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(checkpoint directory, train_state, optimizer tensors) of the newest complete checkpoint."""
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+    if not os.path.exists(pointer):
+        raise CalofmError(f"{run_dir}: no checkpoint to resume from (checkpoints/latest missing)")
+    with open(pointer) as fh:
+        ckpt = os.path.join(run_dir, "checkpoints", fh.read().strip())
+    try:
+        with open(os.path.join(ckpt, STATE_FILE)) as fh:
+            state = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalofmError(f"{ckpt}: unreadable training state ({exc})") from None
+    opt_path = os.path.join(ckpt, OPTIMIZER_FILE)
+    if not os.path.exists(opt_path) or sha256_file(opt_path) != state.get("optimizer_sha256"):
+        raise CalofmError(f"{opt_path}: missing or does not match its training state")
+    return ckpt, state, _load_tensors(opt_path, "optimizer state")

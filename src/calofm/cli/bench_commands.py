@@ -1,0 +1,227 @@
+"""`calofm bench generate`: generation speed on this machine (showers/s, tokens/s, fraction of the
+measured bf16 matmul peak, memory, cost vs incident energy), the decoder's optimization ablation,
+the diffusion baseline and the embedded simulator for comparison. See docs/speed.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (bench generate: generation speed)")
+    bsub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    g = bsub.add_parser("generate", help="generation speed of a model, vs the diffusion baseline and the simulator")
+    g.add_argument("--model", default="calofm-small", help="shipped model name or model directory")
+    g.add_argument("--adapter", action="append", default=[], help="adapter to load (repeatable)")
+    g.add_argument("--baseline", default=None, help="diffusion baseline directory (calofm baseline train)")
+    g.add_argument("--material", default="W")
+    g.add_argument("--particle", default="gamma")
+    g.add_argument("--batches", default="1,100,1000", help="batch sizes (default 1,100,1000)")
+    g.add_argument("--n", type=int, default=None, help="showers per batch-size point (default: the batch, 8 for batch 1)")
+    g.add_argument("--energies", default="10,50,100", help="GeV points for the cost-vs-energy scan")
+    g.add_argument("--energy-n", type=int, default=50, help="showers per energy point")
+    g.add_argument("--baseline-steps", default="400,20", help="diffusion sampling steps to time")
+    g.add_argument("--baseline-n", type=int, default=8)
+    g.add_argument("--ablation", action="store_true", help="time each decoder optimization off vs all on")
+    g.add_argument("--ablation-n", type=int, default=100, help="showers (one batch) per ablation point")
+    g.add_argument("--repeats", type=int, default=1, help="timed repeats per point (median)")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", default=None, help="write the results to this JSON file")
+    g.set_defaults(func=cmd_bench_generate)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, n: int = 2048, repeats: int = 5) -> float:
+    """Measured bf16 matmul FLOP/s on this device (median of repeats of an n x n x n product)."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a @ b
+    _sync(device)
+
+    def run():
+        a @ b
+        _sync(device)
+
+    return 2 * n ** 3 / _median_time(run, repeats)
+
+
+def flops_per_position(net, mean_context: float) -> float:
+    """Model FLOPs per decoded hit position (one voxel + one energy token): 2 x the parameters a token
+    actually uses (attention projections, shared + top-k routed experts and router per layer, both
+    heads, the energy-head input) + attention over the mean context (QK^T and AV: 4 d L per layer)."""
+    cfg, d = net.cfg, net.cfg.d_model
+
+    def n(m):
+        return sum(p.numel() for p in m.parameters())
+
+    active = 0
+    for block in net.blocks:
+        for attn in block.attentions():
+            active += sum(n(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj))
+        moe = block.moe
+        active += n(moe.shared) if moe.shared is not None else 0
+        group = moe.groups[0]
+        active += n(group.experts[0]) * min(moe.top_k, len(group.experts))
+        active += n(group.router) if group.router is not None else 0
+    active += n(net.voxel_head) + n(net.energy_head) + (n(net.energy_in) if net.energy_in is not None else 0)
+    attn_flops = 4 * d * mean_context * sum(len(b.attentions()) for b in net.blocks)
+    return 2.0 * active + attn_flops
+
+
+def _peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if platform.system() == "Darwin" else rss / 2 ** 10
+
+
+def cmd_bench_generate(args) -> None:
+    import numpy as np
+    import torch
+
+    import calofm
+    from calofm.errors import CalofmError
+    from calofm.generation.decode import DecodeOptions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sm = calofm.load(args.model, adapters=args.adapter, device=args.device)
+    device = sm.device
+    net = sm.model
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if any(b <= 0 for b in batches):
+        raise CalofmError(f"batch sizes must be > 0: {args.batches}")
+    print(f"calofm bench generate: {sm!r}")
+    peak = matmul_peak(device)
+    print(f"bf16 matmul peak on {device.type} ({torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+
+    def timed(n, batch, energy=(10.0, 100.0), options=None, precision="fp32"):
+        def run():
+            sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy, seed=args.seed,
+                        batch_size=batch, options=options, precision=precision)
+            _sync(device)
+        dt = _median_time(run, args.repeats)
+        stats = sm.last_stats
+        hits = stats["mean_hits"] * n
+        fl = flops_per_position(net, stats["mean_hits"] / 2) * hits / dt
+        return {"batch": batch, "n": n, "seconds": dt, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
+                "tokens_per_s": 2 * hits / dt, "positions_per_s": hits / dt, "mean_hits": stats["mean_hits"],
+                "flops_per_s": fl, "flops_fraction": fl / peak}
+
+    sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
+    results = []
+    for b in batches:
+        n = args.n or (8 if b == 1 else b)
+        r = timed(n, b)
+        results.append(r)
+        print(f"batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
+              f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak")
+    energy_scan = []
+    for e in (float(x) for x in args.energies.split(",") if x):
+        r = timed(args.energy_n, args.energy_n, energy=e)
+        energy_scan.append({"energy_GeV": e, **r})
+        print(f"{e:6.0f} GeV: {r['ms_per_shower']:8.2f} ms/shower ({r['mean_hits']:.0f} hits)")
+
+    ablation = None
+    if args.ablation:
+        n = args.ablation_n
+        variants = {"all on": DecodeOptions(), "all off": DecodeOptions(sampler="exp").plain(),
+                    "sliced_attention off": DecodeOptions(sliced_attention=False),
+                    "sampler exp (cdf off)": DecodeOptions(sampler="exp"),
+                    "compact off": DecodeOptions(compact=False), "fused_qkv off": DecodeOptions(fused_qkv=False)}
+        ablation = []
+        on = None
+        for name, opt in variants.items():
+            r = timed(n, n, options=opt)
+            on = on or r["seconds"]
+            ablation.append({"variant": name, "options": vars(opt), "precision": "fp32", **r,
+                             "slowdown_vs_all_on": r["seconds"] / on})
+            print(f"ablation {name:24s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f} time vs all on")
+        r = timed(n, n, precision="bf16")
+        ablation.append({"variant": "all on + bf16 autocast", "options": vars(DecodeOptions()), "precision": "bf16",
+                         **r, "slowdown_vs_all_on": r["seconds"] / on})
+        print(f"ablation {'all on + bf16 autocast':24s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f}")
+
+    from calofm.simulation import simulate
+
+    n_sim = max(batches) if batches else 100
+    sim_dt = _median_time(lambda: simulate(n_sim, material=args.material, particle=args.particle,
+                                           energy_GeV=(10, 100), seed=args.seed), args.repeats)
+    print(f"simulator: {n_sim / sim_dt:.1f} showers/s")
+
+    baseline = None
+    if args.baseline:
+        baseline = _bench_baseline(args, device, peak)
+
+    out = {"device": f"{device.type}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                     + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+           "torch": torch.__version__, "model": args.model, "adapters": args.adapter,
+           "model_params": net.num_parameters(), "material": args.material, "particle": args.particle,
+           "bf16_matmul_peak_flops": peak, "flops_per_position": flops_per_position(net, results[-1]["mean_hits"] / 2),
+           "results": results, "energy_scan": energy_scan, "ablation": ablation, "baseline": baseline,
+           "simulator_showers_per_s": n_sim / sim_dt, "peak_memory_MB": _peak_memory_mb(device),
+           "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured bf16 "
+                    "matmul peak; decoding runs in fp32 unless the row says bf16"}
+    print(f"peak memory {out['peak_memory_MB']:.0f} MB")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+        print(f"wrote {args.json}")
+
+
+def _bench_baseline(args, device, peak) -> list[dict]:
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from calofm.baselines.diffusion import DiffusionBaseline
+
+    model, _ = DiffusionBaseline.load(args.baseline, device=device.type)
+    mats = model.cfg.materials
+    mat = mats.index(args.material) if args.material in mats else 0
+    n = args.baseline_n
+    inc = np.random.default_rng(args.seed).uniform(1e4, 1e5, n).astype(np.float32)
+    materials = np.full(n, mat)
+    # FLOPs of one network evaluation per shower, counted by torch
+    cfg = model.cfg
+    x = torch.zeros((1, cfg.n_layers, cfg.size, cfg.size), device=device)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.net(x, torch.zeros(1, device=device), torch.zeros(1, device=device),
+                  torch.zeros(1, dtype=torch.long, device=device))
+    per_eval = fc.get_total_flops()
+    rows = []
+    for steps in (int(s) for s in args.baseline_steps.split(",") if s):
+        dt = _median_time(lambda: model.sample(inc, materials, steps=steps, seed=args.seed, batch_size=n), 1)
+        fl = per_eval * steps * n / dt
+        rows.append({"batch": n, "steps": steps, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
+                     "tokens_per_s": None, "flops_per_s": fl, "flops_fraction": fl / peak})
+        print(f"diffusion baseline, {steps} steps: {n / dt:.2f} showers/s  {1e3 * dt / n:.1f} ms/shower  "
+              f"{100 * fl / peak:.1f}% of bf16 peak")
+    return rows

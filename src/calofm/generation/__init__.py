@@ -1,0 +1,7 @@
+"""KV-cached batched generation and the Python API (`calofm.load`)."""
+
+from calofm.generation.api import ShowerModel, load
+from calofm.generation.decode import DecodeResult, decode
+from calofm.generation.sampler import SamplingConfig, filter_logits, sample
+
+__all__ = ["DecodeResult", "SamplingConfig", "ShowerModel", "decode", "filter_logits", "load", "sample"]

@@ -1,0 +1,126 @@
+"""Python API, mirroring the command line:
+
+    import calofm
+    model = calofm.load("runs/base")                    # verifies the weight hash
+    incident_MeV, showers = model.generate(1000, material="W", particle="gamma",
+                                           energy_GeV=(10, 100), seed=1)
+    model.generate(10000, material="Ta", output="gen.h5")  # same HDF5 layout as `calofm simulate`
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from calofm import __version__
+from calofm.checkpoint import load_model
+from calofm.data.showers import ShowerWriter
+from calofm.detector.geometry import Geometry
+from calofm.errors import CalofmError
+from calofm.generation.decode import DecodeOptions, decode
+from calofm.generation.sampler import SamplingConfig
+from calofm.model import ShowerTransformer
+from calofm.model.precision import autocast
+from calofm.simulation.runner import parse_energy, sample_energies
+from calofm.tokenizer import ShowerTokenizer, canonical_particle, incident_feature
+from calofm.training.distributed import pick_device
+
+
+class ShowerModel:
+    """A trained model with its tokenizer and manifest."""
+
+    def __init__(self, model: ShowerTransformer, tokenizer: ShowerTokenizer, manifest: dict, path: str | None = None):
+        self.model, self.tokenizer, self.manifest, self.path = model.eval(), tokenizer, manifest, path
+        self.last_stats: dict = {}
+
+    @property
+    def materials(self) -> list[str]:
+        return self.tokenizer.materials.names()
+
+    @property
+    def particles(self) -> list[str]:
+        return self.tokenizer.particles.names()
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.tokenizer.geometry
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.ln_f.weight.device
+
+    def generate(self, n: int, material: str = "W", particle: str = "gamma", energy_GeV=(10.0, 100.0),
+                 spectrum: str = "uniform", seed: int = 0, incident_MeV: np.ndarray | None = None,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 256,
+                 precision: str = "fp32", output: str | None = None, progress: bool = False,
+                 options: DecodeOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Generate n showers: (incident energies (n,) MeV, cell energies (n, n_voxels) MeV), float32.
+
+        Incident energies are drawn like `calofm simulate` does (energy_GeV 'E' or (Emin, Emax),
+        spectrum 'uniform' or 'log') unless given explicitly. Cell energies are decoded log-uniformly
+        within their bins. With `output`, the showers are also written to that HDF5 file. `options`:
+        the decoder's speed switches (default: all on, see calofm.generation.decode.DecodeOptions)."""
+        mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
+        material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
+        if incident_MeV is None:
+            if n <= 0:
+                raise CalofmError(f"number of showers must be > 0, got {n}")
+            incident_MeV = sample_energies(n, parse_energy(energy_GeV), spectrum, np.random.default_rng([seed, 0]))
+        incident_MeV = np.asarray(incident_MeV, dtype=np.float32).reshape(-1)
+        if len(incident_MeV) == 0 or not np.all(np.isfinite(incident_MeV)) or np.any(incident_MeV <= 0):
+            raise CalofmError("incident energies must be finite and > 0")
+        if batch_size <= 0:
+            raise CalofmError(f"batch size must be > 0, got {batch_size}")
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        if not (0 < top_p <= 1) or top_k < 0 or temperature < 0:
+            raise CalofmError(f"invalid sampling settings {sampling}")
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        rng = np.random.default_rng([seed, 1])
+        showers, n_capped, n_hits = [], 0, 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}",
+                       dynamic_ncols=True)
+        for lo in range(0, len(incident_MeV), batch_size):
+            e = incident_MeV[lo:lo + batch_size]
+            b = len(e)
+            with autocast(self.device, precision):
+                res = decode(self.model, torch.from_numpy(incident_feature(e)).to(self.device),
+                             torch.full((b,), mat_id, device=self.device), torch.full((b,), par_id, device=self.device),
+                             self.tokenizer.max_hits, self.tokenizer.voxel_block, self.tokenizer.energy_block,
+                             sampling, gen, options)
+            showers.append(self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
+                                                        mode="uniform", rng=rng))
+            n_capped += int(res.capped.sum())
+            n_hits += int(res.n_hits.sum())
+            if bar is not None:
+                bar.update(b)
+        if bar is not None:
+            bar.close()
+        showers = np.concatenate(showers)
+        self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
+                           "max_hits": self.tokenizer.max_hits}
+        if output is not None:
+            self.write(output, incident_MeV, showers, material, particle, seed, sampling)
+        return incident_MeV, showers
+
+    def write(self, path: str, incident_MeV, showers, material: str, particle: str, seed: int,
+              sampling: SamplingConfig | None = None) -> None:
+        digest = self.manifest.get("weights", {}).get("sha256", "")[:12]
+        extra = {"model_sha256": self.manifest.get("weights", {}).get("sha256", ""),
+                 "sampling": {} if sampling is None else vars(sampling), **self.last_stats}
+        with ShowerWriter(path, self.geometry.with_absorber(material), material, canonical_particle(particle),
+                          f"calofm {__version__} next-token model {digest}", seed, extra_attrs=extra) as w:
+            w.write(incident_MeV, showers)
+
+    def __repr__(self) -> str:
+        return (f"ShowerModel({self.path!r}: {self.model.num_parameters() / 1e6:.2f}M parameters, materials "
+                f"{self.materials}, particles {self.particles}, geometry {self.geometry.name!r})")
+
+
+def load(path: str, device: str = "cpu") -> ShowerModel:
+    """Load a model directory (or a training run directory) written by `calofm train`."""
+    model, tokenizer, manifest = load_model(path, pick_device(device))
+    return ShowerModel(model, tokenizer, manifest, path)

@@ -1,0 +1,110 @@
+"""Mixture-of-Experts feed-forward grouped by absorber material.
+
+Every material owns a group of >= 1 experts in each layer; a token is routed only among the experts
+of its own material's group (top-k inside the group when it has several), plus an optional shared
+expert every token goes through. Routing by material is hard (the material id selects the group),
+so no token can ever reach another material's expert; the router inside a group is learned.
+
+Groups are separate modules in an nn.ModuleList: a new material appends a group (`add_group`) and
+the parameters of the existing groups are not touched, so they stay bit-identical and can be frozen.
+
+Auxiliary losses, computed per group and averaged over tokens (groups with one expert have no router
+and contribute nothing):
+- Switch load balance, L = N * sum_i f_i P_i with f_i the fraction of the group's routing
+  assignments that went to expert i and P_i its mean router probability (1 when balanced);
+- router z-loss, mean(logsumexp(logits)^2), keeps router logits small (stable in bf16).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MLP(nn.Module):
+    """GELU feed-forward; one expert."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+@dataclass
+class MoEAux:
+    lb: torch.Tensor  # scalar load-balance loss (token-weighted over routed groups)
+    z: torch.Tensor  # scalar router z-loss
+    counts: torch.Tensor  # (n_experts_total,) tokens per expert, groups in material order (detached)
+
+
+class ExpertGroup(nn.Module):
+    """The experts of one material, with a router when there are several."""
+
+    def __init__(self, d: int, hidden: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.top_k = top_k
+        self.experts = nn.ModuleList([MLP(d, hidden) for _ in range(n_experts)])
+        self.router = nn.Linear(d, n_experts, bias=False) if n_experts > 1 else None
+
+    def forward(self, x: torch.Tensor):
+        """x (n, d) -> y (n, d), load-balance loss, z-loss, counts (E,)."""
+        if self.router is None:
+            counts = torch.full((1,), x.shape[0], device=x.device, dtype=torch.long)
+            return self.experts[0](x), None, None, counts
+        n_exp = len(self.experts)
+        logits = self.router(x).float()  # (n, E); routing decisions in fp32
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)  # (n, k)
+        # top-1: gate by the chosen probability (Switch), so the router gets a gradient;
+        # top-k: renormalize over the chosen experts
+        gates = top_p if self.top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (top_i == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out = expert(x[rows]) * gates[rows, slot, None]
+                y.index_add_(0, rows, out.to(y.dtype))
+        counts = torch.bincount(top_i.flatten(), minlength=n_exp)
+        f = counts.float() / top_i.numel()
+        lb = n_exp * (f * probs.mean(dim=0)).sum()
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return y, lb, z, counts
+
+
+class MaterialMoE(nn.Module):
+    def __init__(self, d: int, hidden: int, groups: tuple[int, ...], top_k: int, shared_expert: bool):
+        super().__init__()
+        self.d, self.hidden, self.top_k = d, hidden, top_k
+        self.groups = nn.ModuleList([ExpertGroup(d, hidden, n, min(top_k, n)) for n in groups])
+        self.shared = MLP(d, hidden) if shared_expert else None
+
+    def add_group(self, n_experts: int) -> int:
+        """Append the expert group of a new material; returns its material id."""
+        ref = next(self.groups[0].parameters())
+        self.groups.append(ExpertGroup(self.d, self.hidden, n_experts, min(self.top_k, n_experts))
+                           .to(device=ref.device, dtype=ref.dtype))
+        return len(self.groups) - 1
+
+    def forward(self, x: torch.Tensor, material: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        """x (N, d) tokens, material (N,) their material ids -> (N, d)."""
+        y = self.shared(x).to(x.dtype) if self.shared is not None else torch.zeros_like(x)
+        zero = x.new_zeros((), dtype=torch.float32)
+        lb_sum, z_sum, n_routed, counts = zero, zero, 0, []
+        for g, group in enumerate(self.groups):
+            rows = (material == g).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                counts.append(torch.zeros(len(group.experts), dtype=torch.long, device=x.device))
+                continue
+            yg, lb, z, c = group(x[rows])
+            y = y.index_add(0, rows, yg.to(y.dtype))
+            counts.append(c)
+            if lb is not None:
+                lb_sum, z_sum, n_routed = lb_sum + lb * rows.numel(), z_sum + z * rows.numel(), n_routed + rows.numel()
+        n = max(n_routed, 1)
+        return y, MoEAux(lb_sum / n, z_sum / n, torch.cat(counts).detach())

@@ -1,0 +1,235 @@
+"""Decoder-only causal transformer over hit positions.
+
+Input at each position: voxel embedding + energy embedding (the two streams summed; position 0 is
+the conditioning vector instead). Pre-norm blocks: x += Attn(LN(x)); x += MoE(LN(x)). With
+stream_combine="cross" (the published layout) the residual stream starts from the energy embeddings
+only and every block first cross-attends, causally, to the voxel-embedding stream:
+x += CrossAttn(LN(x), LN(voxels)). Two heads:
+next voxel from the final hidden state h, next energy from h combined with the embedding of the
+next voxel (teacher-forced in training, the sampled voxel in generation), so the model learns
+p(v, e | past) = p(v | past) p(e | v, past) instead of sampling the two independently.
+
+Two ways to run it:
+- training / scoring: `forward(batch)` over whole padded sequences (is_causal attention);
+- decoding: `setup_cache(B)`, then `hidden(...)` with `start` = position of the first new token,
+  writing keys/values into the static cache (attention masked to the positions filled so far, over
+  the whole buffer or, with a sliced cache, over the filled prefix only).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calofm.model.attention import CausalAttention, Rotary
+from calofm.model.blocks import BlockEmbedding, BlockHead
+from calofm.model.config import ModelConfig
+from calofm.model.kv_cache import KVCache
+from calofm.model.moe import MLP, MaterialMoE, MoEAux
+
+IGNORE = -100  # target id that the losses skip
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+        super().__init__()
+        if cfg.stream_combine == "cross":
+            self.ln_cross, self.ln_voxels = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+            self.cross = CausalAttention(cfg, rotary)
+        else:
+            self.cross = None
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalAttention(cfg, rotary)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.moe = MaterialMoE(cfg.d_model, int(cfg.ff_mult * cfg.d_model), cfg.moe_groups, cfg.top_k,
+                               cfg.shared_expert)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def attentions(self) -> list[CausalAttention]:
+        return [self.attn] if self.cross is None else [self.cross, self.attn]
+
+    def forward(self, x, pos, material, valid, mask, voxels=None):
+        """x (B, T, d); material (B,); valid (B, T) bool or None: padding skips the MoE (its output
+        never reaches a real token: it sits after EOS, and attention is causal); voxels (B, T, d):
+        the voxel stream, for cross-attention."""
+        B, T, d = x.shape
+        if self.cross is not None:
+            x = x + self.drop(self.cross(self.ln_cross(x), pos, mask, kv=self.ln_voxels(voxels)))
+        x = x + self.drop(self.attn(self.ln1(x), pos, mask))
+        h = self.ln2(x).reshape(B * T, d)
+        mat = material[:, None].expand(B, T).reshape(B * T)
+        if valid is None:
+            y, aux = self.moe(h, mat)
+        else:
+            rows = valid.reshape(B * T).nonzero().squeeze(1)
+            y_valid, aux = self.moe(h[rows], mat[rows])
+            y = h.new_zeros(B * T, d, dtype=y_valid.dtype).index_copy(0, rows, y_valid)
+        return x + self.drop(y.view(B, T, d).to(x.dtype)), aux
+
+
+class EnergyHeadInput(nn.Module):
+    """u = h + W e(v); u += MLP(LN(u)): the nonlinearity lets the energy spectrum depend jointly on
+    the shower so far and on the chosen voxel (a linear sum would only add a per-voxel bias)."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(d, d, bias=False)
+        self.ln = nn.LayerNorm(d)
+        self.mlp = MLP(d, hidden)
+        self.ln_out = nn.LayerNorm(d)
+
+    def forward(self, h: torch.Tensor, voxel_emb: torch.Tensor) -> torch.Tensor:
+        u = h + self.proj(voxel_emb)
+        return self.ln_out(u + self.mlp(self.ln(u)))
+
+
+@dataclass
+class LossTerms:
+    """Summed token losses (so data-parallel ranks can normalize by the global token count)."""
+
+    voxel_nll: torch.Tensor  # sum over targets
+    energy_nll: torch.Tensor
+    n_targets: int
+    lb: torch.Tensor  # mean over layers
+    z: torch.Tensor
+    expert_counts: torch.Tensor  # (n_layers, n_experts_total)
+
+
+class ShowerTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.voxel_blocks or not cfg.moe_groups or cfg.max_seq_len <= 0:
+            raise ValueError("ModelConfig needs its vocabulary sizes: use cfg.for_tokenizer(tokenizer)")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.voxel_emb = BlockEmbedding(cfg.voxel_blocks, d)
+        self.energy_emb = BlockEmbedding(cfg.energy_blocks, d)
+        self.material_emb = BlockEmbedding(cfg.material_blocks, d)
+        self.particle_emb = BlockEmbedding(cfg.particle_blocks, d)
+        self.incident = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))  # on log10(E/10 GeV)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_fraction, cfg.max_seq_len, cfg.rope_base)
+        self.blocks = nn.ModuleList([Block(cfg, self.rotary) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.voxel_head = BlockHead(cfg.voxel_blocks, d)
+        hidden = int(cfg.ff_mult * d)
+        self.energy_in = EnergyHeadInput(d, hidden) if cfg.energy_head_voxel_cond else None
+        self.energy_head = BlockHead(cfg.energy_blocks, d)
+        # per-shower ids of the batch in flight, read by adapters that act on some showers only
+        # (calofm.extension: a new particle's LoRA is gated by particle id)
+        self.context: dict[str, torch.Tensor] = {}
+        self.register_buffer("causal_mask", torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril(),
+                             persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)  # GPT-2: residual writes scaled by depth
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # LayerNorm and bias parameters keep their defaults
+            std = residual_std if name.endswith(("o_proj.weight", "fc2.weight")) else 0.02
+            nn.init.normal_(p, std=std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --- the network ------------------------------------------------------------------------
+    def condition(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor) -> torch.Tensor:
+        """(B,) log-energy feature, material id, particle id -> (B, d) the position-0 input."""
+        e = self.incident(incident.float()[:, None])
+        return e + self.material_emb(material) + self.particle_emb(particle)
+
+    def hidden(self, vox: torch.Tensor, en: torch.Tensor, incident: torch.Tensor, material: torch.Tensor,
+               particle: torch.Tensor, start: int = 0, valid: torch.Tensor | None = None):
+        """Tokens (B, T) at positions start..start+T-1 -> final hidden states (B, T, d), MoE aux per layer.
+        Position 0 (when start == 0) is the conditioning; its token ids are ignored."""
+        B, T = vox.shape
+        self.context["material"], self.context["particle"] = material, particle
+        voxels = None
+        if self.cfg.stream_combine == "sum":
+            x = self.voxel_emb(vox) + self.energy_emb(en)
+        else:
+            x, voxels = self.energy_emb(en), self.voxel_emb(vox)
+        if start == 0:
+            cond = self.condition(incident, material, particle)[:, None].to(x.dtype)
+            x = torch.cat([cond, x[:, 1:]], dim=1)
+            voxels = None if voxels is None else torch.cat([cond, voxels[:, 1:]], dim=1)
+        pos = torch.arange(start, start + T, device=vox.device)
+        cache = self.blocks[0].attn.kv_cache
+        mask = None
+        if cache is not None:
+            for block in self.blocks:
+                for attn in block.attentions():
+                    attn.kv_cache.fill = start + T
+            mask = self.causal_mask[pos, : cache.span]  # (T, slots read): full buffer, or filled prefix
+        auxes: list[MoEAux] = []
+        for block in self.blocks:
+            x, aux = block(x, pos, material, valid, mask, voxels)
+            auxes.append(aux)
+        return self.ln_f(x), auxes
+
+    def voxel_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.voxel_head(h)
+
+    def energy_logits(self, h: torch.Tensor, next_voxel: torch.Tensor) -> torch.Tensor:
+        """h (..., d) and the voxel token chosen at the same step (...,) -> energy logits (..., V_e)."""
+        if self.energy_in is not None:
+            h = self.energy_in(h, self.voxel_emb(next_voxel))
+        return self.energy_head(h)
+
+    def forward(self, batch: dict) -> LossTerms:
+        """Teacher-forced losses of a padded batch (see training/data.py for the keys)."""
+        h, auxes = self.hidden(batch["vox_in"], batch["en_in"], batch["incident"], batch["material"],
+                               batch["particle"], valid=batch.get("valid"))
+        tgt_v, tgt_e = batch["vox_tgt"], batch["en_tgt"]
+        sel = tgt_v != IGNORE  # heads only where there is a target: padding costs nothing
+        h, tgt_v, tgt_e = h[sel], tgt_v[sel], tgt_e[sel]
+        voxel_nll = F.cross_entropy(self.voxel_logits(h).float(), tgt_v, reduction="sum")
+        energy_nll = F.cross_entropy(self.energy_logits(h, tgt_v).float(), tgt_e, reduction="sum")
+        return LossTerms(voxel_nll, energy_nll, int(sel.sum()), torch.stack([a.lb for a in auxes]).mean(),
+                         torch.stack([a.z for a in auxes]).mean(), torch.stack([a.counts for a in auxes]))
+
+    # --- decoding ---------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                    sliced: bool = False, fused_qkv: bool = False) -> None:
+        """Preallocate a (B, H, S_max, D) key/value cache in every layer. sliced: attention reads only
+        the filled prefix (see KVCache); fused_qkv: one QKV projection where q/k/v are plain Linears."""
+        max_len = max_len or self.cfg.max_seq_len
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
+        ref = self.ln_f.weight
+        for block in self.blocks:
+            for attn in block.attentions():
+                attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim,
+                                        dtype or ref.dtype, ref.device, sliced=sliced)
+                attn.fuse_qkv(fused_qkv)
+
+    def select_cache_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences `rows` in every layer's cache (finished showers leave the batch)."""
+        for block in self.blocks:
+            for attn in block.attentions():
+                attn.kv_cache.select_rows(rows)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            for attn in block.attentions():
+                attn.kv_cache = None
+                attn.qkv_weight = None
+
+    # --- growth (continual learning) -----------------------------------------------------------
+    def add_material(self, n_experts: int | None = None) -> int:
+        """Append one material: one embedding row (a new vocabulary block) and one expert group per
+        MoE layer. Existing parameters are untouched. Returns the new material id."""
+        n_experts = n_experts or self.cfg.experts_per_material
+        self.material_emb.append_block(1)
+        for block in self.blocks:
+            new_id = block.moe.add_group(n_experts)
+        self.cfg = replace(self.cfg, material_blocks=self.cfg.material_blocks + (1,),
+                           moe_groups=self.cfg.moe_groups + (n_experts,))
+        return new_id

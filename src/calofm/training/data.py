@@ -1,0 +1,161 @@
+"""Training data: shower files -> tokenized corpus -> padded batches.
+
+Each file holds one material and one particle (the HDF5 attributes say which). All hits are read
+once into packed arrays (a few bytes per hit), the tokenizer's max_hits is derived from the hit
+counts of all files, and every file is split into train / validation by position (the last showers
+are validation; files are i.i.d. samples, so this is a random split that needs no seed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from calofm.data.showers import inspect_file, iter_showers
+from calofm.detector.materials import get_material
+from calofm.errors import CalofmError
+from calofm.model.transformer import IGNORE
+from calofm.tokenizer import BOS, EOS, PAD, Hits, ShowerTokenizer, TokenizedShowers, canonical_particle, incident_feature
+
+
+@dataclass
+class Corpus:
+    """Tokenized showers with their conditioning, indexable by shower."""
+
+    incident_MeV: np.ndarray  # (N,) float32
+    material: np.ndarray  # (N,) int64 material id
+    particle: np.ndarray  # (N,) int64 particle id
+    tokens: TokenizedShowers
+
+    def __len__(self) -> int:
+        return len(self.incident_MeV)
+
+    def n_targets(self, idx: np.ndarray) -> int:
+        """Predicted tokens of these showers: every hit plus EOS."""
+        return int((self.tokens.counts[idx] + 1).sum())
+
+    def batch(self, idx: np.ndarray, device: torch.device | str = "cpu") -> dict:
+        """Padded tensors for showers idx. Full sequence [COND, BOS, hits, EOS, PAD...]; inputs drop
+        the last position, targets drop the first and skip BOS and padding."""
+        idx = np.asarray(idx)
+        counts = self.tokens.counts[idx]
+        B, L = len(idx), int(counts.max(initial=0)) + 3
+        seq_v = np.full((B, L), PAD, dtype=np.int64)
+        seq_e = np.full((B, L), PAD, dtype=np.int64)
+        seq_v[:, 1] = seq_e[:, 1] = BOS
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        src = np.repeat(self.tokens.offsets[idx], counts) + within
+        rows = np.repeat(np.arange(B), counts)
+        seq_v[rows, 2 + within] = self.tokens.voxel_tokens[src]
+        seq_e[rows, 2 + within] = self.tokens.energy_tokens[src]
+        seq_v[np.arange(B), 2 + counts] = seq_e[np.arange(B), 2 + counts] = EOS
+        tgt_v, tgt_e = seq_v[:, 1:].copy(), seq_e[:, 1:].copy()
+        ignore = (tgt_v == PAD) | (np.arange(L - 1) == 0)[None, :]
+        tgt_v[ignore] = tgt_e[ignore] = IGNORE
+        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        return {
+            "vox_in": as_t(seq_v[:, :-1]), "en_in": as_t(seq_e[:, :-1]), "vox_tgt": as_t(tgt_v), "en_tgt": as_t(tgt_e),
+            "valid": as_t(np.arange(L - 1)[None, :] < (counts + 2)[:, None]),
+            "incident": as_t(incident_feature(self.incident_MeV[idx])),
+            "material": as_t(self.material[idx]), "particle": as_t(self.particle[idx]),
+        }
+
+
+@dataclass
+class FileData:
+    path: str
+    material: str
+    particle: str
+    incident_MeV: np.ndarray
+    hits: Hits
+
+
+def read_file(path: str) -> tuple[FileData, object]:
+    """All showers of one file as hits; requires the calofm attributes (material, particle, geometry)."""
+    info = inspect_file(path)
+    missing = [k for k in ("material", "particle") if not getattr(info, k)]
+    if missing or info.geometry is None:
+        raise CalofmError(f"{path}: the file does not say its {', '.join(missing or ['geometry'])}; "
+                          "training needs calofm shower files (calofm simulate writes them)")
+    energies, parts = [], []
+    for e, showers in iter_showers(path, info=info):
+        energies.append(e)
+        parts.append(Hits.from_dense(showers))
+    data = FileData(path, get_material(info.material).name, canonical_particle(info.particle),
+                    np.concatenate(energies), Hits.concat(parts))
+    return data, info
+
+
+def _corpus(tokenizer: ShowerTokenizer, files: list[FileData], rows: list[slice]) -> tuple[Corpus, dict]:
+    hits = Hits.concat([_slice_hits(f.hits, r) for f, r in zip(files, rows)])
+    tokens = tokenizer.encode(hits)
+    mat = np.concatenate([np.full(r.stop - r.start, tokenizer.material_id(f.material)) for f, r in zip(files, rows)])
+    par = np.concatenate([np.full(r.stop - r.start, tokenizer.particle_id(f.particle)) for f, r in zip(files, rows)])
+    inc = np.concatenate([f.incident_MeV[r] for f, r in zip(files, rows)]).astype(np.float32)
+    return Corpus(inc, mat.astype(np.int64), par.astype(np.int64), tokens), tokens.stats
+
+
+def _slice_hits(hits: Hits, rows: slice) -> Hits:
+    lo, hi = hits.offsets[rows.start], hits.offsets[rows.stop]
+    return Hits(hits.offsets[rows.start:rows.stop + 1] - lo, hits.voxel[lo:hi], hits.energy[lo:hi])
+
+
+def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = "energy",
+                max_hits: int | None = None, val_fraction: float = 0.05, max_val: int = 1000,
+                log=print) -> tuple[ShowerTokenizer, Corpus, dict[str, Corpus], dict]:
+    """Read files, build (or reuse) the tokenizer, split, tokenize.
+
+    Returns the tokenizer, the training corpus, one validation corpus per material, and a summary
+    (files, hit-count statistics, derived max_hits, truncation and energy-range counts)."""
+    if not paths:
+        raise CalofmError("no training data given (--data FILE ...)")
+    files, geometry = [], None
+    for path in paths:
+        data, info = read_file(path)
+        if geometry is None:
+            geometry = info.geometry
+        elif info.geometry.with_absorber(geometry.layers[0].absorber).to_json() != geometry.to_json():
+            # the absorber differs between files by design; the readout must not
+            raise CalofmError(f"{path}: geometry {info.geometry.name!r} differs from the first file's "
+                              f"{geometry.name!r} (beyond the absorber); one model serves one readout geometry")
+        files.append(data)
+        log(f"read {path}: {len(data.incident_MeV)} {data.particle} showers in {data.material}, "
+            f"{int(data.hits.counts.mean())} hits on average")
+    counts = np.concatenate([f.hits.counts for f in files])
+    if tokenizer is None:
+        unique = lambda xs: list(dict.fromkeys(xs))  # noqa: E731  (first-seen order)
+        tokenizer = ShowerTokenizer.create(geometry, unique(f.material for f in files),
+                                           unique(f.particle for f in files), order=order)
+        if max_hits is not None:
+            tokenizer.max_hits = int(max_hits)
+        else:
+            tokenizer.fit_max_hits(counts)
+    elif tokenizer.geometry.n_voxels != geometry.n_voxels:
+        raise CalofmError(f"data geometry {geometry.name!r} does not match the model's {tokenizer.geometry.name!r}")
+
+    train_rows, val_rows = [], []
+    for f in files:
+        n = len(f.incident_MeV)
+        n_val = min(max_val, int(round(val_fraction * n))) if n > 1 else 0
+        train_rows.append(slice(0, n - n_val))
+        val_rows.append(slice(n - n_val, n))
+    train, train_stats = _corpus(tokenizer, files, train_rows)
+    val = {}
+    for mat in dict.fromkeys(f.material for f in files):
+        sel = [(f, r) for f, r in zip(files, val_rows) if f.material == mat and r.stop > r.start]
+        if sel:
+            val[mat], _ = _corpus(tokenizer, [s[0] for s in sel], [s[1] for s in sel])
+    summary = {
+        "files": [{"path": f.path, "material": f.material, "particle": f.particle, "n_showers": len(f.incident_MeV),
+                   "n_train": r.stop - r.start, "n_val": v.stop - v.start,
+                   "incident_GeV_range": [float(f.incident_MeV.min()) / 1e3, float(f.incident_MeV.max()) / 1e3]}
+                  for f, r, v in zip(files, train_rows, val_rows)],
+        "hit_counts": {"mean": float(counts.mean()), "p50": float(np.percentile(counts, 50)),
+                       "p99": float(np.percentile(counts, 99)), "p99.9": float(np.percentile(counts, 99.9)),
+                       "max": int(counts.max())},
+        "max_hits": tokenizer.max_hits, "max_hits_rule": "ceil(1.10 * p99.9 / 8) * 8" if max_hits is None else "set by user",
+        "train_tokenization": train_stats,
+    }
+    return tokenizer, train, val, summary

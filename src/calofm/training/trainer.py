@@ -1,0 +1,281 @@
+"""Pre-training loop: AdamW, warm-up + cosine, gradient clipping, bf16 autocast, per-material
+validation, atomic checkpoints, exact resume, JSON-lines log, optional DDP (see distributed.py).
+
+Loss = (sum of voxel and energy negative log-likelihoods over all predicted tokens) / (number of
+predicted tokens in the *global* batch) + lb_coef * load-balance + z_coef * router z-loss.
+Normalizing by the global token count (known to every rank, since every rank knows the global
+batch) makes the DDP-averaged gradient equal to the single-process gradient of the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+
+from calofm.checkpoint import load_checkpoint, load_model, optimizer_from_tensors, save_checkpoint
+from calofm.errors import CalofmError
+from calofm.model import ShowerTransformer, get_preset
+from calofm.model.precision import PRECISIONS, autocast
+from calofm.training.data import Corpus, load_corpus
+from calofm.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from calofm.training.schedule import BatchSampler, lr_at
+
+
+@dataclass
+class TrainConfig:
+    data: tuple[str, ...]
+    out: str
+    preset: str = "small"
+    model: dict = field(default_factory=dict)  # overrides of the preset's fields
+    steps: int = 3000
+    batch_size: int = 32  # global, in showers
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # bf16 autocast (CPU AMX/AVX512-BF16, CUDA) or fp32
+    seed: int = 0
+    order: str = "energy"
+    max_hits: int | None = None  # None: derived from the data
+    val_fraction: float = 0.05
+    max_val: int = 1000  # validation showers per file at most
+    eval_every: int = 500
+    eval_batch_size: int = 64
+    ckpt_every: int = 500
+    log_every: int = 20
+    keep_checkpoints: int = 2
+    device: str = "auto"
+
+    def __post_init__(self):
+        self.data = tuple(os.path.abspath(str(p)) for p in self.data)  # resumable from any directory
+        if self.precision not in PRECISIONS:
+            raise CalofmError(f"unknown precision {self.precision!r} ({', '.join(PRECISIONS)})")
+        for name in ("steps", "batch_size", "eval_every", "ckpt_every", "log_every", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise CalofmError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Weight decay on matrices (linear weights, embedding tables), not on norms and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+@torch.no_grad()
+def evaluate(model: ShowerTransformer, val_sets: dict[str, Corpus], cfg: TrainConfig, info: DistInfo) -> dict:
+    """Per-material validation NLL per predicted token (nats), voxel and energy parts; ranks share the work."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for material, corpus in val_sets.items():
+        idx = np.arange(len(corpus))[info.rank::info.world]
+        sums = torch.zeros(3, dtype=torch.float64, device=info.device)
+        for lo in range(0, len(idx), cfg.eval_batch_size):
+            with autocast(info.device, cfg.precision):
+                t = model(corpus.batch(idx[lo:lo + cfg.eval_batch_size], info.device))
+            sums += torch.stack([t.voxel_nll.double(), t.energy_nll.double(), torch.tensor(t.n_targets).double()
+                                 .to(info.device)])
+        v, e, n = all_reduce_sum(sums, info).tolist()
+        out[material] = {"nll": (v + e) / n, "voxel_nll": v / n, "energy_nll": e / n,
+                         "nll_per_shower": (v + e) / len(corpus), "n_showers": len(corpus)}
+    model.train(was_training)
+    return out
+
+
+def _expert_utilization(counts: torch.Tensor, model: ShowerTransformer, materials: list[str]) -> dict:
+    """(n_layers, n_experts_total) token counts -> {material: per-layer fractions of its tokens}."""
+    out, lo = {}, 0
+    for material, n_exp in zip(materials, model.cfg.moe_groups):
+        c = counts[:, lo:lo + n_exp].double()
+        lo += n_exp
+        total = c.sum(dim=1, keepdim=True).clamp(min=1)
+        out[material] = [[round(x, 4) for x in row] for row in (c / total).tolist()]
+    return out
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """On resume, forget log events after the checkpoint (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+def train(cfg: TrainConfig | None = None, resume_dir: str | None = None, threads: int | None = None,
+          progress: bool = True, stop_after: int | None = None, log=print) -> dict:
+    """Train (or resume the run in `resume_dir`); returns the training summary.
+
+    stop_after: stop after that many optimizer steps of this invocation without a final checkpoint,
+    as if the process had been killed (for resume tests)."""
+    if threads:
+        torch.set_num_threads(threads)
+    info = init_distributed(cfg.device if cfg is not None else "auto")
+    try:
+        return _train(cfg, resume_dir, info, progress, stop_after, log)
+    finally:
+        shutdown(info)
+
+
+def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log) -> dict:
+    t0 = time.time()  # wall time counts data loading too
+    log = log if info.is_main else (lambda *a, **k: None)
+    state, tokenizer = None, None
+    if resume_dir is not None:
+        ckpt, state, opt_tensors = load_checkpoint(resume_dir)
+        stored = TrainConfig.from_dict(state["config"])
+        if cfg is not None and cfg.data and tuple(cfg.data) != stored.data:
+            raise CalofmError(f"--data differs from the run being resumed ({', '.join(stored.data)})")
+        stored.out = resume_dir  # the run directory may have moved since
+        cfg = stored
+        model, tokenizer, _ = load_model(ckpt)
+        log(f"resuming {resume_dir} from {os.path.basename(ckpt)}")
+    elif os.path.exists(os.path.join(cfg.out, "checkpoints", "latest")):
+        raise CalofmError(f"{cfg.out} already holds a training run; pass --resume to continue it or choose "
+                          "another output directory")
+    device = info.device
+    run_dir = cfg.out
+    if info.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    tokenizer, train_set, val_sets, data_summary = load_corpus(
+        list(cfg.data), tokenizer, cfg.order, cfg.max_hits, cfg.val_fraction, cfg.max_val, log=log)
+    trunc = data_summary["train_tokenization"]
+    log(f"max_hits {tokenizer.max_hits} (hit counts: mean {data_summary['hit_counts']['mean']:.0f}, "
+        f"p99.9 {data_summary['hit_counts']['p99.9']:.0f}, max {data_summary['hit_counts']['max']}); "
+        f"truncated {trunc['n_truncated_showers']} showers, {trunc['n_dropped_hits']} hits, "
+        f"{100 * trunc['dropped_energy_fraction']:.4f}% of the energy; energy bins under/overflow "
+        f"{trunc['energy_underflow_hits']}/{trunc['energy_overflow_hits']} hits")
+
+    if state is None:
+        torch.manual_seed(cfg.seed)
+        model = ShowerTransformer(get_preset(cfg.preset, **cfg.model).for_tokenizer(tokenizer))
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    if state is not None:
+        optimizer_from_tensors(optimizer, {k: v for k, v in opt_tensors.items() if k.startswith("state.")},
+                               state["optimizer"])
+        torch.set_rng_state(opt_tensors["rng.torch"])
+        if device.type == "cuda" and f"rng.cuda.{device.index or 0}" in opt_tensors:
+            torch.cuda.set_rng_state(opt_tensors[f"rng.cuda.{device.index or 0}"], device)
+    net = model
+    if info.enabled:
+        # a rank may see no token of some material in a step: its experts are then unused there
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True,
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.batch_size % info.world:
+        raise CalofmError(f"batch size {cfg.batch_size} is not divisible by the {info.world} processes")
+    per_rank = cfg.batch_size // info.world
+    sampler = BatchSampler(len(train_set), cfg.batch_size, cfg.seed, **(state["sampler"] if state else {}))
+    step = state["step"] if state else 0
+    elapsed0, tokens_seen = (state["elapsed_s"], state["tokens_seen"]) if state else (0.0, 0)
+    last_eval = state.get("last_eval", {}) if state else {}
+    materials = tokenizer.materials.names()
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if info.is_main:
+        if state is None and os.path.exists(log_path):
+            os.remove(log_path)
+        _truncate_log(log_path, step)
+        log(f"model: preset {cfg.preset}, {model.num_parameters() / 1e6:.2f}M parameters, "
+            f"materials {materials}, {info.world} process(es) on {device}, precision {cfg.precision}")
+
+    def emit(event: dict) -> None:
+        if info.is_main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(event) + "\n")
+
+    def summary() -> dict:
+        return dict(data_summary, preset=cfg.preset, train_config=cfg.to_dict(), steps=step, tokens_seen=tokens_seen,
+                    wall_time_s=round(elapsed0 + time.time() - t0, 1), world_size=info.world, val=last_eval,
+                    command=" ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)))
+
+    def checkpoint() -> None:
+        if info.is_main:
+            save_checkpoint(run_dir, step, model, tokenizer, optimizer,
+                            {"config": cfg.to_dict(), "sampler": sampler.state(), "last_eval": last_eval,
+                             "elapsed_s": elapsed0 + time.time() - t0, "tokens_seen": tokens_seen},
+                            summary(), keep=cfg.keep_checkpoints)
+        barrier(info)
+
+    n_exp_total = sum(model.cfg.moe_groups)
+    acc = torch.zeros(5, dtype=torch.float64, device=device)  # voxel nll, energy nll, targets, lb, z
+    acc_counts = torch.zeros(model.cfg.n_layers, n_exp_total, dtype=torch.float64, device=device)
+    acc_steps, t_log = 0, time.time()
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    steps_this_run = 0
+    while step < cfg.steps:
+        global_idx = sampler.next()
+        local_idx = global_idx[info.rank * per_rank:(info.rank + 1) * per_rank]
+        n_global = train_set.n_targets(global_idx)
+        batch = train_set.batch(local_idx, device)
+        lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, cfg.precision):
+            terms = net(batch)
+        nll = (terms.voxel_nll + terms.energy_nll) / n_global * info.world
+        loss = nll + model.cfg.lb_coef * terms.lb + model.cfg.z_coef * terms.z
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_this_run += 1
+        tokens_seen += n_global
+        acc += torch.stack([terms.voxel_nll.detach().double(), terms.energy_nll.detach().double(),
+                            torch.tensor(float(terms.n_targets), dtype=torch.float64, device=device),
+                            terms.lb.detach().double() / info.world, terms.z.detach().double() / info.world])
+        acc_counts += terms.expert_counts.double()
+        acc_steps += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            all_reduce_sum(acc, info)
+            all_reduce_sum(acc_counts, info)
+            v, e, n, lb, z = acc.tolist()
+            now = time.time()
+            event = {"event": "train", "step": step, "lr": lr, "loss": (v + e) / n, "voxel_nll": v / n,
+                     "energy_nll": e / n, "lb": lb / acc_steps, "z": z / acc_steps,
+                     "grad_norm": float(grad_norm), "tokens_per_s": round(n / (now - t_log), 1),
+                     "elapsed_s": round(elapsed0 + now - t0, 1),
+                     "expert_utilization": _expert_utilization(acc_counts, model, materials)}
+            emit(event)
+            if bar is not None:
+                bar.set_postfix(loss=f"{event['loss']:.3f}", tok_s=f"{event['tokens_per_s']:.0f}")
+            acc.zero_()
+            acc_counts.zero_()
+            acc_steps, t_log = 0, now
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            last_eval = evaluate(model, val_sets, cfg, info)
+            emit({"event": "val", "step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), "val": last_eval})
+            log(f"step {step}: val nll/token " + ", ".join(f"{m} {r['nll']:.4f}" for m, r in last_eval.items()))
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            checkpoint()
+        if stop_after is not None and steps_this_run >= stop_after and step < cfg.steps:
+            break  # simulated kill: no final checkpoint
+    if bar is not None:
+        bar.close()
+    return summary()

@@ -1,0 +1,88 @@
+"""Fast decoding: the speed switches (sliced attention, compaction, fused QKV) never change a shower,
+for a given seed and sampler; both samplers draw from the right distribution."""
+
+import numpy as np
+import pytest
+import torch
+
+import calofm
+from calofm.generation.decode import DecodeOptions, decode
+from calofm.generation.sampler import SamplingConfig, sample
+from calofm.tokenizer import incident_feature
+
+
+@pytest.fixture(scope="module")
+def small():
+    return calofm.load("calofm-small", adapters=["Pb", "e-"])
+
+
+SWITCHES = [dict(), dict(sliced_attention=False), dict(compact=False), dict(fused_qkv=False),
+            dict(compact_fraction=1.0), dict(compact_fraction=0.05)]
+
+
+@pytest.mark.parametrize("sampler", ["cdf", "exp"])
+def test_switches_give_identical_tokens(small, sampler):
+    torch.set_num_threads(1)
+    net, tok = small.model, small.tokenizer
+    B = 12
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
+    mats = ["W", "Cu", "Pb", "Ta"]
+    mat = torch.tensor([tok.material_id(mats[i % 4]) for i in range(B)])
+    par = torch.tensor([tok.particle_id("e-" if i % 3 == 0 else "gamma") for i in range(B)])  # LoRA on some rows
+
+    def run(opt):
+        return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block,
+                      generator=torch.Generator().manual_seed(7), options=opt)
+
+    ref = run(DecodeOptions(sampler=sampler).plain())
+    assert len(set(ref.n_hits.tolist())) > 1  # showers finish at different steps: compaction happens
+    for sw in SWITCHES:
+        res = run(DecodeOptions(sampler=sampler, **sw))
+        assert torch.equal(res.voxel_tokens, ref.voxel_tokens), sw
+        assert torch.equal(res.energy_tokens, ref.energy_tokens), sw
+        assert torch.equal(res.capped, ref.capped) and torch.equal(res.n_hits, ref.n_hits), sw
+    # a length cap with compaction: capped showers are reported at their original rows
+    capped = [decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block,
+                     generator=torch.Generator().manual_seed(7), options=o)
+              for o in (DecodeOptions(sampler=sampler).plain(), DecodeOptions(sampler=sampler))]
+    assert torch.equal(capped[0].voxel_tokens, capped[1].voxel_tokens)
+    assert torch.equal(capped[0].capped, capped[1].capped)
+
+
+def test_generate_options_plumbing(small):
+    torch.set_num_threads(1)
+    fast = small.generate(6, material="Pb", particle="e-", seed=2, batch_size=4)[1]
+    plain = small.generate(6, material="Pb", particle="e-", seed=2, batch_size=4, options=DecodeOptions().plain())
+    assert np.array_equal(fast, plain[1])
+    exp = small.generate(6, material="Pb", particle="e-", seed=2, batch_size=4, options=DecodeOptions(sampler="exp"))
+    assert exp[1].shape == fast.shape
+    with pytest.raises(ValueError):
+        DecodeOptions(sampler="gumbel")
+
+
+def test_fused_qkv_only_for_plain_linears(small):
+    net = small.model
+    net.setup_cache(2, 8, fused_qkv=True)
+    try:
+        fused = [a.qkv_weight is not None for b in net.blocks for a in b.attentions()]
+    finally:
+        net.clear_cache()
+    wrapped = [type(a.q_proj) is not torch.nn.Linear for b in net.blocks for a in b.attentions()]
+    assert fused == [not w for w in wrapped]
+    assert all(a.qkv_weight is None for b in net.blocks for a in b.attentions())
+    assert not any("qkv" in k for k in net.state_dict())  # the state dict keeps q/k/v_proj
+
+
+@pytest.mark.parametrize("method", ["cdf", "exp"])
+def test_samplers_distribution_and_row_selection(method):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.5, -1.0, float("-inf")]]).repeat(20000, 1)
+    draws = sample(logits, SamplingConfig(), g, method)
+    assert not torch.any((draws == 2) | (draws == 5))  # masked tokens are never drawn
+    freq = torch.bincount(draws, minlength=6).double() / len(draws)
+    assert torch.allclose(freq, logits[0].softmax(-1).double(), atol=0.015)
+    # rows of a bigger batch draw exactly what they would draw in the full batch
+    full = sample(logits[:10], SamplingConfig(), torch.Generator().manual_seed(3), method)
+    rows = torch.tensor([1, 4, 9])
+    part = sample(logits[rows], SamplingConfig(), torch.Generator().manual_seed(3), method, rows, 10)
+    assert torch.equal(part, full[rows])

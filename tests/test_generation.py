@@ -1,0 +1,82 @@
+"""Generation: sampling rules, per-sequence EOS, no duplicate voxels, reproducibility, output file."""
+
+import numpy as np
+import pytest
+import torch
+
+from calofm.errors import CalofmError
+from calofm.generation import SamplingConfig, decode, filter_logits, load, sample
+from calofm.tokenizer import EOS, PAD, incident_feature
+from calofm.training import TrainConfig, train
+from calofm.training.synthetic import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    data = [write_synthetic(str(d / f"{m}.h5"), 24, material=m, seed=i, mean_hits=15) for i, m in enumerate(["W", "Cu"])]
+    cfg = TrainConfig(data=tuple(data), out=str(d / "run"), preset="tiny", steps=20, batch_size=8, lr=1e-2,
+                      warmup=2, eval_every=20, ckpt_every=20, log_every=10, max_val=2, device="cpu")
+    train(cfg, threads=1, progress=False, log=lambda *a, **k: None)
+    return load(str(d / "run"))
+
+
+def test_sampler_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, float("-inf")]]).repeat(4000, 1)
+    assert torch.all(sample(logits, SamplingConfig(temperature=0)) == 0)
+    assert torch.all(sample(logits, SamplingConfig(top_k=1), g) == 0)
+    assert torch.all(sample(logits, SamplingConfig(top_p=0.3), g) == 0)
+    two = sample(logits, SamplingConfig(top_k=2), g)
+    assert set(two.tolist()) == {0, 1}
+    draws = sample(logits, SamplingConfig(), g)
+    assert not torch.any(draws == 4)  # masked tokens are never drawn
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert torch.allclose(freq, logits[0].softmax(-1).double(), atol=0.03)
+    kept = torch.isfinite(filter_logits(logits[:1], SamplingConfig(top_p=0.8)))
+    assert kept.tolist() == [[True, True, False, False, False]]  # 0.63 < 0.8 <= 0.63 + 0.23
+
+
+def test_decode_stops_per_sequence_and_never_repeats_a_voxel(model):
+    tok, net = model.tokenizer, model.model
+    B = 16
+    inc = torch.from_numpy(incident_feature(np.linspace(1e4, 1e5, B)))
+    mat = torch.tensor([tok.material_id("W"), tok.material_id("Cu")] * (B // 2))
+    res = decode(net, inc, mat, torch.zeros(B, dtype=torch.long), tok.max_hits, tok.voxel_block, tok.energy_block,
+                 generator=torch.Generator().manual_seed(1))
+    v = res.voxel_tokens.numpy()
+    assert len(set(res.n_hits.tolist())) > 1  # sequences end at their own EOS
+    for i in range(B):
+        n = int(res.n_hits[i])
+        hits = v[i, :n]
+        assert np.all(v[i, n:] == PAD) and len(set(hits.tolist())) == n  # no duplicate voxel
+        assert np.all((hits >= tok.voxel_block.offset) & (hits < tok.voxel_block.offset + tok.voxel_block.size))
+        e = res.energy_tokens.numpy()[i, :n]
+        assert np.all((e >= tok.energy_block.offset) & (e < tok.energy_block.offset + tok.energy_block.size))
+    # a length cap forces EOS and is counted
+    capped = decode(net, inc, mat, torch.zeros(B, dtype=torch.long), 3, tok.voxel_block, tok.energy_block,
+                    generator=torch.Generator().manual_seed(1))
+    assert capped.voxel_tokens.shape == (B, 3) and int(capped.capped.sum()) == int((capped.n_hits == 3).sum()) > 0
+    assert EOS not in capped.voxel_tokens.tolist()
+
+
+def test_api_generate_is_reproducible_and_writes_the_simulator_layout(model, tmp_path):
+    e1, s1 = model.generate(12, material="Cu", energy_GeV=(10, 100), seed=4, batch_size=5)
+    e2, s2 = model.generate(12, material="Cu", energy_GeV=(10, 100), seed=4, batch_size=5)
+    assert np.array_equal(e1, e2) and np.array_equal(s1, s2)
+    _, s3 = model.generate(12, material="Cu", energy_GeV=(10, 100), seed=5, batch_size=5)
+    assert not np.array_equal(s1, s3)
+    assert s1.shape == (12, 4500) and s1.dtype == np.float32 and np.all(s1 >= 0)
+    assert np.all((e1 >= 1e4) & (e1 <= 1e5))
+    assert model.last_stats["n_showers"] == 12
+    out = tmp_path / "gen.h5"
+    inc, showers = model.generate(6, material="W", energy_GeV=50, seed=1, output=str(out))
+    from calofm.data import read_showers
+
+    inc_f, showers_f, info = read_showers(str(out))
+    assert np.array_equal(inc_f, inc) and np.array_equal(showers_f, showers) and np.all(inc == 5e4)
+    assert info.material == "W" and info.particle == "gamma" and info.geometry.n_voxels == 4500
+    with pytest.raises(CalofmError):
+        model.generate(2, material="W", energy_GeV="100:10")
+    with pytest.raises(CalofmError):
+        model.generate(2, material="W", top_p=0.0)
