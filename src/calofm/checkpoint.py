@@ -107,19 +107,25 @@ def save_model(directory: str, model, tokenizer, training: dict | None = None) -
     return manifest
 
 
-def read_manifest(directory: str) -> dict:
-    if not os.path.isdir(directory):
-        raise CalofmError(f"{directory}: no such model directory")
-    path = os.path.join(directory, MANIFEST_FILE)
-    if not os.path.exists(path):
-        raise CalofmError(f"{directory}: no {MANIFEST_FILE}; not a calofm model directory")
+def read_json_manifest(path: str, fmt: str, what: str) -> dict:
+    """A manifest.json whose "format" must be `fmt`; CalofmError naming the problem otherwise."""
+    if not os.path.isfile(path):
+        raise CalofmError(f"{os.path.dirname(path)}: no {os.path.basename(path)}; not a calofm {what} directory")
     try:
         with open(path) as fh:
             manifest = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
         raise CalofmError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CalofmError(f"{path}: not a calofm model manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise CalofmError(f"{path}: not a calofm {what} manifest")
+    return manifest
+
+
+def read_manifest(directory: str) -> dict:
+    if not os.path.isdir(directory):
+        raise CalofmError(f"{directory}: no such model directory")
+    path = os.path.join(directory, MANIFEST_FILE)
+    manifest = read_json_manifest(path, FORMAT, "model")
     if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
         raise CalofmError(f"{path}: format version {manifest['format_version']} is newer than this calofm reads")
     return manifest

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calofm.checkpoint import atomic_save_tensors, atomic_write_text, sha256_file
+from calofm.checkpoint import atomic_save_tensors, atomic_write_text, read_json_manifest, sha256_file
 from calofm.detector.materials import get_material
 from calofm.errors import CalofmError
 from calofm.extension.lora import GatedLoRALinear, GatedResidual, LowRank, ShowerGate
+from calofm.model.moe import ExpertGroup
 from calofm.tokenizer import canonical_particle
 
 ADAPTER_FILE, MANIFEST_FILE, FORMAT = "adapter.safetensors", "manifest.json", "calofm-adapter"
@@ -56,11 +57,12 @@ class AdapterSpec:
 
 
 # --- the new modules -------------------------------------------------------------------------------
-class LowRankExpertGroup(nn.Module):
-    """A new material's experts: a known material's experts (frozen, by reference) + low-rank deltas."""
+class LowRankExpertGroup(ExpertGroup):
+    """A new material's experts: a known material's experts (frozen, by reference) + low-rank deltas.
+    Routing, auxiliary losses and counts are ExpertGroup's; only the experts' computation differs."""
 
-    def __init__(self, source, rank: int, alpha: float):
-        super().__init__()
+    def __init__(self, source: ExpertGroup, rank: int, alpha: float):
+        nn.Module.__init__(self)  # not ExpertGroup.__init__: the experts are the source's, not new ones
         self._source = [source]  # a list, so the source is not registered (not saved, not trained twice)
         self.top_k = source.top_k
         d, h = source.experts[0].fc1.in_features, source.experts[0].fc1.out_features
@@ -73,32 +75,13 @@ class LowRankExpertGroup(nn.Module):
         self.to(source.experts[0].fc1.weight.device)
 
     @property
-    def experts(self):  # the MoE bookkeeping (utilization counts) reads len(group.experts)
+    def experts(self):
         return self._source[0].experts
 
-    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+    def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
         mlp = self._source[0].experts[e]
         h = F.gelu(mlp.fc1(x) + self.delta1[e](x).to(x.dtype))
         return mlp.fc2(h) + self.delta2[e](h).to(x.dtype)
-
-    def forward(self, x: torch.Tensor):
-        """Same contract as ExpertGroup.forward: x (n, d) -> y, load-balance, z-loss, counts."""
-        n_exp = len(self.delta1)
-        if self.router is None:
-            return self._expert(0, x), None, None, torch.full((1,), x.shape[0], device=x.device, dtype=torch.long)
-        logits = self.router(x).float()
-        probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        gates = top_p if self.top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)
-        y = torch.zeros_like(x)
-        for e in range(n_exp):
-            rows, slot = (top_i == e).nonzero(as_tuple=True)
-            if rows.numel():
-                y.index_add_(0, rows, (self._expert(e, x[rows]) * gates[rows, slot, None]).to(y.dtype))
-        counts = torch.bincount(top_i.flatten(), minlength=n_exp)
-        lb = n_exp * (counts.float() / top_i.numel() * probs.mean(dim=0)).sum()
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return y, lb, z, counts
 
 
 def _ensure_context(model) -> dict:
@@ -194,17 +177,7 @@ def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Paramet
 
 
 def read_adapter_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST_FILE)
-    if not os.path.isfile(path):
-        raise CalofmError(f"{directory}: not an adapter directory (no {MANIFEST_FILE})")
-    try:
-        with open(path) as fh:
-            manifest = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CalofmError(f"{path}: unreadable adapter manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CalofmError(f"{path}: not a calofm adapter manifest")
-    return manifest
+    return read_json_manifest(os.path.join(directory, MANIFEST_FILE), FORMAT, "adapter")
 
 
 def base_sha256(shower_model) -> str:

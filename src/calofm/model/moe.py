@@ -52,11 +52,15 @@ class ExpertGroup(nn.Module):
         self.experts = nn.ModuleList([MLP(d, hidden) for _ in range(n_experts)])
         self.router = nn.Linear(d, n_experts, bias=False) if n_experts > 1 else None
 
+    def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens; a subclass may change the experts, the routing stays here."""
+        return self.experts[e](x)
+
     def forward(self, x: torch.Tensor):
         """x (n, d) -> y (n, d), load-balance loss, z-loss, counts (E,)."""
         if self.router is None:
             counts = torch.full((1,), x.shape[0], device=x.device, dtype=torch.long)
-            return self.experts[0](x), None, None, counts
+            return self.expert_output(0, x), None, None, counts
         n_exp = len(self.experts)
         logits = self.router(x).float()  # (n, E); routing decisions in fp32
         probs = logits.softmax(dim=-1)
@@ -65,10 +69,10 @@ class ExpertGroup(nn.Module):
         # top-k: renormalize over the chosen experts
         gates = top_p if self.top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)
         y = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
+        for e in range(n_exp):
             rows, slot = (top_i == e).nonzero(as_tuple=True)
             if rows.numel():
-                out = expert(x[rows]) * gates[rows, slot, None]
+                out = self.expert_output(e, x[rows]) * gates[rows, slot, None]
                 y.index_add_(0, rows, out.to(y.dtype))
         counts = torch.bincount(top_i.flatten(), minlength=n_exp)
         f = counts.float() / top_i.numel()
