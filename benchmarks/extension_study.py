@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n-gen", type=int, default=1000)
+    ap.add_argument("--trained", action="append", default=[], metavar="BUDGET=DIR",
+                    help="reuse an adapter already trained for that budget (e.g. all=.../adapters/Pb)")
     ap.add_argument("--upper", default=None, help="model pre-trained with the new material (upper reference)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -57,6 +59,7 @@ def main() -> None:
     args = ap.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
+    trained = dict(item.split("=", 1) for item in args.trained)
     ref_info = inspect_file(args.reference)
     material, particle = ref_info.material, ref_info.particle
     base = load_with_adapters(args.base, args.adapter)
@@ -77,12 +80,17 @@ def main() -> None:
 
     for budget in args.budgets:
         n = None if budget == "all" else int(budget)
-        adapter = os.path.join(args.out, f"adapter_{budget}")
-        t = extend(args.kind, args.base, args.data, adapter, adapters=tuple(args.adapter), max_showers=n,
-                   steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads, progress=True)
+        adapter = trained.get(budget) or os.path.join(args.out, f"adapter_{budget}")
+        if budget in trained:
+            with open(os.path.join(adapter, "manifest.json")) as fh:
+                t = json.load(fh)["training"]
+        else:
+            t = extend(args.kind, args.base, args.data, adapter, adapters=tuple(args.adapter), max_showers=n,
+                       steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+                       progress=True)
         gen = os.path.join(args.out, f"gen_{budget}.h5")
         wall = generate(args.base, args.adapter + [adapter], material, particle, args.n_gen, gen, args.seed)
-        rows.append({"setting": f"adapter, {budget} showers", "showers": t["n_train_showers"],
+        rows.append({"setting": f"adapter, {budget} showers, {t['steps']} steps", "showers": t["n_train_showers"],
                      "trainable": t["trainable_parameters"], "trainable_fraction": t["trainable_fraction"],
                      "train_s": t["wall_time_s"], "gen_s": wall,
                      **evaluate(args.reference, gen, os.path.join(args.out, f"eval_{budget}"), args.seed)})

@@ -79,3 +79,24 @@ def test_refuses_non_cartesian_or_mixed_geometries(tmp_path, tiny_run):
     simulate_to_file(ild, 4, "W", "gamma", 50, geometry="ild", seed=1, workers=1, progress=False)
     with pytest.raises(CalofmError, match="geometry differs"):
         train_diffusion([files[0], ild], str(tmp_path / "m"), channels=8, steps=1, progress=False)
+
+
+def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
+    """The benchmark command end to end on tiny settings (figures are not asserted: timing is not a test)."""
+    import json
+
+    from calofm.cli.main import main
+
+    d, _, _ = tiny_run
+    out = tmp_path / "bench.json"
+    assert main(["bench", "generate", "--model", "calofm-small", "--batches", "1,3", "--n", "3", "--energies", "50",
+                 "--energy-n", "2", "--ablation", "--ablation-n", "2", "--baseline", str(d / "model"),
+                 "--baseline-steps", "3,2", "--baseline-batches", "2", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {"device", "model_params", "results", "baseline", "simulator_showers_per_s"} <= set(res)
+    assert [r["batch"] for r in res["results"]] == [1, 3]
+    for r in res["results"] + res["baseline"]:
+        assert {"batch", "showers_per_s", "ms_per_shower", "tokens_per_s", "flops_fraction"} <= set(r)
+        assert r["showers_per_s"] > 0 and 0 < r["flops_fraction"] < 1
+    assert [(r["batch"], r["steps"]) for r in res["baseline"]] == [(2, 3), (2, 2)]
+    assert {a["variant"] for a in res["ablation"]} >= {"all on", "all off", "one-stage (totals off)"}

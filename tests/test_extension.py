@@ -90,6 +90,9 @@ def test_generation_with_the_same_seed_is_identical(setup, tmp_path):
 def test_extended_model_generates_new_material_and_particle(setup):
     sm = load_with_adapters(setup["base"], [setup["pb"], setup["pb_em"]])
     assert sm.materials == ["W", "Cu", "Pb"] and sm.particles == ["gamma", "e-"]
+    # each adapter brings the hit-count / E_vis laws of its new classes, fitted on its own data
+    assert {"Pb/gamma", "Pb/e-"} <= set(sm.tokenizer.totals.keys())
+    assert "Pb/gamma" not in load_with_adapters(setup["base"]).tokenizer.totals
     for material, particle in (("Pb", "gamma"), ("Pb", "e-"), ("W", "e-")):
         incident, showers = sm.generate(4, material=material, particle=particle, seed=1)
         assert showers.shape == (4, sm.geometry.n_voxels) and np.all(showers >= 0)

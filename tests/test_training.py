@@ -94,6 +94,22 @@ def _ddp_worker(rank, world, port, cfg_dict):
     train(TrainConfig.from_dict(cfg_dict), threads=1, progress=False, log=quiet)
 
 
+
+def test_init_from_starts_at_the_given_weights(data, tmp_path):
+    first = tmp_path / "first"
+    train(config(data, first, steps=3), threads=1, progress=False, log=quiet)
+    # with lr 0 (and so no decay) the continued run must end exactly where it started
+    second = tmp_path / "second"
+    train(config(data, second, steps=2, lr=0.0, init_from=str(first), seed=6), threads=1, progress=False, log=quiet)
+    w1, w2 = weights(first), weights(second)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    trained = tmp_path / "trained"
+    train(config(data, trained, steps=2, init_from=str(first), seed=6), threads=1, progress=False, log=quiet)
+    assert any(not torch.equal(w1[k], weights(trained)[k]) for k in w1)
+    with open(first / "manifest.json") as f1, open(second / "manifest.json") as f2:
+        t1, t2 = json.load(f1)["tokenizer"], json.load(f2)["tokenizer"]
+    assert t1["vocabularies"] == t2["vocabularies"] and t1["max_hits"] == t2["max_hits"]
+
 def test_two_process_ddp_matches_single_process(data, tmp_path):
     # aux losses are per-rank estimates (the load-balance loss is not additive over tokens), so they are
     # switched off here; the token losses are normalized by the global token count and must agree

@@ -26,9 +26,12 @@ def register(sub) -> None:
     g.add_argument("--energies", default="10,50,100", help="GeV points for the cost-vs-energy scan")
     g.add_argument("--energy-n", type=int, default=50, help="showers per energy point")
     g.add_argument("--baseline-steps", default="400,20", help="diffusion sampling steps to time")
-    g.add_argument("--baseline-n", type=int, default=8)
+    g.add_argument("--baseline-batches", default="100",
+                   help="diffusion batch sizes to time (one batch of that many showers each)")
     g.add_argument("--ablation", action="store_true", help="time each decoder optimization off vs all on")
     g.add_argument("--ablation-n", type=int, default=100, help="showers (one batch) per ablation point")
+    g.add_argument("--compile", action="store_true",
+                   help="add torch.compile of the decode step to the ablation (compiled once, untimed; ~1 min on CPU)")
     g.add_argument("--repeats", type=int, default=1, help="timed repeats per point (median)")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--device", default="cpu")
@@ -121,10 +124,10 @@ def cmd_bench_generate(args) -> None:
     peak = matmul_peak(device)
     print(f"bf16 matmul peak on {device.type} ({torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
 
-    def timed(n, batch, energy=(10.0, 100.0), options=None, precision="fp32"):
+    def timed(n, batch, energy=(10.0, 100.0), options=None, precision="fp32", totals=None):
         def run():
             sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy, seed=args.seed,
-                        batch_size=batch, options=options, precision=precision)
+                        batch_size=batch, options=options, precision=precision, totals=totals)
             _sync(device)
         dt = _median_time(run, args.repeats)
         stats = sm.last_stats
@@ -155,9 +158,13 @@ def cmd_bench_generate(args) -> None:
                     "sliced_attention off": DecodeOptions(sliced_attention=False),
                     "sampler exp (cdf off)": DecodeOptions(sampler="exp"),
                     "compact off": DecodeOptions(compact=False), "fused_qkv off": DecodeOptions(fused_qkv=False)}
+        if args.compile:
+            variants["all on + torch.compile"] = DecodeOptions(compile=True)
         ablation = []
         on = None
         for name, opt in variants.items():
+            if opt.compile:  # compile outside the timing (once per process)
+                sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=opt)
             r = timed(n, n, options=opt)
             on = on or r["seconds"]
             ablation.append({"variant": name, "options": vars(opt), "precision": "fp32", **r,
@@ -167,6 +174,10 @@ def cmd_bench_generate(args) -> None:
         ablation.append({"variant": "all on + bf16 autocast", "options": vars(DecodeOptions()), "precision": "bf16",
                          **r, "slowdown_vs_all_on": r["seconds"] / on})
         print(f"ablation {'all on + bf16 autocast':24s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f}")
+        r = timed(n, n, totals=False)
+        ablation.append({"variant": "one-stage (totals off)", "options": vars(DecodeOptions()), "precision": "fp32",
+                         **r, "slowdown_vs_all_on": r["seconds"] / on})
+        print(f"ablation {'one-stage (totals off)':24s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f}")
 
     from calofm.simulation import simulate
 
@@ -206,9 +217,7 @@ def _bench_baseline(args, device, peak) -> list[dict]:
     model, _ = DiffusionBaseline.load(args.baseline, device=device.type)
     mats = model.cfg.materials
     mat = mats.index(args.material) if args.material in mats else 0
-    n = args.baseline_n
-    inc = np.random.default_rng(args.seed).uniform(1e4, 1e5, n).astype(np.float32)
-    materials = np.full(n, mat)
+    batches = [int(b) for b in args.baseline_batches.split(",") if b]
     # FLOPs of one network evaluation per shower, counted by torch
     cfg = model.cfg
     x = torch.zeros((1, cfg.n_layers, cfg.size, cfg.size), device=device)
@@ -217,11 +226,14 @@ def _bench_baseline(args, device, peak) -> list[dict]:
                   torch.zeros(1, dtype=torch.long, device=device))
     per_eval = fc.get_total_flops()
     rows = []
-    for steps in (int(s) for s in args.baseline_steps.split(",") if s):
-        dt = _median_time(lambda: model.sample(inc, materials, steps=steps, seed=args.seed, batch_size=n), 1)
-        fl = per_eval * steps * n / dt
-        rows.append({"batch": n, "steps": steps, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
-                     "tokens_per_s": None, "flops_per_s": fl, "flops_fraction": fl / peak})
-        print(f"diffusion baseline, {steps} steps: {n / dt:.2f} showers/s  {1e3 * dt / n:.1f} ms/shower  "
-              f"{100 * fl / peak:.1f}% of bf16 peak")
+    for n in batches:
+        inc = np.random.default_rng(args.seed).uniform(1e4, 1e5, n).astype(np.float32)
+        materials = np.full(n, mat)
+        for steps in (int(s) for s in args.baseline_steps.split(",") if s):
+            dt = _median_time(lambda: model.sample(inc, materials, steps=steps, seed=args.seed, batch_size=n), 1)
+            fl = per_eval * steps * n / dt
+            rows.append({"batch": n, "steps": steps, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
+                         "tokens_per_s": None, "flops_per_s": fl, "flops_fraction": fl / peak})
+            print(f"diffusion baseline, batch {n}, {steps} steps: {n / dt:.2f} showers/s  {1e3 * dt / n:.1f} ms/shower  "
+                  f"{100 * fl / peak:.1f}% of bf16 peak")
     return rows

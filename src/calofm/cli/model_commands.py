@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("--preset", default="small", help="model preset: tiny, small (CPU default), base")
     p.add_argument("-o", "--output", required=True, help="run directory (model, checkpoints, log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="start from this model's weights and tokenizer (a model directory or shipped name, "
+                        "e.g. calofm-small) instead of a fresh initialization; --preset/--model are then ignored")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size in showers")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
@@ -55,8 +58,20 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", default="generated.h5", help="output HDF5 file (CaloChallenge layout)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter directory to compose with the model (repeat to stack, in order)")
+    p.add_argument("--no-totals", action="store_true",
+                   help="one-stage generation: let the model choose each shower's length and energy sum "
+                        "(default: draw them first from the model's fitted totals, when it has them)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fit-totals", help="fit the hit-count / visible-energy laws of the classes in --data "
+                       "(two-stage generation) on their training rows and store them in the model's manifest, "
+                       "or in the last --adapter's; weights are not touched")
+    p.add_argument("--model", required=True, help="model directory or shipped name")
+    p.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                   help="adapters to compose first; the last one receives the totals")
+    p.add_argument("--data", nargs="+", required=True, metavar="FILE", help="the files the model (adapter) was trained on")
+    p.set_defaults(func=cmd_fit_totals)
 
     p = sub.add_parser("info", help="describe a trained model directory (verifies its weights)")
     p.add_argument("model")
@@ -92,7 +107,8 @@ def cmd_train(args) -> None:
             batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, order=args.order,
             max_hits=args.max_hits, val_fraction=args.val_fraction, max_val=args.max_val, eval_every=args.eval_every,
-            ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device)
+            ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device,
+            init_from=args.init_from)
         summary = train(cfg, threads=args.threads, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s -> {args.output}")
@@ -115,10 +131,32 @@ def cmd_generate(args) -> None:
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, batch_size=args.batch_size, precision=args.precision, output=args.output,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, totals=False if args.no_totals else None)
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
-          f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']})")
+          f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "
+          f"{'two-stage: hit count and energy sum from the fitted totals' if s['totals'] else 'one-stage'})")
+
+
+def cmd_fit_totals(args) -> None:
+    from calofm.checkpoint import atomic_write_text
+    from calofm.extension import load_with_adapters
+    from calofm.pretrained import resolve_adapter, resolve_model
+    from calofm.training.data import load_corpus
+
+    model_dir = resolve_model(args.model)
+    shower_model = load_with_adapters(model_dir, args.adapter)
+    # the same train / validation split as training, so the laws come from the training rows only
+    _, train_set, _, _ = load_corpus(list(args.data), tokenizer=shower_model.tokenizer, log=lambda *a, **k: None)
+    totals = train_set.fit_totals(shower_model.tokenizer)
+    target = resolve_adapter(model_dir, args.adapter[-1]) if args.adapter else model_dir
+    path = os.path.join(target, "manifest.json")
+    with open(path) as fh:
+        manifest = json.load(fh)
+    stored = manifest.setdefault("totals", {}) if args.adapter else manifest["tokenizer"].setdefault("totals", {})
+    stored.update(totals.to_dict())
+    atomic_write_text(path, json.dumps(manifest, indent=1))
+    print(f"wrote shower totals for {', '.join(totals.keys())} into {path}")
 
 
 def cmd_info(args) -> None:
@@ -146,3 +184,5 @@ def cmd_info(args) -> None:
         spec, n = am["spec"], am["weights"]["n_parameters"]
         print(f"  adapter {path}: {spec['kind']} {', '.join(spec['names'])} (initialized from {spec['init_from']}), "
               f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base")
+    totals = model.tokenizer.totals.keys()
+    print(f"  two-stage totals (hit count, E_vis) for: {', '.join(totals) if totals else 'none (one-stage generation)'}")

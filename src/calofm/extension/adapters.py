@@ -40,6 +40,7 @@ from calofm.errors import CalofmError
 from calofm.extension.lora import GatedLoRALinear, GatedResidual, LowRank, ShowerGate
 from calofm.model.moe import ExpertGroup
 from calofm.tokenizer import canonical_particle
+from calofm.tokenizer.totals import ShowerTotals
 
 ADAPTER_FILE, MANIFEST_FILE, FORMAT = "adapter.safetensors", "manifest.json", "calofm-adapter"
 
@@ -150,7 +151,8 @@ def closest_material(name: str, known: list[str]) -> str:
 
 
 # --- files -------------------------------------------------------------------------------------------
-def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Parameter], training: dict) -> dict:
+def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Parameter], training: dict,
+                 totals: dict | None = None) -> dict:
     """Write the adapter directory atomically (assembled under a temporary name, then renamed)."""
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
@@ -160,7 +162,7 @@ def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Paramet
         manifest = {"format": FORMAT, "format_version": 1, "spec": asdict(spec),
                     "weights": {"file": ADAPTER_FILE, "sha256": digest,
                                 "n_parameters": int(sum(p.numel() for p in params.values()))},
-                    "training": training}
+                    "training": training, "totals": totals or {}}
         atomic_write_text(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1))
         os.chmod(tmp, 0o755)
         if os.path.exists(directory):
@@ -216,6 +218,8 @@ def apply_adapter(shower_model, directory: str) -> dict:
         for k, p in params.items():
             p.copy_(tensors[k])
             p.requires_grad_(False)
+    # the new classes' hit-count / E_vis laws (two-stage generation); adapters from before have none
+    shower_model.tokenizer.totals.update(ShowerTotals.from_dict(manifest.get("totals")))
     shower_model.adapter_sha256 = applied_sha256(shower_model) + [manifest["weights"]["sha256"]]
     shower_model.adapter_manifests = getattr(shower_model, "adapter_manifests", []) + [manifest]
     return manifest

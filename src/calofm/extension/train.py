@@ -99,7 +99,9 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
     tokenizer, train_set, val_sets, summary = load_corpus(paths, tokenizer=tok, log=log)
     if max_showers is not None:  # the fine-tuning budget (e.g. 1k showers) counts training showers only
         keep = np.random.default_rng(seed).permutation(len(train_set))[:max_showers]
-        train_set = _subset(train_set, np.sort(keep))
+        train_set = train_set.subset(np.sort(keep))
+    # the new classes' hit-count / E_vis laws, from the same (possibly reduced) training showers
+    totals = train_set.fit_totals(tokenizer)
     device = shower_model.device
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     sampler = BatchSampler(len(train_set), min(batch_size, len(train_set)), seed)
@@ -128,7 +130,7 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
                 "wall_time_s": wall, "initial_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-20:])),
                 "validation": val, "trainable_parameters": n_train, "base_parameters": n_base,
                 "trainable_fraction": n_train / n_base, "data_summary": summary}
-    save_adapter(output, spec, params, training)
+    save_adapter(output, spec, params, training, totals.to_dict())
     log(f"wrote adapter {output}: {n_train} parameters ({100 * n_train / n_base:.2f}% of base), "
         f"{wall:.0f} s; validation NLL/token " + ", ".join(f"{m} {v['nll']:.3f}" for m, v in val.items()))
     return training
@@ -148,16 +150,3 @@ def check_source(name: str, known: list[str]) -> str:
     raise CalofmError(f"--init-from {name!r} is not known to the model (known: {', '.join(known)})")
 
 
-def _subset(corpus, idx: np.ndarray):
-    """A Corpus restricted to showers idx (token arrays are re-packed)."""
-    from calofm.tokenizer import TokenizedShowers
-    from calofm.training.data import Corpus
-
-    tok = corpus.tokens
-    counts = tok.counts[idx]
-    starts = tok.offsets[idx]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    flat = np.repeat(starts, counts) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts))
-    sub = TokenizedShowers(**{**tok.__dict__, "offsets": offsets, "voxel_tokens": tok.voxel_tokens[flat],
-                              "energy_tokens": tok.energy_tokens[flat]})
-    return Corpus(corpus.incident_MeV[idx], corpus.material[idx], corpus.particle[idx], sub)

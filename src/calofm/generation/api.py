@@ -23,6 +23,7 @@ from calofm.model import ShowerTransformer
 from calofm.model.precision import autocast
 from calofm.simulation.runner import parse_energy, sample_energies
 from calofm.tokenizer import ShowerTokenizer, canonical_particle, incident_feature
+from calofm.tokenizer.totals import class_key, rescale_to_total
 from calofm.training.distributed import pick_device
 
 
@@ -53,15 +54,22 @@ class ShowerModel:
                  spectrum: str = "uniform", seed: int = 0, incident_MeV: np.ndarray | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 256,
                  precision: str = "fp32", output: str | None = None, progress: bool = False,
-                 options: DecodeOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 options: DecodeOptions | None = None, totals: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Generate n showers: (incident energies (n,) MeV, cell energies (n, n_voxels) MeV), float32.
 
         Incident energies are drawn like `calofm simulate` does (energy_GeV 'E' or (Emin, Emax),
         spectrum 'uniform' or 'log') unless given explicitly. Cell energies are decoded log-uniformly
         within their bins. With `output`, the showers are also written to that HDF5 file. `options`:
-        the decoder's speed switches (default: all on, see calofm.generation.decode.DecodeOptions)."""
+        the decoder's speed switches (default: all on, see calofm.generation.decode.DecodeOptions).
+        `totals`: two-stage generation (calofm.tokenizer.totals) - draw each shower's hit count and
+        visible energy first, hold the decoder to that count and rescale the hits to that energy;
+        None: when the model has totals for this material and particle, True: required, False: off."""
         mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
+        key = class_key(material, self.particles[par_id])
+        if totals and key not in self.tokenizer.totals:
+            raise CalofmError(f"the model has no shower totals for {key} (it was trained before they existed)")
+        use_totals = key in self.tokenizer.totals if totals is None else bool(totals)
         if incident_MeV is None:
             if n <= 0:
                 raise CalofmError(f"number of showers must be > 0, got {n}")
@@ -76,6 +84,9 @@ class ShowerModel:
             raise CalofmError(f"invalid sampling settings {sampling}")
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         rng = np.random.default_rng([seed, 1])
+        if use_totals:
+            target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV, np.random.default_rng([seed, 2]))
+            target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
         showers, n_capped, n_hits = [], 0, 0
         bar = None
         if progress:
@@ -90,9 +101,13 @@ class ShowerModel:
                 res = decode(self.model, torch.from_numpy(incident_feature(e)).to(self.device),
                              torch.full((b,), mat_id, device=self.device), torch.full((b,), par_id, device=self.device),
                              self.tokenizer.max_hits, self.tokenizer.voxel_block, self.tokenizer.energy_block,
-                             sampling, gen, options)
-            showers.append(self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
-                                                        mode="uniform", rng=rng))
+                             sampling, gen, options,
+                             torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if use_totals else None)
+            batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
+                                                 mode="uniform", rng=rng)
+            if use_totals:
+                batch = rescale_to_total(batch, ratio[lo:lo + b] * e, self.tokenizer.totals.min_hit_MeV(key))
+            showers.append(batch)
             n_capped += int(res.capped.sum())
             n_hits += int(res.n_hits.sum())
             if bar is not None:
@@ -101,7 +116,8 @@ class ShowerModel:
             bar.close()
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
-                           "max_hits": self.tokenizer.max_hits}
+                           "max_hits": self.tokenizer.max_hits,
+                           "totals": use_totals}
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling)
         return incident_MeV, showers

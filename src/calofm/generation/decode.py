@@ -18,7 +18,11 @@ changes which random numbers are drawn, so it gives other (equally distributed) 
   from the batch and from the cache rows, so they stop costing compute. Random numbers are drawn
   for the original batch and indexed, so every shower sees the same draws as without compaction;
 - fused_qkv: one (3d, d) projection for q, k, v, built at decode time from the separate weights
-  (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path).
+  (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
+- compile: torch.compile (inductor, dynamic batch) of the per-step work on the vocabularies - the two
+  heads with their masks and the running sums the sampler searches - which is most of a step at
+  d = 128. Off by default: it costs a compilation per process, and fused kernels round differently
+  in the last bit, so the showers are equally distributed but not bit-identical to the eager path.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class DecodeOptions:
     compact: bool = True
     compact_fraction: float = 0.25  # compact once this fraction of the current batch has finished
     fused_qkv: bool = True
+    compile: bool = False
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -48,7 +53,7 @@ class DecodeOptions:
 
     def plain(self) -> DecodeOptions:
         """The same sampler with every other optimization off (the reference the fast path must match)."""
-        return replace(self, sliced_attention=False, compact=False, fused_qkv=False)
+        return replace(self, sliced_attention=False, compact=False, fused_qkv=False, compile=False)
 
 
 @dataclass
@@ -68,11 +73,30 @@ def _allowed(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tenso
     return ok
 
 
+_COMPILED: dict[int, tuple] = {}
+
+
+def _compiled(model: ShowerTransformer) -> tuple:
+    """Compiled heads and running sums, built once per model object (compilation is the slow part)."""
+    from calofm.generation.sampler import unnormalized_cdf
+
+    if id(model) not in _COMPILED:
+        _COMPILED.clear()
+        compile_ = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731  (the batch shrinks on compaction)
+        _COMPILED[id(model)] = (compile_(model.voxel_logits), compile_(model.energy_logits),
+                                compile_(unnormalized_cdf))
+    return _COMPILED[id(model)]
+
+
 @torch.no_grad()
 def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
            max_hits: int, voxel_block: Block, energy_block: Block, sampling: SamplingConfig = SamplingConfig(),
-           generator: torch.Generator | None = None, options: DecodeOptions | None = None) -> DecodeResult:
-    """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens."""
+           generator: torch.Generator | None = None, options: DecodeOptions | None = None,
+           target_hits: torch.Tensor | None = None) -> DecodeResult:
+    """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens.
+
+    target_hits (B,): hold shower i to exactly target_hits[i] hits (EOS masked before, forced there);
+    values above max_hits are capped. The random stream is the same with or without it."""
     opt = options or DecodeOptions()
     B0, device = incident.shape[0], incident.device
     B = B0  # rows in flight (fewer than B0 after compaction)
@@ -85,8 +109,12 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     done = torch.zeros(B, dtype=torch.bool, device=device)
     capped = torch.zeros(B0, dtype=torch.bool, device=device)
 
+    voxel_logits, energy_logits, cdf_fn = model.voxel_logits, model.energy_logits, None
+    if opt.compile:
+        voxel_logits, energy_logits, cdf_fn = _compiled(model)
+
     def draw(logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, sampling, generator, opt.sampler, orig, B0)
+        return sample(logits, sampling, generator, opt.sampler, orig, B0, cdf_fn)
 
     model.setup_cache(B, max_len=max_hits + 2, sliced=opt.sliced_attention, fused_qkv=opt.fused_qkv)
     try:
@@ -98,14 +126,20 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             if t == max_hits:  # EOS forced
                 capped[rows if orig is None else orig] = ~done
                 break
-            v = draw(model.voxel_logits(h).float().masked_fill(blocked, float("-inf")))
+            logits = voxel_logits(h).float().masked_fill(blocked, float("-inf"))
+            if target_hits is not None:
+                stop = t >= (target_hits if orig is None else target_hits[orig])  # (B,)
+                logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
+            v = draw(logits)
+            if target_hits is not None:
+                v = torch.where(stop, EOS, v)
             is_hit = ~done & (v != EOS)
             v = torch.where(done, PAD, v)
             done = done | (v == EOS)
             n_done = int(done.sum())  # the one host sync per step
             if n_done == B:
                 break
-            e = draw(model.energy_logits(h, v).float().masked_fill(energy_blocked, float("-inf")))
+            e = draw(energy_logits(h, v).float().masked_fill(energy_blocked, float("-inf")))
             v_in, e_in = torch.where(is_hit, v, PAD), torch.where(is_hit, e, PAD)
             if orig is None:
                 out_v[:, t], out_e[:, t] = v_in, e_in

@@ -43,9 +43,16 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 SAMPLERS = ("cdf", "exp")
 
 
+def unnormalized_cdf(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits -> running sums of exp(logit - max): the uniform is scaled by the row total
+    instead of dividing V entries."""
+    return (logits - logits.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
+
+
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
-           method: str = "cdf", rows: torch.Tensor | None = None, n_rows: int | None = None) -> torch.Tensor:
-    """(B, V) logits (masked entries -inf) -> (B,) token ids."""
+           method: str = "cdf", rows: torch.Tensor | None = None, n_rows: int | None = None,
+           cdf_fn=None) -> torch.Tensor:
+    """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled unnormalized_cdf."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     B, V = logits.shape
@@ -56,10 +63,7 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         return (probs / (q if rows is None else q[rows])).argmax(dim=-1)
     if method != "cdf":
         raise ValueError(f"unknown sampler {method!r} ({', '.join(SAMPLERS)})")
-    logits = filter_logits(logits, cfg)
-    # unnormalized probabilities: the uniform is scaled by the row total instead of dividing V entries
-    w = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
-    cdf = w.cumsum_(dim=-1)
+    cdf = (cdf_fn or unnormalized_cdf)(filter_logits(logits, cfg))
     total = cdf[:, -1:]
     u = torch.rand((n, 1), dtype=cdf.dtype, device=cdf.device, generator=generator)
     u = (u if rows is None else u[rows]) * total

@@ -34,6 +34,7 @@ from calofm.detector.materials import get_material
 from calofm.errors import CalofmError
 from calofm.simulation.runner import PARTICLES
 from calofm.tokenizer.energy_bins import LogEnergyBins
+from calofm.tokenizer.totals import ShowerTotals
 from calofm.tokenizer.vocab import Vocabulary
 
 SPECIALS = ("PAD", "BOS", "EOS")  # ids 0, 1, 2 in both hit streams
@@ -120,6 +121,9 @@ class ShowerTokenizer:
             raise CalofmError(f"unknown hit order {order!r}; choose one of {', '.join(ORDERS)}")
         self.geometry, self.bins, self.order, self.max_hits = geometry, bins, order, max_hits
         self.voxels, self.energies, self.materials, self.particles = voxels, energies, materials, particles
+        # per-class hit-count / visible-energy laws for two-stage generation (see totals.py); fitted
+        # by training on its training rows, extended by adapters
+        self.totals = ShowerTotals()
         self.voxel_block = voxels.block(f"geometry:{geometry.name}")
         self.energy_block = energies.block("energy:log")
         if self.voxel_block.size != geometry.n_voxels or self.energy_block.size != bins.n_bins:
@@ -230,14 +234,17 @@ class ShowerTokenizer:
             "energy_bins": self.bins.to_dict(), "specials": list(SPECIALS),
             "incident_feature": "log10(E_MeV) - 4",
             "vocabularies": {v.name: v.to_dict() for v in (self.voxels, self.energies, self.materials, self.particles)},
+            "totals": self.totals.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> ShowerTokenizer:
         try:
             vocabs = {k: Vocabulary.from_dict(v) for k, v in d["vocabularies"].items()}
-            return cls(Geometry.from_dict(d["geometry"]), vocabs["voxel"], vocabs["energy"], vocabs["material"],
-                       vocabs["particle"], LogEnergyBins.from_dict(d["energy_bins"]), str(d["order"]),
-                       None if d.get("max_hits") is None else int(d["max_hits"]))
+            tok = cls(Geometry.from_dict(d["geometry"]), vocabs["voxel"], vocabs["energy"], vocabs["material"],
+                      vocabs["particle"], LogEnergyBins.from_dict(d["energy_bins"]), str(d["order"]),
+                      None if d.get("max_hits") is None else int(d["max_hits"]))
+            tok.totals = ShowerTotals.from_dict(d.get("totals"))  # absent in models written before totals existed
+            return tok
         except (KeyError, TypeError, ValueError) as exc:
             raise CalofmError(f"malformed tokenizer description: {exc!r}") from None

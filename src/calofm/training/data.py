@@ -18,6 +18,7 @@ from calofm.detector.materials import get_material
 from calofm.errors import CalofmError
 from calofm.model.transformer import IGNORE
 from calofm.tokenizer import BOS, EOS, PAD, Hits, ShowerTokenizer, TokenizedShowers, canonical_particle, incident_feature
+from calofm.tokenizer.totals import ShowerTotals, class_key
 
 
 @dataclass
@@ -28,9 +29,37 @@ class Corpus:
     material: np.ndarray  # (N,) int64 material id
     particle: np.ndarray  # (N,) int64 particle id
     tokens: TokenizedShowers
+    e_vis_MeV: np.ndarray | None = None  # (N,) float64 sum of all hits (before any max_hits cut)
+    min_hit_MeV: np.ndarray | None = None  # (N,) float32 smallest hit (the readout threshold seen)
 
     def __len__(self) -> int:
         return len(self.incident_MeV)
+
+    def subset(self, idx: np.ndarray) -> Corpus:
+        """The showers idx (token arrays re-packed)."""
+        tok = self.tokens
+        counts = tok.counts[idx]
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        flat = np.repeat(tok.offsets[idx], counts) + (np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts))
+        sub = TokenizedShowers(**{**tok.__dict__, "offsets": offsets, "voxel_tokens": tok.voxel_tokens[flat],
+                                  "energy_tokens": tok.energy_tokens[flat]})
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Corpus(self.incident_MeV[idx], self.material[idx], self.particle[idx], sub,
+                      pick(self.e_vis_MeV), pick(self.min_hit_MeV))
+
+    def fit_totals(self, tokenizer: ShowerTokenizer) -> ShowerTotals:
+        """Hit-count / visible-energy statistics of every (material, particle) class in the corpus."""
+        if self.e_vis_MeV is None or self.min_hit_MeV is None:
+            raise CalofmError("this corpus was built without visible energies; cannot fit shower totals")
+        totals = ShowerTotals()
+        materials, particles = tokenizer.materials.names(), tokenizer.particles.names()
+        for m, p in sorted(set(zip(self.material.tolist(), self.particle.tolist()))):
+            rows = (self.material == m) & (self.particle == p)
+            ok = rows & (self.tokens.counts > 0)
+            totals.update(ShowerTotals.fit(class_key(materials[m], particles[p]), self.incident_MeV[ok],
+                                           self.tokens.counts[ok], self.e_vis_MeV[ok],
+                                           float(self.min_hit_MeV[ok].min())))
+        return totals
 
     def n_targets(self, idx: np.ndarray) -> int:
         """Predicted tokens of these showers: every hit plus EOS."""
@@ -94,7 +123,11 @@ def _corpus(tokenizer: ShowerTokenizer, files: list[FileData], rows: list[slice]
     mat = np.concatenate([np.full(r.stop - r.start, tokenizer.material_id(f.material)) for f, r in zip(files, rows)])
     par = np.concatenate([np.full(r.stop - r.start, tokenizer.particle_id(f.particle)) for f, r in zip(files, rows)])
     inc = np.concatenate([f.incident_MeV[r] for f, r in zip(files, rows)]).astype(np.float32)
-    return Corpus(inc, mat.astype(np.int64), par.astype(np.int64), tokens), tokens.stats
+    starts = hits.offsets[:-1][hits.counts > 0]
+    e_vis, e_min = np.zeros(len(hits)), np.zeros(len(hits), dtype=np.float32)
+    e_vis[hits.counts > 0] = np.add.reduceat(hits.energy.astype(np.float64), starts)
+    e_min[hits.counts > 0] = np.minimum.reduceat(hits.energy, starts)
+    return Corpus(inc, mat.astype(np.int64), par.astype(np.int64), tokens, e_vis, e_min), tokens.stats
 
 
 def _slice_hits(hits: Hits, rows: slice) -> Hits:

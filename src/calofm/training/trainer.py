@@ -53,6 +53,7 @@ class TrainConfig:
     log_every: int = 20
     keep_checkpoints: int = 2
     device: str = "auto"
+    init_from: str | None = None  # warm start: a model directory or shipped name (weights + tokenizer)
 
     def __post_init__(self):
         self.data = tuple(os.path.abspath(str(p)) for p in self.data)  # resumable from any directory
@@ -153,12 +154,20 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log) -> dict:
     elif os.path.exists(os.path.join(cfg.out, "checkpoints", "latest")):
         raise CalofmError(f"{cfg.out} already holds a training run; pass --resume to continue it or choose "
                           "another output directory")
+    init_model = None
+    if state is None and cfg.init_from:
+        # continued pre-training keeps the tokenizer (vocabularies, max_hits, bins) of the start model;
+        # the optimizer and schedule start afresh
+        from calofm.pretrained import resolve_model
+        init_model, tokenizer, init_manifest = load_model(resolve_model(cfg.init_from))
+        log(f"starting from {cfg.init_from} (weights sha256 {init_manifest['weights']['sha256'][:12]})")
     device = info.device
     run_dir = cfg.out
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
     tokenizer, train_set, val_sets, data_summary = load_corpus(
         list(cfg.data), tokenizer, cfg.order, cfg.max_hits, cfg.val_fraction, cfg.max_val, log=log)
+    tokenizer.totals.update(train_set.fit_totals(tokenizer))  # the laws of n_hits and E_vis (two-stage generation)
     trunc = data_summary["train_tokenization"]
     log(f"max_hits {tokenizer.max_hits} (hit counts: mean {data_summary['hit_counts']['mean']:.0f}, "
         f"p99.9 {data_summary['hit_counts']['p99.9']:.0f}, max {data_summary['hit_counts']['max']}); "
@@ -168,7 +177,8 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log) -> dict:
 
     if state is None:
         torch.manual_seed(cfg.seed)
-        model = ShowerTransformer(get_preset(cfg.preset, **cfg.model).for_tokenizer(tokenizer))
+        model = init_model.float() if init_model is not None else ShowerTransformer(
+            get_preset(cfg.preset, **cfg.model).for_tokenizer(tokenizer))
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     if state is not None:

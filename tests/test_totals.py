@@ -1,0 +1,113 @@
+"""Two-stage generation: the fitted laws of hit count and visible energy, and their use in decoding."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from calofm.errors import CalofmError
+from calofm.generation import decode, load
+from calofm.tokenizer import incident_feature
+from calofm.tokenizer.totals import ShowerTotals, rescale_to_total
+from calofm.training import TrainConfig, train
+from calofm.training.synthetic import write_synthetic
+
+
+def synthetic_law(n: int, rho: float, seed: int):
+    """Incident energies 10-100 GeV; n grows with log E, r = E_vis/E_inc fluctuates 5 %; corr rho."""
+    rng = np.random.default_rng(seed)
+    inc = rng.uniform(1e4, 1e5, n)
+    z1 = rng.standard_normal(n)
+    z2 = rho * z1 + np.sqrt(1 - rho * rho) * rng.standard_normal(n)
+    hits = np.rint(100 + 50 * np.log(inc / 1e4) + 10 * z1)
+    return inc, hits, 0.0165 * (1 + 0.05 * z2) * inc
+
+
+def test_fit_and_sample_reproduce_the_law():
+    inc, hits, e_vis = synthetic_law(40_000, rho=0.6, seed=0)
+    totals = ShowerTotals.fit("W/gamma", inc, hits, e_vis, min_hit_MeV=0.1)
+    totals = ShowerTotals.from_dict(json.loads(json.dumps(totals.to_dict())))  # survives the manifest
+    for energy in (15e3, 50e3, 90e3):
+        n, r = totals.sample("W/gamma", np.full(20_000, energy), np.random.default_rng(1))
+        assert n.dtype == np.int64 and np.all(n >= 1)
+        assert abs(n.mean() - (100 + 50 * np.log(energy / 1e4))) < 1.5
+        assert abs(n.std() - 10) < 1.0  # the within-bin trend must not widen it much
+        assert abs(r.mean() - 0.0165) < 1e-4 and abs(r.std() / 0.0165 - 0.05) < 0.005
+        assert abs(np.corrcoef(n, r)[0, 1] - 0.6) < 0.05  # the copula keeps n and E_vis correlated
+    with pytest.raises(CalofmError, match="no shower totals for Pb/gamma"):
+        totals.sample("Pb/gamma", np.array([1e4]), np.random.default_rng(0))
+
+
+def test_rescale_hits_to_a_total_keeps_them_above_threshold_and_in_order():
+    rng = np.random.default_rng(0)
+    showers = np.where(rng.random((50, 300)) < 0.3, 0.1 + rng.exponential(5.0, (50, 300)), 0.0).astype(np.float32)
+    target = showers.sum(1) * rng.uniform(0.8, 1.2, 50)
+    out = rescale_to_total(showers, target, threshold_MeV=0.1)
+    assert np.allclose(out.sum(1), target, rtol=1e-5)
+    assert np.array_equal(out > 0, showers > 0) and np.all(out[showers > 0] >= 0.1 - 1e-6)
+    for i in range(5):  # energy order of the hits is kept
+        hit = showers[i] > 0
+        assert np.array_equal(np.argsort(showers[i][hit], kind="stable"), np.argsort(out[i][hit], kind="stable"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("totals")
+    data = [write_synthetic(str(d / f"{m}.h5"), 40, material=m, seed=i, mean_hits=15) for i, m in enumerate(["W", "Cu"])]
+    cfg = TrainConfig(data=tuple(data), out=str(d / "run"), preset="tiny", steps=10, batch_size=8, lr=1e-2,
+                      warmup=2, eval_every=10, ckpt_every=10, log_every=10, max_val=2, device="cpu")
+    train(cfg, threads=1, progress=False, log=lambda *a, **k: None)
+    shower_model = load(str(d / "run"))
+    shower_model.test_data = data
+    return shower_model
+
+
+def test_training_fits_totals_per_class_and_saves_them(model):
+    assert sorted(model.tokenizer.totals.keys()) == ["Cu/gamma", "W/gamma"]
+    with open(model.path + "/manifest.json") as fh:
+        assert set(json.load(fh)["tokenizer"]["totals"]) == {"Cu/gamma", "W/gamma"}
+
+
+def test_decoder_holds_each_shower_to_its_target_length(model):
+    tok, B = model.tokenizer, 12
+    inc = torch.from_numpy(incident_feature(np.linspace(1e4, 1e5, B)))
+    target = torch.tensor([1, 2, 3, 5, 8, 13, 21, 1, 4, 9, 16, tok.max_hits])
+    res = decode(model.model, inc, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), tok.max_hits,
+                 tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(0), target_hits=target)
+    assert res.n_hits.tolist() == target.tolist()
+
+
+def test_two_stage_generation_follows_the_drawn_totals(model):
+    inc, showers = model.generate(30, material="W", seed=3, batch_size=7)
+    assert model.last_stats["totals"] is True
+    n_target, ratio = model.tokenizer.totals.sample("W/gamma", inc, np.random.default_rng([3, 2]))
+    assert np.array_equal((showers > 0).sum(1), np.minimum(n_target, model.tokenizer.max_hits))
+    assert np.allclose(showers.sum(1), ratio * inc, rtol=1e-4)
+    _, one_stage = model.generate(30, material="W", seed=3, batch_size=7, totals=False)
+    assert model.last_stats["totals"] is False and not np.array_equal(one_stage, showers)
+    model.tokenizer.totals.tables.pop("Cu/gamma")
+    with pytest.raises(CalofmError, match="no shower totals for Cu/gamma"):
+        model.generate(2, material="Cu", totals=True)
+    model.generate(2, material="Cu")  # without totals for the class, one-stage generation
+    assert model.last_stats["totals"] is False
+
+
+def test_fit_totals_command_writes_the_manifest_only(model, tmp_path):
+    import shutil
+
+    from calofm.checkpoint import sha256_file
+    from calofm.cli.main import main
+
+    copy = tmp_path / "model"
+    shutil.copytree(model.path, copy, ignore=shutil.ignore_patterns("checkpoints", "log.jsonl"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    fitted = manifest["tokenizer"].pop("totals")
+    (copy / "manifest.json").write_text(json.dumps(manifest))  # a model from before totals existed
+    assert len(load(str(copy)).tokenizer.totals) == 0
+    weights = sha256_file(str(copy / "model.safetensors"))
+    assert main(["fit-totals", "--model", str(copy), "--data", *model.test_data]) == 0
+    again = load(str(copy))
+    assert again.tokenizer.totals.to_dict() == fitted  # same rows, same laws as training fitted
+    assert sha256_file(str(copy / "model.safetensors")) == weights
+    assert main(["fit-totals", "--model", str(copy), "--data", str(tmp_path / "missing.h5")]) != 0
