@@ -3,22 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from conftest import train_tiny_model
 
 from calofm.errors import CalofmError
 from calofm.generation import SamplingConfig, decode, filter_logits, load, sample
 from calofm.tokenizer import EOS, PAD, incident_feature
-from calofm.training import TrainConfig, train
-from calofm.training.synthetic import write_synthetic
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gen")
-    data = [write_synthetic(str(d / f"{m}.h5"), 24, material=m, seed=i, mean_hits=15) for i, m in enumerate(["W", "Cu"])]
-    cfg = TrainConfig(data=tuple(data), out=str(d / "run"), preset="tiny", steps=20, batch_size=8, lr=1e-2,
-                      warmup=2, eval_every=20, ckpt_every=20, log_every=10, max_val=2, device="cpu")
-    train(cfg, threads=1, progress=False, log=lambda *a, **k: None)
-    return load(str(d / "run"))
+    return train_tiny_model(tmp_path_factory.mktemp("gen"))[0]
 
 
 def test_sampler_rules():

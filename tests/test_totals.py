@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import train_tiny_model
 
 from calofm.errors import CalofmError
 from calofm.generation import decode, load
 from calofm.tokenizer import incident_feature
 from calofm.tokenizer.totals import ShowerTotals, rescale_to_total
-from calofm.training import TrainConfig, train
-from calofm.training.synthetic import write_synthetic
 
 
 def synthetic_law(n: int, rho: float, seed: int):
@@ -53,12 +52,7 @@ def test_rescale_hits_to_a_total_keeps_them_above_threshold_and_in_order():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("totals")
-    data = [write_synthetic(str(d / f"{m}.h5"), 40, material=m, seed=i, mean_hits=15) for i, m in enumerate(["W", "Cu"])]
-    cfg = TrainConfig(data=tuple(data), out=str(d / "run"), preset="tiny", steps=10, batch_size=8, lr=1e-2,
-                      warmup=2, eval_every=10, ckpt_every=10, log_every=10, max_val=2, device="cpu")
-    train(cfg, threads=1, progress=False, log=lambda *a, **k: None)
-    shower_model = load(str(d / "run"))
+    shower_model, data = train_tiny_model(tmp_path_factory.mktemp("totals"), n_showers=40, steps=10)
     shower_model.test_data = data
     return shower_model
 
