@@ -38,6 +38,29 @@ def generate(model_dir: str, adapters: list[str], material: str, particle: str, 
     return time.perf_counter() - t
 
 
+def upper_row(args, material: str, particle: str) -> dict:
+    gen = os.path.join(args.out, "upper.h5")
+    wall = generate(args.upper, [], material, particle, args.n_gen, gen, args.seed)
+    return {"setting": "pre-trained with it (upper)", "showers": None, "trainable": None, "train_s": None,
+            "gen_s": wall, **evaluate(args.reference, gen, os.path.join(args.out, "eval_upper"), args.seed)}
+
+
+def write_table(rows: list[dict], json_path: str) -> None:
+    lines = ["| setting | fine-tune showers | trainable params | train s | AUC low | AUC high | FPD ×10³ | KPD ×10³ |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if isinstance(v, (list, tuple)) else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['showers']} | {r['trainable']} | "
+                     f"{'' if r['train_s'] is None else round(r['train_s'])} | {fmt(r['classifier_auc_low'])} | "
+                     f"{fmt(r['classifier_auc_high'])} | {fmt(r['fpd'])} | {fmt(r['kpd'])} |")
+    floor = rows[0]["noise_floor"]
+    lines.append(f"| noise floor (ref vs ref) | | | | {fmt(floor['classifier_auc_low'])} | "
+                 f"{fmt(floor['classifier_auc_high'])} | {fmt(floor['fpd'])} | {fmt(floor['kpd'])} |")
+    with open(os.path.splitext(json_path)[0] + ".md", "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=["material", "particle"], required=True)
@@ -52,6 +75,8 @@ def main() -> None:
     ap.add_argument("--trained", action="append", default=[], metavar="BUDGET=DIR",
                     help="reuse an adapter already trained for that budget (e.g. all=.../adapters/Pb)")
     ap.add_argument("--upper", default=None, help="model pre-trained with the new material (upper reference)")
+    ap.add_argument("--upper-only", action="store_true",
+                    help="add the --upper row to the existing --json result instead of rerunning everything")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -62,6 +87,17 @@ def main() -> None:
     trained = dict(item.split("=", 1) for item in args.trained)
     ref_info = inspect_file(args.reference)
     material, particle = ref_info.material, ref_info.particle
+    if args.upper_only:
+        with open(args.json) as fh:
+            result = json.load(fh)
+        rows = [r for r in result["rows"] if not r["setting"].startswith("pre-trained with it")]
+        rows.append(upper_row(args, material, particle))
+        result["rows"], result["upper"] = rows, args.upper
+        result.setdefault("base_sha256", load_with_adapters(args.base).manifest["weights"]["sha256"])
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        write_table(rows, args.json)
+        return
     base = load_with_adapters(args.base, args.adapter)
     rows = []
 
@@ -97,29 +133,15 @@ def main() -> None:
         print(rows[-1])
 
     if args.upper:
-        gen = os.path.join(args.out, "upper.h5")
-        wall = generate(args.upper, [], material, particle, args.n_gen, gen, args.seed)
-        rows.append({"setting": "pre-trained with it (upper)", "showers": None, "trainable": None, "train_s": None,
-                     "gen_s": wall, **evaluate(args.reference, gen, os.path.join(args.out, "eval_upper"), args.seed)})
+        rows.append(upper_row(args, material, particle))
 
     result = {"kind": args.kind, "new": material if args.kind == "material" else particle, "base": args.base,
+              "base_sha256": base.manifest["weights"]["sha256"], "upper": args.upper,
               "adapters_before": args.adapter, "steps": args.steps, "n_gen": args.n_gen, "rows": rows}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=1)
-    lines = ["| setting | fine-tune showers | trainable params | train s | AUC low | AUC high | FPD ×10³ | KPD ×10³ |",
-             "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}" if isinstance(v, (list, tuple)) else f"{v:.3f}"  # noqa: E731
-    for r in rows:
-        lines.append(f"| {r['setting']} | {r['showers']} | {r['trainable']} | "
-                     f"{'' if r['train_s'] is None else round(r['train_s'])} | {fmt(r['classifier_auc_low'])} | "
-                     f"{fmt(r['classifier_auc_high'])} | {fmt(r['fpd'])} | {fmt(r['kpd'])} |")
-    floor = rows[0]["noise_floor"]
-    lines.append(f"| noise floor (ref vs ref) | | | | {fmt(floor['classifier_auc_low'])} | "
-                 f"{fmt(floor['classifier_auc_high'])} | {fmt(floor['fpd'])} | {fmt(floor['kpd'])} |")
-    with open(os.path.splitext(args.json)[0] + ".md", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -135,10 +135,12 @@ class ShowerTotals:
 def rescale_to_total(showers: np.ndarray, target_MeV: np.ndarray, threshold_MeV: float) -> np.ndarray:
     """Scale each shower's energy above threshold so that the hits sum to `target_MeV`.
 
-    E -> thr + s (E - thr) keeps every hit above the readout threshold and keeps their order; s is
-    solved per shower. A target below n * thr (not reachable with n hits) puts every hit at thr."""
+    E -> thr + s (E - thr) keeps every hit at or above the readout threshold and keeps their order;
+    s is solved per shower. A target below n * thr (not reachable with n hits) puts every hit at thr."""
     showers = np.asarray(showers, dtype=np.float64)
     hit = showers > 0
+    # a sampled energy bin can lie below the threshold the data show; such a hit is read at threshold
+    showers = np.where(hit, np.maximum(showers, threshold_MeV), 0.0)
     n = hit.sum(axis=1)
     excess = np.where(hit, showers - threshold_MeV, 0.0).sum(axis=1)
     want = np.asarray(target_MeV, dtype=np.float64) - n * threshold_MeV
