@@ -6,7 +6,7 @@ import torch
 from conftest import train_tiny_model
 
 from calofm.errors import CalofmError
-from calofm.generation import SamplingConfig, decode, filter_logits, load, sample
+from calofm.generation import SamplingConfig, decode, filter_logits, sample
 from calofm.tokenizer import EOS, PAD, incident_feature
 
 

@@ -74,17 +74,17 @@ def test_decoder_holds_each_shower_to_its_target_length(model):
 
 
 def test_two_stage_generation_follows_the_drawn_totals(model):
-    inc, showers = model.generate(30, material="W", seed=3, batch_size=7)
+    inc, showers = model.generate(30, material="W", seed=3, batch_size=7, totals=True)
     assert model.last_stats["totals"] is True
     n_target, ratio = model.tokenizer.totals.sample("W/gamma", inc, np.random.default_rng([3, 2]))
     assert np.array_equal((showers > 0).sum(1), np.minimum(n_target, model.tokenizer.max_hits))
     assert np.allclose(showers.sum(1), ratio * inc, rtol=1e-4)
-    _, one_stage = model.generate(30, material="W", seed=3, batch_size=7, totals=False)
+    _, one_stage = model.generate(30, material="W", seed=3, batch_size=7)  # the default
     assert model.last_stats["totals"] is False and not np.array_equal(one_stage, showers)
     model.tokenizer.totals.tables.pop("Cu/gamma")
     with pytest.raises(CalofmError, match="no shower totals for Cu/gamma"):
         model.generate(2, material="Cu", totals=True)
-    model.generate(2, material="Cu")  # without totals for the class, one-stage generation
+    model.generate(2, material="Cu")  # one-stage needs no totals
     assert model.last_stats["totals"] is False
 
 

@@ -58,9 +58,9 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", default="generated.h5", help="output HDF5 file (CaloChallenge layout)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter directory to compose with the model (repeat to stack, in order)")
-    p.add_argument("--no-totals", action="store_true",
-                   help="one-stage generation: let the model choose each shower's length and energy sum "
-                        "(default: draw them first from the model's fitted totals, when it has them)")
+    p.add_argument("--totals", action="store_true",
+                   help="two-stage generation: draw each shower's hit count and energy sum from the model's "
+                        "fitted totals first (default: one-stage; see docs/model.md for when it helps)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -131,7 +131,7 @@ def cmd_generate(args) -> None:
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, batch_size=args.batch_size, precision=args.precision, output=args.output,
-                   progress=not args.no_progress, totals=False if args.no_totals else None)
+                   progress=not args.no_progress, totals=args.totals)
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "
