@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--reference", required=True, help="independent reference file of the new material/particle")
     ap.add_argument("--budgets", nargs="+", default=["1000", "10000", "all"])
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters trained here")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--n-gen", type=int, default=1000)
     ap.add_argument("--trained", action="append", default=[], metavar="BUDGET=DIR",
@@ -122,7 +123,7 @@ def main() -> None:
                 t = json.load(fh)["training"]
         else:
             t = extend(args.kind, args.base, args.data, adapter, adapters=tuple(args.adapter), max_showers=n,
-                       steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+                       rank=args.rank, steps=args.steps, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
                        progress=True)
         gen = os.path.join(args.out, f"gen_{budget}.h5")
         wall = generate(args.base, args.adapter + [adapter], material, particle, args.n_gen, gen, args.seed)
