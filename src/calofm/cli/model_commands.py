@@ -139,8 +139,9 @@ def cmd_generate(args) -> None:
 
 
 def cmd_fit_totals(args) -> None:
-    from calofm.checkpoint import atomic_write_text
+    from calofm.checkpoint import atomic_write_text, read_manifest
     from calofm.extension import load_with_adapters
+    from calofm.extension.adapters import read_adapter_manifest
     from calofm.pretrained import resolve_adapter, resolve_model
     from calofm.training.data import load_corpus
 
@@ -151,8 +152,7 @@ def cmd_fit_totals(args) -> None:
     totals = train_set.fit_totals(shower_model.tokenizer)
     target = resolve_adapter(model_dir, args.adapter[-1]) if args.adapter else model_dir
     path = os.path.join(target, "manifest.json")
-    with open(path) as fh:
-        manifest = json.load(fh)
+    manifest = read_adapter_manifest(target) if args.adapter else read_manifest(target)
     stored = manifest.setdefault("totals", {}) if args.adapter else manifest["tokenizer"].setdefault("totals", {})
     stored.update(totals.to_dict())
     atomic_write_text(path, json.dumps(manifest, indent=1))

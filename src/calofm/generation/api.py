@@ -69,8 +69,7 @@ class ShowerModel:
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
         key = class_key(material, self.particles[par_id])
         if totals and key not in self.tokenizer.totals:
-            raise CalofmError(f"the model has no shower totals for {key} (it was trained before they existed)")
-        use_totals = bool(totals)
+            raise CalofmError(f"the model has no shower totals for {key} (calofm fit-totals adds them)")
         if incident_MeV is None:
             if n <= 0:
                 raise CalofmError(f"number of showers must be > 0, got {n}")
@@ -85,7 +84,7 @@ class ShowerModel:
             raise CalofmError(f"invalid sampling settings {sampling}")
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         rng = np.random.default_rng([seed, 1])
-        if use_totals:
+        if totals:
             target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV, np.random.default_rng([seed, 2]))
             target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
         showers, n_capped, n_hits = [], 0, 0
@@ -103,10 +102,10 @@ class ShowerModel:
                              torch.full((b,), mat_id, device=self.device), torch.full((b,), par_id, device=self.device),
                              self.tokenizer.max_hits, self.tokenizer.voxel_block, self.tokenizer.energy_block,
                              sampling, gen, options,
-                             torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if use_totals else None)
+                             torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None)
             batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
                                                  mode="uniform", rng=rng)
-            if use_totals:
+            if totals:
                 batch = rescale_to_total(batch, ratio[lo:lo + b] * e, self.tokenizer.totals.min_hit_MeV(key))
             showers.append(batch)
             n_capped += int(res.capped.sum())
@@ -118,7 +117,7 @@ class ShowerModel:
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
                            "max_hits": self.tokenizer.max_hits,
-                           "totals": use_totals}
+                           "totals": bool(totals)}
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling)
         return incident_MeV, showers

@@ -73,19 +73,15 @@ def _allowed(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tenso
     return ok
 
 
-_COMPILED: dict[int, tuple] = {}
-
-
 def _compiled(model: ShowerTransformer) -> tuple:
-    """Compiled heads and running sums, built once per model object (compilation is the slow part)."""
+    """Compiled heads and running sums, kept on the model (compilation is the slow part)."""
     from calofm.generation.sampler import unnormalized_cdf
 
-    if id(model) not in _COMPILED:
-        _COMPILED.clear()
+    if getattr(model, "_compiled_decode", None) is None:
         compile_ = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731  (the batch shrinks on compaction)
-        _COMPILED[id(model)] = (compile_(model.voxel_logits), compile_(model.energy_logits),
-                                compile_(unnormalized_cdf))
-    return _COMPILED[id(model)]
+        model._compiled_decode = (compile_(model.voxel_logits), compile_(model.energy_logits),
+                                  compile_(unnormalized_cdf))
+    return model._compiled_decode
 
 
 @torch.no_grad()

@@ -122,10 +122,15 @@ class ShowerTotals:
         z1, z2 = rng.standard_normal((2, len(log_e)))
         u_n, u_r = ndtr(z1), ndtr(c * z1 + np.sqrt(np.clip(1 - c * c, 0.0, 1.0)) * z2)
 
+        def at_bins(q: np.ndarray, u: np.ndarray, bins: np.ndarray) -> np.ndarray:
+            out = np.empty(len(u))
+            for b in np.unique(bins):  # one interpolation per energy bin, not per shower
+                sel = bins == b
+                out[sel] = np.interp(u[sel], levels, q[b])
+            return out
+
         def quantile(q: np.ndarray, u: np.ndarray) -> np.ndarray:
-            at_lo = np.array([np.interp(ui, levels, q[b]) for ui, b in zip(u, lo)])
-            at_hi = np.array([np.interp(ui, levels, q[b]) for ui, b in zip(u, hi)])
-            return (1 - w) * at_lo + w * at_hi
+            return (1 - w) * at_bins(q, u, lo) + w * at_bins(q, u, hi)
 
         n = np.rint(np.polyval(t["n_trend"], log_e) + quantile(n_q, u_n))
         r = np.polyval(t["r_trend"], log_e) + quantile(r_q, u_r)
