@@ -89,10 +89,12 @@ def test_samplers_distribution_and_row_selection(method):
 
 
 def test_compiled_step_matches_eager_numerically_and_decodes(small):
-    """torch.compile of the heads and the sampler's running sums: same values up to rounding (fused
-    kernels may differ in the last bit, so tokens are compared by distribution, not identity)."""
+    """torch.compile of the heads, the sampler's weights and the cached attention: same values up to
+    rounding (fused kernels may differ in the last bit, so tokens are compared by distribution, not
+    identity)."""
     from calofm.generation.decode import _compiled
-    from calofm.generation.sampler import unnormalized_cdf
+    from calofm.generation.sampler import chunked_weights
+    from calofm.model.attention import attend_over_cache, compiled_attend_over_cache
 
     torch.set_num_threads(1)
     net, tok = small.model, small.tokenizer
@@ -102,7 +104,13 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     assert torch.allclose(voxel_logits(h), net.voxel_logits(h), atol=1e-4)
     assert torch.allclose(energy_logits(h, v), net.energy_logits(h, v), atol=1e-4)
     logits = torch.randn(5, 300).masked_fill(torch.rand(5, 300) < 0.3, float("-inf"))
-    assert torch.allclose(cdf_fn(logits), unnormalized_cdf(logits), rtol=1e-5)
+    for got, want in zip(cdf_fn(logits), chunked_weights(logits)):
+        assert torch.allclose(got, want, rtol=1e-5)
+    q, k, v = torch.randn(3, 4, 1, 32), torch.randn(3, 4, 40, 32), torch.randn(3, 4, 40, 32)
+    mask = torch.arange(40)[None] < 33  # (1, S): the last slots are not filled yet
+    want = (q @ k.transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    assert torch.allclose(attend_over_cache(q, k, v, mask), want, atol=1e-5)
+    assert torch.allclose(compiled_attend_over_cache()(q, k, v, mask), want, atol=1e-5)
     B = 6
     inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
     mat = torch.full((B,), tok.material_id("W"))
@@ -113,3 +121,48 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     for i in range(B):  # valid, distinct voxels, like the eager path
         hits = res.voxel_tokens[i, :n[i]]
         assert len(set(hits.tolist())) == int(n[i]) and bool(torch.all(hits >= tok.voxel_block.offset))
+
+
+def test_two_level_cdf_sampler_over_a_large_masked_vocabulary():
+    """The chunked inverse-CDF search: whole chunks masked, masks at chunk edges, a near-zero
+    probability next to large ones - masked tokens are never drawn and frequencies match softmax."""
+    from calofm.generation.sampler import CHUNK
+
+    g = torch.Generator().manual_seed(1)
+    V = 5 * CHUNK + 11  # not a multiple of the chunk: the padding must never be drawn
+    row = torch.full((V,), float("-inf"))
+    allowed = torch.tensor([3, CHUNK - 1, CHUNK, 3 * CHUNK + 5, V - 1])  # chunk 2 and 4 fully masked
+    row[allowed] = torch.tensor([1.0, 0.0, 2.0, -30.0, 0.5])
+    draws = sample(row.repeat(40000, 1), SamplingConfig(), g, "cdf")
+    assert set(draws.unique().tolist()) <= set(allowed.tolist())
+    freq = torch.bincount(draws, minlength=V).double()[allowed] / len(draws)
+    assert torch.allclose(freq, row[allowed].softmax(-1).double(), atol=0.01)
+
+
+def test_bf16_decode_uses_a_bf16_cache_and_gives_valid_showers(small):
+    torch.set_num_threads(1)
+    net, tok = small.model, small.tokenizer
+    seen = []
+    orig = net.setup_cache
+
+    def spy(*a, **kw):
+        seen.append(kw.get("dtype"))
+        return orig(*a, **kw)
+
+    net.setup_cache = spy
+    try:
+        B = 6
+        inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res = decode(net, inc, torch.full((B,), tok.material_id("W")), torch.zeros(B, dtype=torch.long), 60,
+                         tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3))
+    finally:
+        del net.setup_cache
+    assert seen == [torch.bfloat16]
+    n = res.n_hits
+    assert torch.all(n > 0)
+    for i in range(B):
+        hits = res.voxel_tokens[i, :n[i]]
+        assert len(set(hits.tolist())) == int(n[i]) and bool(torch.all(hits >= tok.voxel_block.offset))
+        e = res.energy_tokens[i, :n[i]]
+        assert bool(torch.all((e >= tok.energy_block.offset) & (e < tok.energy_block.offset + tok.energy_block.size)))

@@ -6,9 +6,15 @@ kind, not in code:
 - the shower is an image: layers are channels, (y, x) the image plane (Cartesian geometries only);
 - voxel energies are preprocessed to u = 2 log1p(E / eps) / log1p(E_max / eps) - 1, so empty cells
   sit at -1 and the heavy-tailed cell spectrum becomes roughly uniform;
-- a small U-Net predicts the noise, conditioned (FiLM) on the diffusion time, log E_inc and the
-  material; cosine noise schedule over 400 steps (CaloDiffusion's usual count);
-- sampling by DDPM ancestral steps (all 400) or by deterministic DDIM with fewer steps;
+- a small U-Net, conditioned (FiLM) on the diffusion time, log E_inc and the material, predicts
+  v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho's velocity; `prediction="v"`, the default for new
+  models) or the noise eps (`prediction="eps"`, the first baselines). With eps the clean image is
+  eps's error amplified by sqrt((1 - a) / a), up to ~300x at the start of sampling: an undertrained
+  eps-model's first steps put signal in most empty cells and the chain never removes it (2 400 cells
+  above threshold where the data have 185). v keeps the x0 error bounded at every noise level;
+- cosine noise schedule over 400 steps (CaloDiffusion's usual count);
+- sampling by DDPM ancestral steps (all 400) or by deterministic DDIM with fewer steps; the clean
+  image is clipped to [-1, 1] at each step and the noise re-derived from the clipped image;
 - after sampling, cells below the readout threshold seen in the training data are set to zero.
 """
 
@@ -30,6 +36,7 @@ from calofm.detector.geometry import Geometry
 from calofm.errors import CalofmError
 
 EPS_MEV = 0.01  # energy scale of the log transform, well below the 0.1 MeV readout threshold
+PREDICTIONS = ("eps", "v")
 
 
 @dataclass
@@ -44,6 +51,11 @@ class DiffusionConfig:
     threshold_MeV: float = 0.05  # smallest non-zero cell in the training data
     log_e_min: float = math.log(10.0)  # GeV, range of the conditioning energy
     log_e_max: float = math.log(100.0)
+    prediction: str = "eps"  # what the network outputs: "eps" (noise) or "v" (velocity)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise CalofmError(f"unknown diffusion prediction {self.prediction!r} ({', '.join(PREDICTIONS)})")
 
     @property
     def size(self) -> int:  # padded image side: the U-Net halves it twice
@@ -147,7 +159,18 @@ class DiffusionBaseline:
         noise = torch.randn_like(x0)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = self.net(xt, t.float() / self.cfg.timesteps, log_e, material)
-        return F.mse_loss(pred.float(), noise)
+        target = noise if self.cfg.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        return F.mse_loss(pred.float(), target)
+
+    def clean_and_noise(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor):
+        """Network output at x_t (signal fraction a) -> (x0 clipped to [-1, 1], the noise that with it
+        gives x_t). Re-deriving the noise keeps a DDIM step consistent with the clipped image."""
+        if self.cfg.prediction == "eps":
+            x0 = (x - (1 - a).sqrt() * out) / a.sqrt()
+        else:
+            x0 = a.sqrt() * x - (1 - a).sqrt() * out
+        x0 = x0.clamp(-1, 1)
+        return x0, (x - a.sqrt() * x0) / (1 - a).sqrt()
 
     # --- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -168,9 +191,9 @@ class DiffusionBaseline:
             grid = torch.linspace(cfg.timesteps, 0, steps + 1, device=self.device).round().long()
             for t, t_next in zip(grid[:-1], grid[1:]):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    eps = self.net(x, t.float().expand(len(x)) / cfg.timesteps, log_e, mat).float()
+                    pred = self.net(x, t.float().expand(len(x)) / cfg.timesteps, log_e, mat).float()
                 a, a_next = self.alpha_bar[t], self.alpha_bar[t_next]
-                x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+                x0, eps = self.clean_and_noise(pred, x, a)
                 if steps == cfg.timesteps and t_next > 0:  # DDPM posterior q(x_{t-1} | x_t, x0)
                     beta = 1 - a / a_next
                     mean = (a_next.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_next) * x) / (1 - a)
@@ -219,7 +242,7 @@ class DiffusionBaseline:
 
 def train_diffusion(files: list[str], output: str, channels: int = 64, steps: int = 3000, batch_size: int = 64,
                     lr: float = 2e-4, seed: int = 0, bf16: bool = True, max_showers: int | None = None,
-                    progress: bool = True) -> DiffusionBaseline:
+                    progress: bool = True, prediction: str = "v") -> DiffusionBaseline:
     """Train the baseline on one file per material (same geometry); writes `output/` atomically."""
     from calofm.data.showers import read_showers
 
@@ -248,6 +271,7 @@ def train_diffusion(files: list[str], output: str, channels: int = 64, steps: in
         n_layers=geometry.n_layers, ny=g.ny, nx=g.nx, materials=materials, channels=channels,
         log_max=float(np.log1p(nonzero.max() / EPS_MEV) * 1.05), threshold_MeV=float(nonzero.min()),
         log_e_min=float(np.log(incident.min() / 1000)), log_e_max=float(np.log(incident.max() / 1000)),
+        prediction=prediction,
     )
     model = DiffusionBaseline(cfg)
     x_all = model.to_image(showers)

@@ -18,6 +18,8 @@ def register(sub) -> None:
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--max-showers", type=int, default=None, help="per file")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--prediction", choices=["v", "eps"], default="v",
+                   help="network output: velocity v (default) or noise eps (the first baselines)")
     t.set_defaults(func=cmd_train)
 
     g = bsub.add_parser("generate", help="sample showers from a trained diffusion baseline")
@@ -37,7 +39,8 @@ def cmd_train(args) -> None:
     from calofm.baselines.diffusion import train_diffusion
 
     model = train_diffusion(args.data, args.output, channels=args.channels, steps=args.steps,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_showers=args.max_showers)
+                            batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_showers=args.max_showers,
+                            prediction=args.prediction)
     print(f"wrote {args.output} ({model.net.num_parameters() / 1e6:.2f} M parameters)")
 
 

@@ -32,6 +32,9 @@ def register(sub) -> None:
     g.add_argument("--ablation-n", type=int, default=100, help="showers (one batch) per ablation point")
     g.add_argument("--compile", action="store_true",
                    help="add torch.compile of the decode step to the ablation (compiled once, untimed; ~1 min on CPU)")
+    g.add_argument("--decode", default="fp32",
+                   help="decode set-ups timed at every batch size, comma-separated: fp32, bf16, fp32+compile, "
+                        "bf16+compile (default fp32)")
     g.add_argument("--repeats", type=int, default=1, help="timed repeats per point (median)")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--device", default="cpu")
@@ -104,6 +107,10 @@ def _peak_memory_mb(device) -> float:
     return rss / 2 ** 20 if platform.system() == "Darwin" else rss / 2 ** 10
 
 
+DECODE_SETUPS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+compile": ("fp32", True),
+                 "bf16+compile": ("bf16", True)}  # name -> (precision, torch.compile)
+
+
 def cmd_bench_generate(args) -> None:
     import numpy as np
     import torch
@@ -112,6 +119,10 @@ def cmd_bench_generate(args) -> None:
     from calofm.errors import CalofmError
     from calofm.generation.decode import DecodeOptions
 
+    setups = [s.strip() for s in args.decode.split(",") if s.strip()]
+    for s in setups:
+        if s not in DECODE_SETUPS:
+            raise CalofmError(f"unknown decode set-up {s!r} ({', '.join(DECODE_SETUPS)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     sm = calofm.load(args.model, adapters=args.adapter, device=args.device)
@@ -125,6 +136,10 @@ def cmd_bench_generate(args) -> None:
     print(f"bf16 matmul peak on {device.type} ({torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
 
     def timed(n, batch, energy=(10.0, 100.0), options=None, precision="fp32", totals=None):
+        if options is not None and options.compile:  # compile outside the timing (once per process and dtype)
+            sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=options,
+                        precision=precision)
+
         def run():
             sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy, seed=args.seed,
                         batch_size=batch, options=options, precision=precision, totals=totals)
@@ -139,12 +154,15 @@ def cmd_bench_generate(args) -> None:
 
     sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
     results = []
-    for b in batches:
-        n = args.n or (8 if b == 1 else b)
-        r = timed(n, b)
-        results.append(r)
-        print(f"batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
-              f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak")
+    for s in setups:
+        precision, compiled = DECODE_SETUPS[s]
+        for b in batches:
+            n = args.n or (8 if b == 1 else b)
+            r = {"decode": s, "precision": precision, "compile": compiled,
+                 **timed(n, b, options=DecodeOptions(compile=compiled), precision=precision)}
+            results.append(r)
+            print(f"{s:13s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
+                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak")
     energy_scan = []
     for e in (float(x) for x in args.energies.split(",") if x):
         r = timed(args.energy_n, args.energy_n, energy=e)
@@ -163,8 +181,6 @@ def cmd_bench_generate(args) -> None:
         ablation = []
         on = None
         for name, opt in variants.items():
-            if opt.compile:  # compile outside the timing (once per process)
-                sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=opt)
             r = timed(n, n, options=opt)
             on = on or r["seconds"]
             ablation.append({"variant": name, "options": vars(opt), "precision": "fp32", **r,
@@ -174,6 +190,11 @@ def cmd_bench_generate(args) -> None:
         ablation.append({"variant": "all on + bf16 autocast", "options": vars(DecodeOptions()), "precision": "bf16",
                          **r, "slowdown_vs_all_on": r["seconds"] / on})
         print(f"ablation {'all on + bf16 autocast':24s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f}")
+        if args.compile:
+            r = timed(n, n, options=DecodeOptions(compile=True), precision="bf16")
+            ablation.append({"variant": "all on + bf16 + torch.compile", "options": vars(DecodeOptions(compile=True)),
+                             "precision": "bf16", **r, "slowdown_vs_all_on": r["seconds"] / on})
+            print(f"ablation {'bf16 + torch.compile':24s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f}")
         r = timed(n, n, totals=True)
         ablation.append({"variant": "two-stage (totals on)", "options": vars(DecodeOptions()), "precision": "fp32",
                          **r, "slowdown_vs_all_on": r["seconds"] / on})

@@ -61,6 +61,9 @@ def register(sub) -> None:
     p.add_argument("--totals", action="store_true",
                    help="two-stage generation: draw each shower's hit count and energy sum from the model's "
                         "fitted totals first (default: one-stage; see docs/model.md for when it helps)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (attention over the KV cache, heads, sampler); pays off "
+                        "from a few hundred showers, see docs/speed.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -121,6 +124,7 @@ def cmd_generate(args) -> None:
 
     from calofm.errors import CalofmError
     from calofm.extension import load_with_adapters
+    from calofm.generation.decode import DecodeOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,7 +135,8 @@ def cmd_generate(args) -> None:
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, batch_size=args.batch_size, precision=args.precision, output=args.output,
-                   progress=not args.no_progress, totals=args.totals)
+                   progress=not args.no_progress, totals=args.totals,
+                   options=DecodeOptions(compile=True) if args.compile else None)
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "

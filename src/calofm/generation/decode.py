@@ -19,10 +19,17 @@ changes which random numbers are drawn, so it gives other (equally distributed) 
   for the original batch and indexed, so every shower sees the same draws as without compaction;
 - fused_qkv: one (3d, d) projection for q, k, v, built at decode time from the separate weights
   (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
-- compile: torch.compile (inductor, dynamic batch) of the per-step work on the vocabularies - the two
-  heads with their masks and the running sums the sampler searches - which is most of a step at
-  d = 128. Off by default: it costs a compilation per process, and fused kernels round differently
-  in the last bit, so the showers are equally distributed but not bit-identical to the eager path.
+- compile: torch.compile (inductor, dynamic shapes) of the attention over the KV cache (one fused
+  pass over the cache instead of two batched matmuls, see model.attention.attend_over_cache), of the
+  two heads and of the sampler's exp/chunk sums. Off by default: it costs a compilation per process
+  (about a minute on the 2-core CPU), and fused kernels round differently in the last bit, so the
+  showers are equally distributed but not bit-identical to the eager path.
+Precision: under bf16 autocast (`generate(precision="bf16")`) the KV cache is kept in bf16 (half the
+bytes per step) and attention reads it through attend_over_cache; logits are sampled in fp32.
+Masking: the voxels a shower already hit are written to -inf by a scatter of its hit list (B x t
+entries per step) and the tokens outside the blocks by a fill of those few columns, instead of a
+dense (B, V) mask (a masked_fill over 1000 x 4503 logits took 8 ms per step on the 2-core CPU, the
+scatter about 1 ms).
 """
 
 from __future__ import annotations
@@ -74,14 +81,23 @@ def _allowed(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tenso
 
 
 def _compiled(model: ShowerTransformer) -> tuple:
-    """Compiled heads and running sums, kept on the model (compilation is the slow part)."""
-    from calofm.generation.sampler import unnormalized_cdf
+    """Compiled heads and sampler weights, kept on the model (compilation is the slow part)."""
+    from calofm.generation.sampler import chunked_weights
+    from calofm.model.attention import allow_recompiles
 
     if getattr(model, "_compiled_decode", None) is None:
+        allow_recompiles()
         compile_ = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731  (the batch shrinks on compaction)
         model._compiled_decode = (compile_(model.voxel_logits), compile_(model.energy_logits),
-                                  compile_(unnormalized_cdf))
+                                  compile_(chunked_weights))
     return model._compiled_decode
+
+
+def _cache_dtype(device: torch.device) -> torch.dtype | None:
+    """The KV cache follows the compute dtype: bf16 under bf16 autocast, else the weights' dtype."""
+    if torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16:
+        return torch.bfloat16
+    return None
 
 
 @torch.no_grad()
@@ -97,9 +113,10 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     B0, device = incident.shape[0], incident.device
     B = B0  # rows in flight (fewer than B0 after compaction)
     orig: torch.Tensor | None = None  # (B,) original row of each row in flight; None = identity
-    rows = torch.arange(B, device=device)
-    blocked = ~_allowed(model.cfg.n_voxel_tokens, voxel_block, True, device)[None, :].expand(B, -1).clone()  # (B, V_v)
-    energy_blocked = ~_allowed(model.cfg.n_energy_tokens, energy_block, False, device)  # (V_e,)
+    # token columns sampling may never choose (specials, other blocks); few for a one-block model
+    voxel_off = (~_allowed(model.cfg.n_voxel_tokens, voxel_block, True, device)).nonzero().squeeze(1)
+    energy_off = (~_allowed(model.cfg.n_energy_tokens, energy_block, False, device)).nonzero().squeeze(1)
+    hit_voxels = torch.full((B, max_hits), PAD, dtype=torch.long, device=device)  # per row in flight
     out_v = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
     out_e = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -112,7 +129,8 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     def draw(logits: torch.Tensor) -> torch.Tensor:
         return sample(logits, sampling, generator, opt.sampler, orig, B0, cdf_fn)
 
-    model.setup_cache(B, max_len=max_hits + 2, sliced=opt.sliced_attention, fused_qkv=opt.fused_qkv)
+    model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
+                      fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
     try:
         start = torch.full((B, 2), PAD, dtype=torch.long, device=device)
         start[:, 1] = BOS
@@ -120,9 +138,11 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
         h = h[:, -1]
         for t in range(max_hits + 1):
             if t == max_hits:  # EOS forced
-                capped[rows if orig is None else orig] = ~done
+                capped[slice(None) if orig is None else orig] = ~done
                 break
-            logits = voxel_logits(h).float().masked_fill(blocked, float("-inf"))
+            logits = voxel_logits(h).float().index_fill_(1, voxel_off, float("-inf"))
+            if t > 0:  # a voxel is hit at most once (PAD entries land on the PAD column, off anyway)
+                logits.scatter_(1, hit_voxels[:, :t], float("-inf"))
             if target_hits is not None:
                 stop = t >= (target_hits if orig is None else target_hits[orig])  # (B,)
                 logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
@@ -135,27 +155,26 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             n_done = int(done.sum())  # the one host sync per step
             if n_done == B:
                 break
-            e = draw(energy_logits(h, v).float().masked_fill(energy_blocked, float("-inf")))
+            e = draw(energy_logits(h, v).float().index_fill_(1, energy_off, float("-inf")))
             v_in, e_in = torch.where(is_hit, v, PAD), torch.where(is_hit, e, PAD)
             if orig is None:
                 out_v[:, t], out_e[:, t] = v_in, e_in
             else:
                 out_v[orig, t], out_e[orig, t] = v_in, e_in
-            blocked[rows, v_in] |= is_hit  # PAD is blocked anyway, so finished rows change nothing
+            hit_voxels[:, t] = v_in
             h, _ = model.hidden(v_in[:, None], e_in[:, None], incident, material, particle, start=t + 2,
                                 valid=is_hit[:, None])
             h = h[:, -1]
             if opt.compact and n_done > 0 and n_done >= opt.compact_fraction * B:
                 keep = (~done).nonzero().squeeze(1)
                 orig = keep if orig is None else orig[keep]
-                h, blocked, done = h[keep], blocked[keep], done[keep]
+                h, hit_voxels, done = h[keep], hit_voxels[keep], done[keep]
                 incident, material, particle = incident[keep], material[keep], particle[keep]
                 model.select_cache_rows(keep)
                 # adapters read the per-shower ids of the batch in flight (the heads run before the
                 # next hidden() call refreshes them)
                 model.context["material"], model.context["particle"] = material, particle
                 B = len(keep)
-                rows = torch.arange(B, device=device)
     finally:
         model.clear_cache()
     return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), capped)

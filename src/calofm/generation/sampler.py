@@ -2,7 +2,9 @@
 
 Two exact ways to draw from the categorical distribution p (both sync-free, no multinomial):
 - "cdf" (default): inverse CDF, the first token i with cumsum(p)_i > u * sum(p), u ~ U[0, 1): one
-  uniform per row (a cumsum and a searchsorted over the vocabulary);
+  uniform per row. Searched in two levels, first among chunks of CHUNK tokens (sums of each chunk,
+  then a short cumsum), then inside the chosen chunk: a cumsum over the whole vocabulary is a
+  sequential scan, several times slower than the chunk sums on CPU;
 - "exp": argmax(p_i / q_i) with q_i ~ Exp(1) i.i.d. (the exponential-race form of the Gumbel-max
   trick): one exponential per vocabulary entry, which made it the most expensive op of decoding.
 
@@ -27,7 +29,9 @@ class SamplingConfig:
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Apply temperature, top-k and top-p (nucleus) to (B, V) logits; removed entries become -inf."""
-    logits = logits.float() / max(cfg.temperature, 1e-8)
+    logits = logits.float()
+    if cfg.temperature != 1.0:  # a pass over (B, V) saved in the usual case
+        logits = logits / max(cfg.temperature, 1e-8)
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -41,18 +45,27 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 SAMPLERS = ("cdf", "exp")
+CHUNK = 64  # tokens per chunk of the two-level inverse-CDF search
 
 
-def unnormalized_cdf(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) logits -> running sums of exp(logit - max): the uniform is scaled by the row total
-    instead of dividing V entries."""
-    return (logits - logits.amax(dim=-1, keepdim=True)).exp().cumsum(dim=-1)
+def chunked_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits -> unnormalized probabilities exp(logit - max), zero-padded to (B, C, CHUNK), and
+    their sums per chunk (B, C). Not normalized: the uniform is scaled by the row total instead."""
+    B, V = logits.shape
+    p = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    p = torch.nn.functional.pad(p, (0, -V % CHUNK)).view(B, -1, CHUNK)
+    return p, p.sum(dim=-1)
+
+
+def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """x clipped into [0, limit): rounding must not push a target past the last positive weight."""
+    return torch.minimum(x.clamp(min=0), torch.nextafter(limit, torch.zeros_like(limit)))
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
            method: str = "cdf", rows: torch.Tensor | None = None, n_rows: int | None = None,
            cdf_fn=None) -> torch.Tensor:
-    """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled unnormalized_cdf."""
+    """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled chunked_weights."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     B, V = logits.shape
@@ -63,10 +76,15 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         return (probs / (q if rows is None else q[rows])).argmax(dim=-1)
     if method != "cdf":
         raise ValueError(f"unknown sampler {method!r} ({', '.join(SAMPLERS)})")
-    cdf = (cdf_fn or unnormalized_cdf)(filter_logits(logits, cfg))
-    total = cdf[:, -1:]
-    u = torch.rand((n, 1), dtype=cdf.dtype, device=cdf.device, generator=generator)
-    u = (u if rows is None else u[rows]) * total
-    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
-    # first i with cdf_i > u: cdf_i > cdf_{i-1}, so a token of probability 0 is never chosen
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)
+    p, chunk_sums = (cdf_fn or chunked_weights)(filter_logits(logits, cfg))  # (B, C, CHUNK), (B, C)
+    chunk_cdf = chunk_sums.cumsum(dim=-1)
+    u = torch.rand((n, 1), dtype=p.dtype, device=p.device, generator=generator)
+    target = _below((u if rows is None else u[rows]) * chunk_cdf[:, -1:], chunk_cdf[:, -1:])  # (B, 1)
+    # first chunk c with chunk_cdf_c > target: its sum is > 0. Then the first token inside it whose
+    # running sum exceeds what is left of the target; running sums only grow at tokens of positive
+    # probability, so a token of probability 0 (masked) is never chosen
+    c = torch.searchsorted(chunk_cdf, target, right=True)  # (B, 1)
+    before = torch.where(c > 0, chunk_cdf.gather(1, (c - 1).clamp(min=0)), 0.0)
+    inside = p.gather(1, c[:, :, None].expand(-1, 1, CHUNK)).squeeze(1).cumsum(dim=-1)  # (B, CHUNK)
+    i = torch.searchsorted(inside, _below(target - before, inside[:, -1:]), right=True)
+    return (c * CHUNK + i).squeeze(1)

@@ -36,6 +36,41 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
 
 
+def attend_over_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of T new queries over S cache slots, accumulated in fp32 whatever the cache's dtype:
+    q (B, H, T, D), k/v (B, H, S, D), mask (T, S) -> (B, H, T, D) fp32.
+
+    Products and sums instead of batched matmuls: with one query row per sequence a decode step only
+    streams the cache through memory, and the bmm kernels for (1, D) x (D, S) run far below memory
+    bandwidth (slower still in bf16), while torch.compile fuses this form into a pass over the cache
+    that converts bf16 on the fly (measured on the 2-core CPU, 500 x 4 heads x 112 slots: bmm fp32
+    9.4 ms, this compiled 6.6 ms in fp32 and 4.9 ms over a bf16 cache)."""
+    scores = (q.float().unsqueeze(-2) * k.float().unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    p = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (p.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2)
+
+
+_compiled_attend = None
+
+
+def compiled_attend_over_cache():
+    """attend_over_cache through torch.compile (dynamic shapes: batch and span change every step),
+    compiled once per process."""
+    global _compiled_attend
+    if _compiled_attend is None:
+        allow_recompiles()
+        _compiled_attend = torch.compile(attend_over_cache, dynamic=True)
+    return _compiled_attend
+
+
+def allow_recompiles(limit: int = 64) -> None:
+    """Decoding meets a handful of graph variants per function (batch 1 and >1, prefill and step,
+    fp32 and bf16): more than dynamo's default of 8, past which it silently runs eager."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
 class CausalAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: Rotary):
         super().__init__()
@@ -76,12 +111,17 @@ class CausalAttention(nn.Module):
                        for proj, inp in ((self.q_proj, x), (self.k_proj, kv), (self.v_proj, kv)))  # (B, H, T, D)
         q, k = self.rotary(q, pos), self.rotary(k, pos)
         dropout = self.dropout if self.training else 0.0
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(pos, k, v)
         dtype = q.dtype
+        cache = self.kv_cache
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if cache is not None and x.device.type == "cpu" and (cache.compiled or cache.k.dtype != torch.float32):
+            # a bf16 cache is read as bf16 (converting it to fp32 first would copy it every step)
+            y = (compiled_attend_over_cache() if cache.compiled else attend_over_cache)(q, k, v, mask)
+            return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
         if x.device.type == "cpu":  # the CPU attention kernels are faster in fp32 than in bf16
             q, k, v = q.float(), k.float(), v.float()
-        if self.kv_cache is None:
+        if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         elif x.device.type == "cpu":
             # decoding on CPU: explicit masked attention. Faster than SDPA's masked path for one query

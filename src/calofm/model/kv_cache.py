@@ -9,7 +9,10 @@ Two ways to read it back:
   CPU path). The rounding keeps the matmul kernels on the same code path as for the full buffers,
   so both give bit-identical attention (tests/test_fast_decode.py); the few empty slots read are
   masked like in the static case.
-The owner sets `fill` (number of filled slots after the current write) before each step."""
+The owner sets `fill` (number of filled slots after the current write) before each step.
+
+The cache's dtype is the decode's compute dtype: bf16 under bf16 autocast halves the bytes each step
+reads, which is what bounds cached attention at large batch (see attention.attend_over_cache)."""
 
 from __future__ import annotations
 
@@ -22,18 +25,20 @@ SLICE_ALIGN = 16
 class KVCache(nn.Module):
     def __init__(self, batch_size: int, n_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 sliced: bool = False):
+                 sliced: bool = False, compiled: bool = False):
         super().__init__()
         self.sliced, self.fill = sliced, 0
+        self.compiled = compiled  # attention over this cache through torch.compile (see CausalAttention)
         shape = (batch_size, n_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at positions input_pos (T,); return the full (B, H, S_max, D) caches,
-        or their filled prefix (B, H, fill, D) when sliced."""
-        self.k[:, :, input_pos] = k.to(self.k.dtype)
-        self.v[:, :, input_pos] = v.to(self.v.dtype)
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at the last T filled positions (fill - T .. fill - 1); return the full
+        (B, H, S_max, D) caches, or their filled prefix (B, H, span, D) when sliced."""
+        T = k.shape[2]
+        self.k[:, :, self.fill - T:self.fill] = k  # a slice copy: cheaper than index_put with positions
+        self.v[:, :, self.fill - T:self.fill] = v
         return self.k[:, :, :self.span], self.v[:, :, :self.span]
 
     @property

@@ -197,9 +197,11 @@ class ShowerTransformer(nn.Module):
 
     # --- decoding ---------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-                    sliced: bool = False, fused_qkv: bool = False) -> None:
-        """Preallocate a (B, H, S_max, D) key/value cache in every layer. sliced: attention reads only
-        the filled prefix (see KVCache); fused_qkv: one QKV projection where q/k/v are plain Linears."""
+                    sliced: bool = False, fused_qkv: bool = False, compiled_attention: bool = False) -> None:
+        """Preallocate a (B, H, S_max, D) key/value cache in every layer (dtype: the weights' unless
+        given). sliced: attention reads only the filled prefix (see KVCache); fused_qkv: one QKV
+        projection where q/k/v are plain Linears; compiled_attention: attention over the cache through
+        torch.compile (see attention.attend_over_cache)."""
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -207,7 +209,8 @@ class ShowerTransformer(nn.Module):
         for block in self.blocks:
             for attn in block.attentions():
                 attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim,
-                                        dtype or ref.dtype, ref.device, sliced=sliced)
+                                        dtype or ref.dtype, ref.device, sliced=sliced,
+                                        compiled=compiled_attention)
                 attn.fuse_qkv(fused_qkv)
 
     def select_cache_rows(self, rows: torch.Tensor) -> None:
