@@ -115,20 +115,21 @@ class CausalAttention(nn.Module):
         cache = self.kv_cache
         if cache is not None:
             k, v = cache.update(k, v)
-        if cache is not None and x.device.type == "cpu" and (cache.compiled or cache.k.dtype != torch.float32):
+        on_cpu = x.device.type == "cpu"
+        if cache is None:
+            if on_cpu:  # the CPU attention kernels are faster in fp32 than in bf16
+                q, k, v = q.float(), k.float(), v.float()
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif on_cpu and (cache.compiled or cache.k.dtype != torch.float32):
             # a bf16 cache is read as bf16 (converting it to fp32 first would copy it every step)
             y = (compiled_attend_over_cache() if cache.compiled else attend_over_cache)(q, k, v, mask)
-            return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
-        if x.device.type == "cpu":  # the CPU attention kernels are faster in fp32 than in bf16
-            q, k, v = q.float(), k.float(), v.float()
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-        elif x.device.type == "cpu":
-            # decoding on CPU: explicit masked attention. Faster than SDPA's masked path for one query
-            # row, and gives bit-identical results whether the cache is read whole or as its aligned
-            # filled prefix (see KVCache), so decoding options never change a shower
-            scores = (q @ k.to(q.dtype).transpose(-1, -2)) * self.head_dim ** -0.5
-            y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v.to(q.dtype)
+        elif on_cpu:
+            # decoding on CPU: explicit masked attention in fp32. Faster than SDPA's masked path for
+            # one query row, and gives bit-identical results whether the cache is read whole or as its
+            # aligned filled prefix (see KVCache), so decoding options never change a shower
+            q = q.float()
+            scores = (q @ k.float().transpose(-1, -2)) * self.head_dim ** -0.5
+            y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v.float()
         else:
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout)
         return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))

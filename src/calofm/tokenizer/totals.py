@@ -17,7 +17,8 @@ then the shape. We do that here with the smallest model that carries the physics
 
 The statistics are fitted on the training rows of the training files (never on reference data),
 travel with the tokenizer in the model manifest, and an adapter brings those of its new classes.
-Switch off with `generate(..., totals=False)` / `calofm generate --no-totals`.
+Off by default (it hurts showers that leak, see docs/model.md); switch on with
+`generate(..., totals=True)` / `calofm generate --totals`.
 """
 
 from __future__ import annotations
