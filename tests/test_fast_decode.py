@@ -93,7 +93,7 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     rounding (fused kernels may differ in the last bit, so tokens are compared by distribution, not
     identity)."""
     from calofm.generation.decode import _compiled
-    from calofm.generation.sampler import chunked_weights
+    from calofm.generation.sampler import chunk_sums
     from calofm.model.attention import attend_over_cache, compiled_attend_over_cache
 
     torch.set_num_threads(1)
@@ -104,7 +104,7 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     assert torch.allclose(voxel_logits(h), net.voxel_logits(h), atol=1e-4)
     assert torch.allclose(energy_logits(h, v), net.energy_logits(h, v), atol=1e-4)
     logits = torch.randn(5, 300).masked_fill(torch.rand(5, 300) < 0.3, float("-inf"))
-    for got, want in zip(cdf_fn(logits), chunked_weights(logits)):
+    for got, want in zip(cdf_fn(logits), chunk_sums(logits)):
         assert torch.allclose(got, want, rtol=1e-5)
     q, k, v = torch.randn(3, 4, 1, 32), torch.randn(3, 4, 40, 32), torch.randn(3, 4, 40, 32)
     mask = torch.arange(40)[None] < 33  # (1, S): the last slots are not filled yet
@@ -123,9 +123,11 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
         assert len(set(hits.tolist())) == int(n[i]) and bool(torch.all(hits >= tok.voxel_block.offset))
 
 
-def test_two_level_cdf_sampler_over_a_large_masked_vocabulary():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_level_cdf_sampler_over_a_large_masked_vocabulary(dtype):
     """The chunked inverse-CDF search: whole chunks masked, masks at chunk edges, a near-zero
-    probability next to large ones - masked tokens are never drawn and frequencies match softmax."""
+    probability next to large ones - masked tokens are never drawn and frequencies match softmax
+    (bf16: the logits of a bf16 decode, read as they are)."""
     from calofm.generation.sampler import CHUNK
 
     g = torch.Generator().manual_seed(1)
@@ -133,7 +135,7 @@ def test_two_level_cdf_sampler_over_a_large_masked_vocabulary():
     row = torch.full((V,), float("-inf"))
     allowed = torch.tensor([3, CHUNK - 1, CHUNK, 3 * CHUNK + 5, V - 1])  # chunk 2 and 4 fully masked
     row[allowed] = torch.tensor([1.0, 0.0, 2.0, -30.0, 0.5])
-    draws = sample(row.repeat(40000, 1), SamplingConfig(), g, "cdf")
+    draws = sample(row.repeat(40000, 1).to(dtype), SamplingConfig(), g, "cdf")
     assert set(draws.unique().tolist()) <= set(allowed.tolist())
     freq = torch.bincount(draws, minlength=V).double()[allowed] / len(draws)
     assert torch.allclose(freq, row[allowed].softmax(-1).double(), atol=0.01)

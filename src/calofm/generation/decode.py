@@ -21,15 +21,16 @@ changes which random numbers are drawn, so it gives other (equally distributed) 
   (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
 - compile: torch.compile (inductor, dynamic shapes) of the attention over the KV cache (one fused
   pass over the cache instead of two batched matmuls, see model.attention.attend_over_cache), of the
-  two heads and of the sampler's exp/chunk sums. Off by default: it costs a compilation per process
+  two heads and of the sampler's chunk sums. Off by default: it costs a compilation per process
   (about a minute on the 2-core CPU), and fused kernels round differently in the last bit, so the
   showers are equally distributed but not bit-identical to the eager path.
 Precision: under bf16 autocast (`generate(precision="bf16")`) the KV cache is kept in bf16 (half the
-bytes per step) and attention reads it through attend_over_cache; logits are sampled in fp32.
-Masking: the voxels a shower already hit are written to -inf by a scatter of its hit list (B x t
-entries per step) and the tokens outside the blocks by a fill of those few columns, instead of a
-dense (B, V) mask (a masked_fill over 1000 x 4503 logits took 8 ms per step on the 2-core CPU, the
-scatter about 1 ms).
+bytes per step) and attention reads it through attend_over_cache; the sampler reads the bf16 logits
+and accumulates in fp32 (an fp32 copy of the (B, V) logits cost a pass over memory per head and step).
+Masking: the voxels a shower already hit are written to -inf from its hit list (B x t entries per
+step, see _fill_entries) and the tokens outside the blocks by a fill of those few columns, instead of
+a dense (B, V) mask (a masked_fill over 1000 x 4503 logits took 8 ms per step on the 2-core CPU, the
+fill from the hit lists well under 1 ms).
 """
 
 from __future__ import annotations
@@ -82,15 +83,22 @@ def _allowed(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tenso
 
 def _compiled(model: ShowerTransformer) -> tuple:
     """Compiled heads and sampler weights, kept on the model (compilation is the slow part)."""
-    from calofm.generation.sampler import chunked_weights
+    from calofm.generation.sampler import chunk_sums
     from calofm.model.attention import allow_recompiles
 
     if getattr(model, "_compiled_decode", None) is None:
         allow_recompiles()
         compile_ = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731  (the batch shrinks on compaction)
         model._compiled_decode = (compile_(model.voxel_logits), compile_(model.energy_logits),
-                                  compile_(chunked_weights))
+                                  compile_(chunk_sums))
     return model._compiled_decode
+
+
+def _fill_entries(x: torch.Tensor, columns: torch.Tensor, value: float) -> None:
+    """x[i, columns[i, j]] = value for all i, j, in place: an index_fill_ over the flattened rows, which
+    on CPU ran 10x faster than scatter_ with a scalar on bf16 logits (1000 x 4503: 0.34 vs 3.5 ms)."""
+    rows = torch.arange(x.shape[0], device=x.device)[:, None] * x.shape[1]
+    x.view(-1).index_fill_(0, (columns + rows).flatten(), value)
 
 
 def _cache_dtype(device: torch.device) -> torch.dtype | None:
@@ -140,9 +148,9 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             if t == max_hits:  # EOS forced
                 capped[slice(None) if orig is None else orig] = ~done
                 break
-            logits = voxel_logits(h).float().index_fill_(1, voxel_off, float("-inf"))
+            logits = voxel_logits(h).index_fill_(1, voxel_off, float("-inf"))
             if t > 0:  # a voxel is hit at most once (PAD entries land on the PAD column, off anyway)
-                logits.scatter_(1, hit_voxels[:, :t], float("-inf"))
+                _fill_entries(logits, hit_voxels[:, :t], float("-inf"))
             if target_hits is not None:
                 stop = t >= (target_hits if orig is None else target_hits[orig])  # (B,)
                 logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
@@ -155,7 +163,7 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             n_done = int(done.sum())  # the one host sync per step
             if n_done == B:
                 break
-            e = draw(energy_logits(h, v).float().index_fill_(1, energy_off, float("-inf")))
+            e = draw(energy_logits(h, v).index_fill_(1, energy_off, float("-inf")))
             v_in, e_in = torch.where(is_hit, v, PAD), torch.where(is_hit, e, PAD)
             if orig is None:
                 out_v[:, t], out_e[:, t] = v_in, e_in

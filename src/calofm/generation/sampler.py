@@ -4,7 +4,11 @@ Two exact ways to draw from the categorical distribution p (both sync-free, no m
 - "cdf" (default): inverse CDF, the first token i with cumsum(p)_i > u * sum(p), u ~ U[0, 1): one
   uniform per row. Searched in two levels, first among chunks of CHUNK tokens (sums of each chunk,
   then a short cumsum), then inside the chosen chunk: a cumsum over the whole vocabulary is a
-  sequential scan, several times slower than the chunk sums on CPU;
+  sequential scan, several times slower than the chunk sums on CPU. The probabilities are never
+  stored: one pass over the logits gives the chunk sums, and only the chosen chunk's CHUNK
+  probabilities are recomputed (at batch 1000 the (B, V) logits outgrow the CPU caches, so every
+  full pass is a trip to memory). The logits are read in their own dtype (bf16 under bf16 decoding),
+  the sums accumulated in fp32;
 - "exp": argmax(p_i / q_i) with q_i ~ Exp(1) i.i.d. (the exponential-race form of the Gumbel-max
   trick): one exponential per vocabulary entry, which made it the most expensive op of decoding.
 
@@ -28,9 +32,12 @@ class SamplingConfig:
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Apply temperature, top-k and top-p (nucleus) to (B, V) logits; removed entries become -inf."""
+    """Apply temperature, top-k and top-p (nucleus) to (B, V) logits; removed entries become -inf.
+    Without any of them the logits come back as they are (no fp32 copy: the samplers accumulate in fp32)."""
+    if cfg.temperature == 1.0 and not cfg.top_k and cfg.top_p >= 1.0:
+        return logits
     logits = logits.float()
-    if cfg.temperature != 1.0:  # a pass over (B, V) saved in the usual case
+    if cfg.temperature != 1.0:
         logits = logits / max(cfg.temperature, 1e-8)
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
@@ -48,13 +55,13 @@ SAMPLERS = ("cdf", "exp")
 CHUNK = 64  # tokens per chunk of the two-level inverse-CDF search
 
 
-def chunked_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) logits -> unnormalized probabilities exp(logit - max), zero-padded to (B, C, CHUNK), and
-    their sums per chunk (B, C). Not normalized: the uniform is scaled by the row total instead."""
+def chunk_sums(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits -> their row maxima (B, 1) and the sums of exp(logit - max) over each chunk of
+    CHUNK tokens (B, C), in fp32 (-inf padding to a whole number of chunks adds nothing)."""
     B, V = logits.shape
-    p = (logits - logits.amax(dim=-1, keepdim=True)).exp()
-    p = torch.nn.functional.pad(p, (0, -V % CHUNK)).view(B, -1, CHUNK)
-    return p, p.sum(dim=-1)
+    m = logits.amax(dim=-1, keepdim=True).float()
+    padded = torch.nn.functional.pad(logits, (0, -V % CHUNK), value=float("-inf")).view(B, -1, CHUNK)
+    return m, (padded.float() - m[:, :, None]).exp().sum(dim=-1)
 
 
 def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -65,26 +72,29 @@ def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
            method: str = "cdf", rows: torch.Tensor | None = None, n_rows: int | None = None,
            cdf_fn=None) -> torch.Tensor:
-    """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled chunked_weights."""
+    """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled chunk_sums."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     B, V = logits.shape
     n = B if rows is None else n_rows
     if method == "exp":
-        probs = filter_logits(logits, cfg).softmax(dim=-1)
+        probs = filter_logits(logits, cfg).softmax(dim=-1, dtype=torch.float32)
         q = torch.empty((n, V), dtype=probs.dtype, device=probs.device).exponential_(1.0, generator=generator)
         return (probs / (q if rows is None else q[rows])).argmax(dim=-1)
     if method != "cdf":
         raise ValueError(f"unknown sampler {method!r} ({', '.join(SAMPLERS)})")
-    p, chunk_sums = (cdf_fn or chunked_weights)(filter_logits(logits, cfg))  # (B, C, CHUNK), (B, C)
-    chunk_cdf = chunk_sums.cumsum(dim=-1)
-    u = torch.rand((n, 1), dtype=p.dtype, device=p.device, generator=generator)
+    logits = filter_logits(logits, cfg)
+    m, sums = (cdf_fn or chunk_sums)(logits)  # (B, 1), (B, C)
+    chunk_cdf = sums.cumsum(dim=-1)
+    u = torch.rand((n, 1), dtype=chunk_cdf.dtype, device=logits.device, generator=generator)
     target = _below((u if rows is None else u[rows]) * chunk_cdf[:, -1:], chunk_cdf[:, -1:])  # (B, 1)
     # first chunk c with chunk_cdf_c > target: its sum is > 0. Then the first token inside it whose
     # running sum exceeds what is left of the target; running sums only grow at tokens of positive
     # probability, so a token of probability 0 (masked) is never chosen
     c = torch.searchsorted(chunk_cdf, target, right=True)  # (B, 1)
     before = torch.where(c > 0, chunk_cdf.gather(1, (c - 1).clamp(min=0)), 0.0)
-    inside = p.gather(1, c[:, :, None].expand(-1, 1, CHUNK)).squeeze(1).cumsum(dim=-1)  # (B, CHUNK)
+    tokens = c * CHUNK + torch.arange(CHUNK, device=logits.device)  # (B, CHUNK), past V in the last chunk
+    inside = logits.gather(1, tokens.clamp(max=V - 1)).float().masked_fill(tokens >= V, float("-inf"))
+    inside = (inside - m).exp().cumsum(dim=-1)
     i = torch.searchsorted(inside, _below(target - before, inside[:, -1:]), right=True)
     return (c * CHUNK + i).squeeze(1)

@@ -28,7 +28,7 @@ from torch import nn
 from calofm.model.attention import CausalAttention, Rotary
 from calofm.model.blocks import BlockEmbedding, BlockHead
 from calofm.model.config import ModelConfig
-from calofm.model.kv_cache import KVCache
+from calofm.model.kv_cache import KVCache, SpareStorage
 from calofm.model.moe import MLP, MaterialMoE, MoEAux
 
 IGNORE = -100  # target id that the losses skip
@@ -206,11 +206,14 @@ class ShowerTransformer(nn.Module):
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         ref = self.ln_f.weight
+        dtype = dtype or ref.dtype
+        # sliced caches rewrite themselves into one shared spare storage (see KVCache)
+        spare = SpareStorage(batch_size * self.cfg.n_heads * max_len * self.cfg.head_dim, dtype,
+                             ref.device) if sliced else None
         for block in self.blocks:
             for attn in block.attentions():
-                attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim,
-                                        dtype or ref.dtype, ref.device, sliced=sliced,
-                                        compiled=compiled_attention)
+                attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim, dtype,
+                                        ref.device, sliced=sliced, compiled=compiled_attention, spare=spare)
                 attn.fuse_qkv(fused_qkv)
 
     def select_cache_rows(self, rows: torch.Tensor) -> None:
