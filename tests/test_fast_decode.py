@@ -8,6 +8,7 @@ import torch
 import calofm
 from calofm.generation.decode import DecodeOptions, decode
 from calofm.generation.sampler import SamplingConfig, sample
+from calofm.model.precision import autocast
 from calofm.tokenizer import incident_feature
 
 
@@ -114,13 +115,15 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     B = 6
     inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
     mat = torch.full((B,), tok.material_id("W"))
-    res = decode(net, inc, mat, torch.zeros(B, dtype=torch.long), 40, tok.voxel_block, tok.energy_block,
-                 generator=torch.Generator().manual_seed(3), options=DecodeOptions(compile=True))
-    n = res.n_hits
-    assert torch.all(n > 0)
-    for i in range(B):  # valid, distinct voxels, like the eager path
-        hits = res.voxel_tokens[i, :n[i]]
-        assert len(set(hits.tolist())) == int(n[i]) and bool(torch.all(hits >= tok.voxel_block.offset))
+    for precision in ("fp32", "bf16"):  # bf16: the compiled attention reads the bf16 cache
+        with autocast(torch.device("cpu"), precision):
+            res = decode(net, inc, mat, torch.zeros(B, dtype=torch.long), 40, tok.voxel_block, tok.energy_block,
+                         generator=torch.Generator().manual_seed(3), options=DecodeOptions(compile=True))
+        n = res.n_hits
+        assert torch.all(n > 0)
+        for i in range(B):  # valid, distinct voxels, like the eager path
+            hits = res.voxel_tokens[i, :n[i]]
+            assert len(set(hits.tolist())) == int(n[i]) and bool(torch.all(hits >= tok.voxel_block.offset))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,3 +171,35 @@ def test_bf16_decode_uses_a_bf16_cache_and_gives_valid_showers(small):
         assert len(set(hits.tolist())) == int(n[i]) and bool(torch.all(hits >= tok.voxel_block.offset))
         e = res.energy_tokens[i, :n[i]]
         assert bool(torch.all((e >= tok.energy_block.offset) & (e < tok.energy_block.offset + tok.energy_block.size)))
+
+
+def test_sliced_cache_widens_and_drops_rows_through_a_shared_spare():
+    """Two sliced caches sharing one spare storage hold what a static cache holds, in buffers exactly
+    as wide as the aligned fill, after widenings and row drops; slots not yet written read as zeros."""
+    from calofm.model.kv_cache import SLICE_ALIGN, KVCache, SpareStorage
+
+    B, H, S, D = 5, 2, 40, 3
+    spare = SpareStorage(B * H * S * D, torch.float32, "cpu")
+    sliced = [KVCache(B, H, S, D, sliced=True, spare=spare) for _ in range(2)]
+    static = [KVCache(B, H, S, D) for _ in range(2)]
+    rows = torch.arange(B)
+    g = torch.Generator().manual_seed(0)
+    for step in range(S - 1):
+        T = 2 if step == 0 else 1
+        kv = [(torch.randn(B, H, T, D, generator=g)[rows], torch.randn(B, H, T, D, generator=g)[rows])
+              for _ in range(2)]
+        for caches in (sliced, static):
+            for cache, (k, v) in zip(caches, kv):
+                cache.fill = step + 2  # the prefill writes slots 0-1, each later step one slot
+                cache.update(k, v)
+        for a, b in zip(sliced, static):
+            width = -(-a.fill // SLICE_ALIGN) * SLICE_ALIGN
+            assert a.k.shape == (len(rows), H, min(width, S), D) and a.k.is_contiguous()
+            assert torch.equal(a.k, b.k[:, :, :a.span]) and torch.equal(a.v, b.v[:, :, :a.span])
+            assert not a.k[:, :, a.fill:].any()  # empty slots are zeros, not leftovers of the spare
+        if step in (10, 25):  # drop rows, as decoding does when showers finish
+            keep = torch.tensor([0, 2, 3]) if step == 10 else torch.tensor([0, 2])
+            rows = rows[keep]
+            for cache in (*sliced, *static):
+                cache.select_rows(keep)
+    assert len({sliced[0].storage.k.data_ptr(), sliced[1].storage.k.data_ptr(), spare.k.data_ptr()}) == 3

@@ -10,8 +10,9 @@ reached (then EOS is forced and the shower counted as capped). At each step:
 Speed switches (DecodeOptions; see docs/speed.md for what each gains). With a given seed the showers
 do not depend on sliced_attention / compact / fused_qkv (tests/test_fast_decode.py); the sampler
 changes which random numbers are drawn, so it gives other (equally distributed) showers:
-- sliced_attention: attend to the filled cache prefix without a mask instead of the masked full
-  static cache (keep it off for static shapes, e.g. CUDA graphs);
+- sliced_attention: a KV cache only as wide as the filled prefix (rounded up to 16 slots, contiguous,
+  see model.kv_cache.KVCache) instead of the masked full static cache (keep it off for static
+  shapes, e.g. CUDA graphs);
 - sampler: "cdf" (inverse CDF, one uniform per row) or "exp" (exponential race, one Exp(1) per
   vocabulary entry);
 - compact: once a fraction `compact_fraction` of the batch has finished, drop the finished showers
@@ -19,9 +20,9 @@ changes which random numbers are drawn, so it gives other (equally distributed) 
   for the original batch and indexed, so every shower sees the same draws as without compaction;
 - fused_qkv: one (3d, d) projection for q, k, v, built at decode time from the separate weights
   (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
-- compile: torch.compile (inductor, dynamic shapes) of the attention over the KV cache (one fused
-  pass over the cache instead of two batched matmuls, see model.attention.attend_over_cache), of the
-  two heads and of the sampler's chunk sums. Off by default: it costs a compilation per process
+- compile: torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's chunk sums
+  and, for a bf16 cache, of the attention over the KV cache (one fused pass over the cache instead
+  of two batched matmuls, see model.attention.attend_over_cache). Off by default: it costs a compilation per process
   (about a minute on the 2-core CPU), and fused kernels round differently in the last bit, so the
   showers are equally distributed but not bit-identical to the eager path.
 Precision: under bf16 autocast (`generate(precision="bf16")`) the KV cache is kept in bf16 (half the
@@ -137,8 +138,11 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     def draw(logits: torch.Tensor) -> torch.Tensor:
         return sample(logits, sampling, generator, opt.sampler, orig, B0, cdf_fn)
 
-    model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
-                      fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
+    cache_dtype = _cache_dtype(device)
+    # the compiled attention is there to read a bf16 cache without copying it to fp32; over an fp32
+    # cache the eager matmuls were as fast (batch 100) or faster (batch 1000: 46 vs 44 showers/s)
+    model.setup_cache(B, max_len=max_hits + 2, dtype=cache_dtype, sliced=opt.sliced_attention,
+                      fused_qkv=opt.fused_qkv, compiled_attention=opt.compile and cache_dtype == torch.bfloat16)
     try:
         start = torch.full((B, 2), PAD, dtype=torch.long, device=device)
         start[:, 1] = BOS
