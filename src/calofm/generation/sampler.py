@@ -57,11 +57,16 @@ CHUNK = 64  # tokens per chunk of the two-level inverse-CDF search
 
 def chunk_sums(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, V) logits -> their row maxima (B, 1) and the sums of exp(logit - max) over each chunk of
-    CHUNK tokens (B, C), in fp32 (-inf padding to a whole number of chunks adds nothing)."""
+    CHUNK tokens (B, C), in fp32; the last chunk may be shorter. The whole chunks and the short one are
+    summed apart: padding the logits to whole chunks instead made the compiled kernel 1.8x slower
+    (batch 1000 x 4503 on the 2-core CPU: 4.5 ms against 2.5)."""
     B, V = logits.shape
     m = logits.amax(dim=-1, keepdim=True).float()
-    padded = torch.nn.functional.pad(logits, (0, -V % CHUNK), value=float("-inf")).view(B, -1, CHUNK)
-    return m, (padded.float() - m[:, :, None]).exp().sum(dim=-1)
+    whole = V // CHUNK * CHUNK
+    sums = (logits[:, :whole].float().view(B, -1, CHUNK) - m[:, :, None]).exp().sum(dim=-1)
+    if whole == V:
+        return m, sums
+    return m, torch.cat([sums, (logits[:, whole:].float() - m).exp().sum(dim=-1, keepdim=True)], dim=1)
 
 
 def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
