@@ -105,8 +105,9 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     assert torch.allclose(voxel_logits(h), net.voxel_logits(h), atol=1e-4)
     assert torch.allclose(energy_logits(h, v), net.energy_logits(h, v), atol=1e-4)
     logits = torch.randn(5, 300).masked_fill(torch.rand(5, 300) < 0.3, float("-inf"))
-    for got, want in zip(cdf_fn(logits), chunk_sums(logits)):
-        assert torch.allclose(got, want, rtol=1e-5)
+    for x in (logits, logits.bfloat16()):  # bf16: the logits of a bf16 decode, read as they are
+        for got, want in zip(cdf_fn(x), chunk_sums(x)):
+            assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5)
     q, k, v = torch.randn(3, 4, 1, 32), torch.randn(3, 4, 40, 32), torch.randn(3, 4, 40, 32)
     mask = torch.arange(40)[None] < 33  # (1, S): the last slots are not filled yet
     want = (q @ k.transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
@@ -142,6 +143,26 @@ def test_two_level_cdf_sampler_over_a_large_masked_vocabulary(dtype):
     assert set(draws.unique().tolist()) <= set(allowed.tolist())
     freq = torch.bincount(draws, minlength=V).double()[allowed] / len(draws)
     assert torch.allclose(freq, row[allowed].softmax(-1).double(), atol=0.01)
+
+
+def test_cdf_sampler_stays_inside_a_chunk_whose_recomputed_weights_underflow():
+    """The chunk is chosen from cdf_fn's sums (compiled: its own exp), the token from an eager
+    recomputation; if they disagree near underflow, the token must still be a finite one of that chunk."""
+    from calofm.generation.sampler import CHUNK, chunk_sums
+
+    V = 3 * CHUNK + 8
+    row = torch.full((V,), float("-inf"))
+    row[5] = 0.0
+    row[2 * CHUNK + 2:2 * CHUNK + 9] = -200.0  # finite, but exp(-200) is 0 in fp32
+    logits = row.repeat(50, 1)
+
+    def disagreeing(x):  # claims all the weight is in chunk 2
+        m, sums = chunk_sums(x)
+        return m, torch.zeros_like(sums).index_fill_(1, torch.tensor([2]), 1.0)
+
+    tokens = sample(logits, SamplingConfig(), torch.Generator().manual_seed(0), "cdf", cdf_fn=disagreeing)
+    assert bool(torch.all(torch.isfinite(row[tokens])))
+    assert bool(torch.all((tokens >= 2 * CHUNK) & (tokens < 3 * CHUNK)))
 
 
 def test_bf16_decode_uses_a_bf16_cache_and_gives_valid_showers(small):

@@ -99,7 +99,11 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     c = torch.searchsorted(chunk_cdf, target, right=True)  # (B, 1)
     before = torch.where(c > 0, chunk_cdf.gather(1, (c - 1).clamp(min=0)), 0.0)
     tokens = c * CHUNK + torch.arange(CHUNK, device=logits.device)  # (B, CHUNK), past V in the last chunk
-    inside = logits.gather(1, tokens.clamp(max=V - 1)).float().masked_fill(tokens >= V, float("-inf"))
-    inside = (inside - m).exp().cumsum(dim=-1)
+    chunk = logits.gather(1, tokens.clamp(max=V - 1)).float().masked_fill(tokens >= V, float("-inf"))
+    inside = (chunk - m).exp().cumsum(dim=-1)
     i = torch.searchsorted(inside, _below(target - before, inside[:, -1:]), right=True)
+    # a compiled cdf_fn and this eager exp could round a chunk of weights near underflow (logit - max
+    # ~ -104) differently: positive there, all zero here. Then take the chunk's best token (finite)
+    # rather than index CHUNK, which is past the chunk
+    i = torch.where(inside[:, -1:] > 0, i, chunk.argmax(dim=-1, keepdim=True))
     return (c * CHUNK + i).squeeze(1)

@@ -46,15 +46,18 @@ class KVCache(nn.Module):
         self.compiled = compiled  # attention over this cache through torch.compile (see CausalAttention)
         shape = (batch_size, n_heads, max_len, head_dim)
         if not sliced:
-            self.k, self.v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-            return
-        n = batch_size * n_heads * max_len * head_dim
-        self.spare = spare or SpareStorage(n, dtype, device)
-        if self.spare.k.numel() != n or self.spare.k.dtype != dtype:
-            raise ValueError("a spare storage is shared only by caches of the same size and dtype")
-        self.storage = SpareStorage(n, dtype, device)
-        self.k = self.storage.k[:0].view(batch_size, n_heads, 0, head_dim)
-        self.v = self.storage.v[:0].view(batch_size, n_heads, 0, head_dim)
+            k, v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            n = batch_size * n_heads * max_len * head_dim
+            self.spare = spare or SpareStorage(n, dtype, device)
+            if self.spare.k.numel() != n or self.spare.k.dtype != dtype:
+                raise ValueError("a spare storage is shared only by caches of the same size and dtype")
+            self.storage = SpareStorage(n, dtype, device)
+            k = self.storage.k[:0].view(batch_size, n_heads, 0, head_dim)
+            v = self.storage.v[:0].view(batch_size, n_heads, 0, head_dim)
+        # buffers (not persistent): they follow the module's .to(); later assignments replace them
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H, T, D) at the last T filled positions (fill - T .. fill - 1); return the
