@@ -197,10 +197,10 @@ def test_bf16_decode_uses_a_bf16_cache_and_gives_valid_showers(small):
 def test_sliced_cache_widens_and_drops_rows_through_a_shared_spare():
     """Two sliced caches sharing one spare storage hold what a static cache holds, in buffers exactly
     as wide as the aligned fill, after widenings and row drops; slots not yet written read as zeros."""
-    from calofm.model.kv_cache import SLICE_ALIGN, KVCache, SpareStorage
+    from calofm.model.kv_cache import SLICE_ALIGN, KVCache, KVStorage
 
     B, H, S, D = 5, 2, 40, 3
-    spare = SpareStorage(B * H * S * D, torch.float32, "cpu")
+    spare = KVStorage(B * H * S * D, torch.float32, "cpu")
     sliced = [KVCache(B, H, S, D, sliced=True, spare=spare) for _ in range(2)]
     static = [KVCache(B, H, S, D) for _ in range(2)]
     rows = torch.arange(B)

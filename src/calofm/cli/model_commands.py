@@ -62,8 +62,8 @@ def register(sub) -> None:
                    help="two-stage generation: draw each shower's hit count and energy sum from the model's "
                         "fitted totals first (default: one-stage; see docs/model.md for when it helps)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (attention over the KV cache, heads, sampler); pays off "
-                        "from a few hundred showers, see docs/speed.md")
+                   help="torch.compile the decode step (heads, sampler and, with --precision bf16, the attention "
+                        "over the KV cache); pays off from a few hundred showers, see docs/speed.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 

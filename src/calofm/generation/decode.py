@@ -22,9 +22,9 @@ changes which random numbers are drawn, so it gives other (equally distributed) 
   (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
 - compile: torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's chunk sums
   and, for a bf16 cache, of the attention over the KV cache (one fused pass over the cache instead
-  of two batched matmuls, see model.attention.attend_over_cache). Off by default: it costs a compilation per process
-  (about a minute on the 2-core CPU), and fused kernels round differently in the last bit, so the
-  showers are equally distributed but not bit-identical to the eager path.
+  of two batched matmuls, see model.attention.attend_over_cache). Off by default: it costs a
+  compilation per process (about a minute on the 2-core CPU), and fused kernels round differently in
+  the last bit, so the showers are equally distributed but not bit-identical to the eager path.
 Precision: under bf16 autocast (`generate(precision="bf16")`) the KV cache is kept in bf16 (half the
 bytes per step) and attention reads it through attend_over_cache; the sampler reads the bf16 logits
 and accumulates in fp32 (an fp32 copy of the (B, V) logits cost a pass over memory per head and step).
@@ -138,11 +138,8 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     def draw(logits: torch.Tensor) -> torch.Tensor:
         return sample(logits, sampling, generator, opt.sampler, orig, B0, cdf_fn)
 
-    cache_dtype = _cache_dtype(device)
-    # the compiled attention is there to read a bf16 cache without copying it to fp32; over an fp32
-    # cache the eager matmuls were as fast (batch 100) or faster (batch 1000: 46 vs 44 showers/s)
-    model.setup_cache(B, max_len=max_hits + 2, dtype=cache_dtype, sliced=opt.sliced_attention,
-                      fused_qkv=opt.fused_qkv, compiled_attention=opt.compile and cache_dtype == torch.bfloat16)
+    model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
+                      fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
     try:
         start = torch.full((B, 2), PAD, dtype=torch.long, device=device)
         start[:, 1] = BOS

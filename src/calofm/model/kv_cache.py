@@ -9,7 +9,7 @@ Two ways to hold it:
   in flight: no work on most empty slots or on finished showers (the fast CPU path). They are
   contiguous views of a preallocated flat storage; widening (every SLICE_ALIGN steps) and dropping
   rows (`select_rows`) rewrite them into a spare storage of the same size, shared by all the layers'
-  caches (`SpareStorage`), which then swaps places with theirs. Why both:
+  caches (a `KVStorage`), which then swaps places with theirs. Why both:
   - contiguous: at batch 1000 the cache does not fit the CPU's caches, and attention over the prefix
     of a wider buffer (strided reads) ran at half the speed of the same over a contiguous one;
   - preallocated: a fresh CPU tensor over 32 MB comes from mmap, and its page faults made each
@@ -30,8 +30,9 @@ from torch import nn
 SLICE_ALIGN = 16
 
 
-class SpareStorage:
-    """One flat (key, value) storage pair that sliced caches of the same size rewrite themselves into."""
+class KVStorage:
+    """One flat (key, value) pair of storage, where a sliced cache keeps its buffers; one more, shared
+    by the caches of all layers, is the spare they rewrite themselves into."""
 
     def __init__(self, n_elements: int, dtype: torch.dtype, device):
         self.k, self.v = (torch.empty(n_elements, dtype=dtype, device=device) for _ in range(2))
@@ -40,7 +41,7 @@ class SpareStorage:
 class KVCache(nn.Module):
     def __init__(self, batch_size: int, n_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 sliced: bool = False, compiled: bool = False, spare: SpareStorage | None = None):
+                 sliced: bool = False, compiled: bool = False, spare: KVStorage | None = None):
         super().__init__()
         self.sliced, self.fill, self.max_len = sliced, 0, max_len
         self.compiled = compiled  # attention over this cache through torch.compile (see CausalAttention)
@@ -49,10 +50,10 @@ class KVCache(nn.Module):
             k, v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
         else:
             n = batch_size * n_heads * max_len * head_dim
-            self.spare = spare or SpareStorage(n, dtype, device)
+            self.spare = spare or KVStorage(n, dtype, device)
             if self.spare.k.numel() != n or self.spare.k.dtype != dtype:
                 raise ValueError("a spare storage is shared only by caches of the same size and dtype")
-            self.storage = SpareStorage(n, dtype, device)
+            self.storage = KVStorage(n, dtype, device)
             k = self.storage.k[:0].view(batch_size, n_heads, 0, head_dim)
             v = self.storage.v[:0].view(batch_size, n_heads, 0, head_dim)
         # buffers (not persistent): they follow the module's .to(); later assignments replace them

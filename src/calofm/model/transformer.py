@@ -28,7 +28,7 @@ from torch import nn
 from calofm.model.attention import CausalAttention, Rotary
 from calofm.model.blocks import BlockEmbedding, BlockHead
 from calofm.model.config import ModelConfig
-from calofm.model.kv_cache import KVCache, SpareStorage
+from calofm.model.kv_cache import KVCache, KVStorage
 from calofm.model.moe import MLP, MaterialMoE, MoEAux
 
 IGNORE = -100  # target id that the losses skip
@@ -198,17 +198,17 @@ class ShowerTransformer(nn.Module):
     # --- decoding ---------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                     sliced: bool = False, fused_qkv: bool = False, compiled_attention: bool = False) -> None:
-        """Preallocate a (B, H, S_max, D) key/value cache in every layer (dtype: the weights' unless
-        given). sliced: attention reads only the filled prefix (see KVCache); fused_qkv: one QKV
-        projection where q/k/v are plain Linears; compiled_attention: attention over the cache through
-        torch.compile (see attention.attend_over_cache)."""
+        """Set up a key/value cache of up to (B, H, S_max, D) in every layer (dtype: the weights' unless
+        given). sliced: buffers only as wide as the filled prefix (see KVCache); fused_qkv: one QKV
+        projection where q/k/v are plain Linears; compiled_attention: attention over a bf16 cache
+        through torch.compile (see attention.attend_over_cache)."""
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
         ref = self.ln_f.weight
         dtype = dtype or ref.dtype
         # sliced caches rewrite themselves into one shared spare storage (see KVCache)
-        spare = SpareStorage(batch_size * self.cfg.n_heads * max_len * self.cfg.head_dim, dtype,
+        spare = KVStorage(batch_size * self.cfg.n_heads * max_len * self.cfg.head_dim, dtype,
                              ref.device) if sliced else None
         for block in self.blocks:
             for attn in block.attentions():
