@@ -1,5 +1,5 @@
 """Fast decoding: the speed switches (sliced attention, compaction, fused QKV) never change a shower,
-for a given seed and sampler; both samplers draw from the right distribution."""
+for a given seed, sampler and MoE routing; both samplers draw from the right distribution."""
 
 import numpy as np
 import pytest
@@ -48,6 +48,22 @@ def test_switches_give_identical_tokens(small, sampler):
               for o in (DecodeOptions(sampler=sampler).plain(), DecodeOptions(sampler=sampler))]
     assert torch.equal(capped[0].voxel_tokens, capped[1].voxel_tokens)
     assert torch.equal(capped[0].capped, capped[1].capped)
+
+
+def test_compaction_keeps_at_least_the_minimum_rows(small, monkeypatch):
+    """Compaction stops at COMPACT_MIN_ROWS rows (the sgemm kernels round 1-3 rows differently)."""
+    from calofm.generation.decode import COMPACT_MIN_ROWS
+
+    net, tok = small.model, small.tokenizer
+    kept = []
+    select = type(net).select_cache_rows
+    monkeypatch.setattr(type(net), "select_cache_rows", lambda self, rows: (kept.append(len(rows)), select(self, rows)))
+    B = 10
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
+    decode(net, inc, torch.full((B,), tok.material_id("W")), torch.full((B,), tok.particle_id("gamma")),
+           tok.max_hits, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3),
+           options=DecodeOptions(compact_fraction=0.05))
+    assert len(kept) >= 3 and min(kept) >= COMPACT_MIN_ROWS  # compacted often, never below the floor
 
 
 def test_generate_options_plumbing(small):

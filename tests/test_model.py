@@ -88,6 +88,62 @@ def test_routing_never_leaves_the_material_group():
         h.remove()
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_decode_routing_plan_matches_forward(top_k):
+    """MaterialMoE.decode (a per-material plan, every expert of the group run and gated) gives forward's
+    output on the rows it computes and 0 on the rows it leaves out; rows of a new material (an added
+    group) go to its experts only."""
+    from calofm.model.moe import routing_plan
+
+    tok = make_tokenizer()
+    model = tiny_model(tok, top_k=top_k).eval()
+    new_id = model.add_material()
+    torch.manual_seed(1)
+    B, d = 11, model.cfg.d_model
+    material = torch.tensor([0, 2, 2, 1, new_id, 0, 1, 2, new_id, 0, 2])
+    live = torch.tensor([True, True, False, True, True, True, False, True, True, True, True])
+    x = torch.randn(B, 1, d)
+    for block in model.blocks:
+        for group in block.moe.groups:
+            torch.nn.init.normal_(group.router.weight, std=1.0)  # routers that pick both experts
+    moe = model.blocks[0].moe
+    with torch.no_grad():
+        ref, _ = moe(x[:, 0], material)
+        for plan_live in (None, live):
+            y = moe.decode(x, routing_plan(material, plan_live))[:, 0]
+            rows = torch.ones(B, dtype=torch.bool) if plan_live is None else plan_live
+            assert torch.allclose(y[rows], ref[rows], atol=1e-6, rtol=1e-5)
+            assert torch.equal(y[~rows], torch.zeros_like(y[~rows]))
+        # a material's rows change only through its own group: zeroing another group changes nothing
+        plan = routing_plan(material)
+        before = moe.decode(x, plan)
+        torch.nn.init.zeros_(moe.groups[1].experts[0].fc2.weight)
+        after = moe.decode(x, plan)
+    changed = (before != after).any(-1).any(-1)
+    assert changed.any() and torch.equal(changed, (material == 1) & changed)
+    single = routing_plan(torch.full((4,), 2))
+    assert single.rows is None and single.groups == [(2, None)]
+
+
+def test_decode_holds_vocabulary_matrices_in_the_compute_dtype():
+    tok = make_tokenizer()
+    model = tiny_model(tok).eval()
+    h = torch.randn(3, model.cfg.d_model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model.voxel_logits(h)
+        model.setup_cache(3, 8, dtype=torch.bfloat16)
+        try:
+            assert model.voxel_head.held.dtype == torch.bfloat16  # heads: no cast at every step
+            assert model.voxel_emb.held.dtype == torch.float32  # embeddings: the fp32 residual stream
+            assert torch.equal(model.voxel_emb.held, torch.cat(list(model.voxel_emb.tables)))
+            held = model.voxel_logits(h)
+        finally:
+            model.clear_cache()
+    assert torch.equal(held, ref)  # autocast rounds the fp32 tables to bf16 the same way
+    assert all(t.held is None for t in model.block_tables())
+    assert not any("held" in k for k in model.state_dict())
+
+
 def test_add_material_keeps_old_parameters_bit_identical():
     tok = make_tokenizer()
     model = tiny_model(tok)

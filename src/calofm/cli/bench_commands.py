@@ -10,6 +10,7 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import replace
 
 
 def register(sub) -> None:
@@ -178,11 +179,12 @@ def cmd_bench_generate(args) -> None:
         n = args.ablation_n
         # name -> (decoder options, precision, two-stage totals); timed in this order, "all on" first
         variants = {"all on": (DecodeOptions(), "fp32", None),
-                    "all off": (DecodeOptions(sampler="exp").plain(), "fp32", None),
+                    "all off": (replace(DecodeOptions(sampler="exp").plain(), routing_plan=False), "fp32", None),
                     "sliced_attention off": (DecodeOptions(sliced_attention=False), "fp32", None),
                     "sampler exp (cdf off)": (DecodeOptions(sampler="exp"), "fp32", None),
                     "compact off": (DecodeOptions(compact=False), "fp32", None),
-                    "fused_qkv off": (DecodeOptions(fused_qkv=False), "fp32", None)}
+                    "fused_qkv off": (DecodeOptions(fused_qkv=False), "fp32", None),
+                    "routing_plan off": (DecodeOptions(routing_plan=False), "fp32", None)}
         if args.compile:
             variants["all on + torch.compile"] = (DecodeOptions(compile=True), "fp32", None)
         variants["all on + bf16 autocast"] = (DecodeOptions(), "bf16", None)

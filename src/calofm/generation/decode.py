@@ -9,7 +9,8 @@ reached (then EOS is forced and the shower counted as capped). At each step:
 
 Speed switches (DecodeOptions; see docs/speed.md for what each gains). With a given seed the showers
 do not depend on sliced_attention / compact / fused_qkv (tests/test_fast_decode.py); the sampler
-changes which random numbers are drawn, so it gives other (equally distributed) showers:
+changes which random numbers are drawn and routing_plan the last bits of the MoE output, so they give
+other (equally distributed) showers:
 - sliced_attention: a KV cache only as wide as the filled prefix (rounded up to 16 slots, contiguous,
   see model.kv_cache.KVCache) instead of the masked full static cache (keep it off for static
   shapes, e.g. CUDA graphs);
@@ -18,6 +19,9 @@ changes which random numbers are drawn, so it gives other (equally distributed) 
 - compact: once a fraction `compact_fraction` of the batch has finished, drop the finished showers
   from the batch and from the cache rows, so they stop costing compute. Random numbers are drawn
   for the original batch and indexed, so every shower sees the same draws as without compaction;
+- routing_plan: the MoE finds each material's rows once per batch (again after a compaction) instead
+  of by a nonzero per group, layer and step, runs every expert of the group on those rows (gated,
+  see model.moe) and computes no auxiliary loss; finished showers, fed PAD, go through it too;
 - fused_qkv: one (3d, d) projection for q, k, v, built at decode time from the separate weights
   (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
 - compile: torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's chunk sums
@@ -42,7 +46,14 @@ import torch
 
 from calofm.generation.sampler import SAMPLERS, SamplingConfig, sample
 from calofm.model import ShowerTransformer
+from calofm.model.moe import routing_plan
 from calofm.tokenizer import BOS, EOS, PAD, Block
+
+
+# compaction never leaves fewer rows than this: the CPU sgemm kernels round a row differently when
+# given 1-3 rows than when given 4 or more (checked for every layer shape of calofm-small), so a
+# smaller compacted batch could flip a token against the uncompacted decode
+COMPACT_MIN_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,7 @@ class DecodeOptions:
     compact: bool = True
     compact_fraction: float = 0.25  # compact once this fraction of the current batch has finished
     fused_qkv: bool = True
+    routing_plan: bool = True
     compile: bool = False
 
     def __post_init__(self):
@@ -61,7 +73,10 @@ class DecodeOptions:
             raise ValueError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
 
     def plain(self) -> DecodeOptions:
-        """The same sampler with every other optimization off (the reference the fast path must match)."""
+        """The same sampler and MoE routing with every other optimization off (the reference the fast
+        path must match bit for bit). The routing is kept: the plan runs the experts over other row
+        subsets, and the CPU matmul kernels round a row differently depending on how many rows they
+        get, so it changes the last bits (tests/test_fast_decode.py compares the two MoE paths)."""
         return replace(self, sliced_attention=False, compact=False, fused_qkv=False, compile=False)
 
 
@@ -138,12 +153,14 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     def draw(logits: torch.Tensor) -> torch.Tensor:
         return sample(logits, sampling, generator, opt.sampler, orig, B0, cdf_fn)
 
+    plan = routing_plan(material) if opt.routing_plan else None
+    plan_at = (B, 0)  # (rows in flight, finished among them) when the plan was made
     model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
                       fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
     try:
         start = torch.full((B, 2), PAD, dtype=torch.long, device=device)
         start[:, 1] = BOS
-        h, _ = model.hidden(start, start, incident, material, particle, start=0)  # prefill [COND, BOS]
+        h, _ = model.hidden(start, start, incident, material, particle, start=0, plan=plan)  # [COND, BOS]
         h = h[:, -1]
         for t in range(max_hits + 1):
             if t == max_hits:  # EOS forced
@@ -171,10 +188,12 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             else:
                 out_v[orig, t], out_e[orig, t] = v_in, e_in
             hit_voxels[:, t] = v_in
+            if plan is not None and plan_at != (B, n_done):  # finished showers leave the MoE
+                plan, plan_at = routing_plan(material, None if n_done == 0 else ~done), (B, n_done)
             h, _ = model.hidden(v_in[:, None], e_in[:, None], incident, material, particle, start=t + 2,
-                                valid=is_hit[:, None])
+                                valid=is_hit[:, None], plan=plan)
             h = h[:, -1]
-            if opt.compact and n_done > 0 and n_done >= opt.compact_fraction * B:
+            if opt.compact and n_done > 0 and n_done >= opt.compact_fraction * B and B - n_done >= COMPACT_MIN_ROWS:
                 keep = (~done).nonzero().squeeze(1)
                 orig = keep if orig is None else orig[keep]
                 h, hit_voxels, done = h[keep], hit_voxels[keep], done[keep]

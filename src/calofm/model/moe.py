@@ -13,6 +13,15 @@ and contribute nothing):
 - Switch load balance, L = N * sum_i f_i P_i with f_i the fraction of the group's routing
   assignments that went to expert i and P_i its mean router probability (1 when balanced);
 - router z-loss, mean(logsumexp(logits)^2), keeps router logits small (stable in bf16).
+
+Decoding uses `MaterialMoE.decode` instead of `forward`: the running rows and the rows of each material
+are found once (a `RoutingPlan`, rebuilt only when a shower finishes or the batch changes) instead of
+by a nonzero per group, layer and step; no auxiliary loss is computed; and inside a group every expert
+runs on all the group's rows, weighted by the top-k gate (zero for the experts not chosen), instead of
+on the rows routed to it: twice the expert FLOPs with two experts per material, but no data-dependent
+shapes or host syncs, the better deal at decode batch sizes (see docs/speed.md). The sum is the same
+as forward's (adding an exact zero changes nothing), but the CPU matmul kernels round a row
+differently depending on how many rows they get, so the two agree to float precision, not bit for bit.
 """
 
 from __future__ import annotations
@@ -37,6 +46,24 @@ class MLP(nn.Module):
 
 
 @dataclass
+class RoutingPlan:
+    """Which rows of a decoding batch go through the MoE, and the material group of each."""
+
+    rows: torch.Tensor | None  # (n,) the rows computed (the showers still running); None = all
+    groups: list[tuple[int, torch.Tensor | None]]  # (material group, its positions among `rows`; None = all)
+
+
+def routing_plan(material: torch.Tensor, live: torch.Tensor | None = None) -> RoutingPlan:
+    """Material ids (B,) of a decoding batch and which rows still run (B,) bool, None = all -> plan."""
+    rows = None if live is None else live.nonzero().squeeze(1)
+    mat = material if rows is None else material[rows]
+    ids = mat.unique().tolist()
+    if len(ids) == 1:
+        return RoutingPlan(rows, [(ids[0], None)])
+    return RoutingPlan(rows, [(g, (mat == g).nonzero().squeeze(1)) for g in ids])
+
+
+@dataclass
 class MoEAux:
     lb: torch.Tensor  # scalar load-balance loss (token-weighted over routed groups)
     z: torch.Tensor  # scalar router z-loss
@@ -55,6 +82,20 @@ class ExpertGroup(nn.Module):
     def expert_output(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens; a subclass may change the experts, the routing stays here."""
         return self.experts[e](x)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., d) -> (..., d): every expert on every row, weighted by the top-k gates (zero for the
+        experts not chosen), no auxiliary losses; the same sum, in the same order, as forward."""
+        if self.router is None:
+            return self.expert_output(0, x)
+        probs = self.router(x).float().softmax(dim=-1)  # (..., E)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        gates = top_p if self.top_k == 1 else top_p / top_p.sum(dim=-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter_(-1, top_i, gates)  # (..., E)
+        y = torch.zeros_like(x)
+        for e in range(len(self.experts)):
+            y += (self.expert_output(e, x) * weights[..., e, None]).to(y.dtype)
+        return y
 
     def forward(self, x: torch.Tensor):
         """x (n, d) -> y (n, d), load-balance loss, z-loss, counts (E,)."""
@@ -112,3 +153,17 @@ class MaterialMoE(nn.Module):
                 lb_sum, z_sum, n_routed = lb_sum + lb * rows.numel(), z_sum + z * rows.numel(), n_routed + rows.numel()
         n = max(n_routed, 1)
         return y, MoEAux(lb_sum / n, z_sum / n, torch.cat(counts).detach())
+
+    def decode(self, x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d), routed as `plan` says (see routing_plan); rows it leaves out get 0.
+        The same sums, over the same rows, as forward, except that experts see their whole group."""
+        if plan.rows is not None:
+            y = self.decode(x[plan.rows], RoutingPlan(None, plan.groups))
+            return x.new_zeros(x.shape, dtype=y.dtype).index_copy(0, plan.rows, y)
+        y = self.shared(x).to(x.dtype) if self.shared is not None else torch.zeros_like(x)
+        for g, rows in plan.groups:
+            if rows is None:
+                y = y + self.groups[g].decode(x).to(y.dtype)
+            else:
+                y = y.index_add(0, rows, self.groups[g].decode(x[rows]).to(y.dtype))
+        return y

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from calofm.model.attention import CausalAttention, Rotary
-from calofm.model.blocks import BlockEmbedding, BlockHead
+from calofm.model.blocks import BlockEmbedding, BlockHead, BlockTables
 from calofm.model.config import ModelConfig
 from calofm.model.kv_cache import KVCache, KVStorage
-from calofm.model.moe import MLP, MaterialMoE, MoEAux
+from calofm.model.moe import MLP, MaterialMoE, MoEAux, RoutingPlan
 
 IGNORE = -100  # target id that the losses skip
 
@@ -52,14 +52,17 @@ class Block(nn.Module):
     def attentions(self) -> list[CausalAttention]:
         return [self.attn] if self.cross is None else [self.cross, self.attn]
 
-    def forward(self, x, pos, material, valid, mask, voxels=None):
+    def forward(self, x, pos, material, valid, mask, voxels=None, plan: RoutingPlan | None = None):
         """x (B, T, d); material (B,); valid (B, T) bool or None: padding skips the MoE (its output
         never reaches a real token: it sits after EOS, and attention is causal); voxels (B, T, d):
-        the voxel stream, for cross-attention."""
+        the voxel stream, for cross-attention. plan: decoding, the MoE routes by this per-material
+        plan (valid is then ignored: padding rows go through the MoE too) and returns no aux."""
         B, T, d = x.shape
         if self.cross is not None:
             x = x + self.drop(self.cross(self.ln_cross(x), pos, mask, kv=self.ln_voxels(voxels)))
         x = x + self.drop(self.attn(self.ln1(x), pos, mask))
+        if plan is not None:
+            return x + self.moe.decode(self.ln2(x), plan).to(x.dtype), None
         h = self.ln2(x).reshape(B * T, d)
         mat = material[:, None].expand(B, T).reshape(B * T)
         if valid is None:
@@ -146,9 +149,11 @@ class ShowerTransformer(nn.Module):
         return e + self.material_emb(material) + self.particle_emb(particle)
 
     def hidden(self, vox: torch.Tensor, en: torch.Tensor, incident: torch.Tensor, material: torch.Tensor,
-               particle: torch.Tensor, start: int = 0, valid: torch.Tensor | None = None):
-        """Tokens (B, T) at positions start..start+T-1 -> final hidden states (B, T, d), MoE aux per layer.
-        Position 0 (when start == 0) is the conditioning; its token ids are ignored."""
+               particle: torch.Tensor, start: int = 0, valid: torch.Tensor | None = None,
+               plan: RoutingPlan | None = None):
+        """Tokens (B, T) at positions start..start+T-1 -> final hidden states (B, T, d), MoE aux per layer
+        (None with a routing plan, see Block.forward). Position 0 (when start == 0) is the
+        conditioning; its token ids are ignored."""
         B, T = vox.shape
         self.context["material"], self.context["particle"] = material, particle
         voxels = None
@@ -170,7 +175,7 @@ class ShowerTransformer(nn.Module):
             mask = self.causal_mask[pos, : cache.span]  # (T, slots read): full buffer, or filled prefix
         auxes: list[MoEAux] = []
         for block in self.blocks:
-            x, aux = block(x, pos, material, valid, mask, voxels)
+            x, aux = block(x, pos, material, valid, mask, voxels, plan)
             auxes.append(aux)
         return self.ln_f(x), auxes
 
@@ -210,6 +215,8 @@ class ShowerTransformer(nn.Module):
         # sliced caches rewrite themselves into one shared spare storage (see KVCache)
         spare = KVStorage(batch_size * self.cfg.n_heads * max_len * self.cfg.head_dim, dtype,
                              ref.device) if sliced else None
+        for tables in self.block_tables():  # heads in the compute dtype; embeddings feed the fp32 stream
+            tables.hold_weight(dtype=dtype if isinstance(tables, BlockHead) else None)
         for block in self.blocks:
             for attn in block.attentions():
                 attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim, dtype,
@@ -222,7 +229,12 @@ class ShowerTransformer(nn.Module):
             for attn in block.attentions():
                 attn.kv_cache.select_rows(rows)
 
+    def block_tables(self) -> list[BlockTables]:
+        return [m for m in self.modules() if isinstance(m, BlockTables)]
+
     def clear_cache(self) -> None:
+        for tables in self.block_tables():
+            tables.hold_weight(False)
         for block in self.blocks:
             for attn in block.attentions():
                 attn.kv_cache = None
