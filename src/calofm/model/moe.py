@@ -54,13 +54,19 @@ class RoutingPlan:
 
 
 def routing_plan(material: torch.Tensor, live: torch.Tensor | None = None) -> RoutingPlan:
-    """Material ids (B,) of a decoding batch and which rows still run (B,) bool, None = all -> plan."""
+    """Material ids (B,) of a decoding batch and which rows still run (B,) bool, None = all -> plan.
+
+    A batch of one material computes all its rows, finished ones included: cheaper than gathering the
+    running ones, and as exact, since the CPU sgemm rounds a row the same way whatever the number of
+    rows from 4 up (see generation.decode.COMPACT_MIN_ROWS). A mixed batch computes only the running
+    rows, so that each group's experts see the same rows with or without compaction (a group's share
+    of the batch can drop below 4 rows)."""
+    ids = material.unique().tolist()
+    if len(ids) == 1:
+        return RoutingPlan(None, [(ids[0], None)])
     rows = None if live is None else live.nonzero().squeeze(1)
     mat = material if rows is None else material[rows]
-    ids = mat.unique().tolist()
-    if len(ids) == 1:
-        return RoutingPlan(rows, [(ids[0], None)])
-    return RoutingPlan(rows, [(g, (mat == g).nonzero().squeeze(1)) for g in ids])
+    return RoutingPlan(rows, [(g, (mat == g).nonzero().squeeze(1)) for g in mat.unique().tolist()])
 
 
 @dataclass
