@@ -1,7 +1,7 @@
 """Batched autoregressive decoding with the static KV cache.
 
 All sequences of a batch advance together, one position per step; each stops at its own EOS (after
-which it is fed PAD and skipped by the MoE) and the loop ends when all have stopped or max_hits is
+which it is fed PAD, and its outputs are ignored) and the loop ends when all have stopped or max_hits is
 reached (then EOS is forced and the shower counted as capped). At each step:
     voxel  ~ p(v | past), with PAD/BOS, voxels outside the model's geometry block and voxels already
              used by this shower masked out (a voxel is hit at most once);
@@ -51,8 +51,9 @@ from calofm.tokenizer import BOS, EOS, PAD, Block
 
 
 # compaction never leaves fewer rows than this: the CPU sgemm kernels round a row differently when
-# given 1-3 rows than when given 4 or more (checked for every layer shape of calofm-small), so a
-# smaller compacted batch could flip a token against the uncompacted decode
+# given 1-3 rows than when given 4 or more (observed with this CPU's BLAS on one thread, for every
+# layer shape of calofm-small; GPU BLAS picks kernels by row count too, with no such floor known), so
+# a smaller compacted batch could flip a token against the uncompacted decode
 COMPACT_MIN_ROWS = 4
 
 
@@ -155,9 +156,9 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
 
     plan = routing_plan(material) if opt.routing_plan else None
     plan_at = (B, 0)  # (rows in flight, finished among them) when the plan was made
-    model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
-                      fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
-    try:
+    try:  # setup_cache inside: clear_cache also undoes a partial set-up (held matrices, caches)
+        model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
+                          fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
         start = torch.full((B, 2), PAD, dtype=torch.long, device=device)
         start[:, 1] = BOS
         h, _ = model.hidden(start, start, incident, material, particle, start=0, plan=plan)  # [COND, BOS]
@@ -188,7 +189,8 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             else:
                 out_v[orig, t], out_e[orig, t] = v_in, e_in
             hit_voxels[:, t] = v_in
-            if plan is not None and plan_at != (B, n_done):  # finished showers leave the MoE
+            # finished showers leave a mixed batch's MoE (a one-material plan never changes)
+            if plan is not None and plan_at != (B, n_done) and (plan.rows is not None or len(plan.groups) > 1):
                 plan, plan_at = routing_plan(material, None if n_done == 0 else ~done), (B, n_done)
             h, _ = model.hidden(v_in[:, None], e_in[:, None], incident, material, particle, start=t + 2,
                                 valid=is_hit[:, None], plan=plan)

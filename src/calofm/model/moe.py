@@ -18,10 +18,11 @@ Decoding uses `MaterialMoE.decode` instead of `forward`: the running rows and th
 are found once (a `RoutingPlan`, rebuilt only when a shower finishes or the batch changes) instead of
 by a nonzero per group, layer and step; no auxiliary loss is computed; and inside a group every expert
 runs on all the group's rows, weighted by the top-k gate (zero for the experts not chosen), instead of
-on the rows routed to it: twice the expert FLOPs with two experts per material, but no data-dependent
-shapes or host syncs, the better deal at decode batch sizes (see docs/speed.md). The sum is the same
-as forward's (adding an exact zero changes nothing), but the CPU matmul kernels round a row
-differently depending on how many rows they get, so the two agree to float precision, not bit for bit.
+on the rows routed to it: with top-1 of two experts per material, twice the expert FLOPs, but no
+data-dependent shapes or host syncs, the better deal at decode batch sizes (see docs/speed.md). The
+sum is the same as forward's (adding an exact zero changes nothing; an unchosen expert's output must
+be finite, as it is in fp32 and bf16), but matmul kernels may round a row differently depending on how
+many rows they get, so the two agree to float precision, not always bit for bit.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def routing_plan(material: torch.Tensor, live: torch.Tensor | None = None) -> Ro
     """Material ids (B,) of a decoding batch and which rows still run (B,) bool, None = all -> plan.
 
     A batch of one material computes all its rows, finished ones included: cheaper than gathering the
-    running ones, and as exact, since the CPU sgemm rounds a row the same way whatever the number of
-    rows from 4 up (see generation.decode.COMPACT_MIN_ROWS). A mixed batch computes only the running
+    running ones, and as exact, since the CPU sgemm was seen to round a row the same way whatever the
+    number of rows from 4 up (see generation.decode.COMPACT_MIN_ROWS). A mixed batch computes only the running
     rows, so that each group's experts see the same rows with or without compaction (a group's share
     of the batch can drop below 4 rows)."""
     ids = material.unique().tolist()

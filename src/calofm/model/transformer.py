@@ -56,13 +56,13 @@ class Block(nn.Module):
         """x (B, T, d); material (B,); valid (B, T) bool or None: padding skips the MoE (its output
         never reaches a real token: it sits after EOS, and attention is causal); voxels (B, T, d):
         the voxel stream, for cross-attention. plan: decoding, the MoE routes by this per-material
-        plan (valid is then ignored: padding rows go through the MoE too) and returns no aux."""
+        plan instead (valid is then ignored: the plan says which rows run) and returns no aux."""
         B, T, d = x.shape
         if self.cross is not None:
             x = x + self.drop(self.cross(self.ln_cross(x), pos, mask, kv=self.ln_voxels(voxels)))
         x = x + self.drop(self.attn(self.ln1(x), pos, mask))
         if plan is not None:
-            return x + self.moe.decode(self.ln2(x), plan).to(x.dtype), None
+            return x + self.drop(self.moe.decode(self.ln2(x), plan).to(x.dtype)), None
         h = self.ln2(x).reshape(B * T, d)
         mat = material[:, None].expand(B, T).reshape(B * T)
         if valid is None:
@@ -203,8 +203,10 @@ class ShowerTransformer(nn.Module):
     # --- decoding ---------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
                     sliced: bool = False, fused_qkv: bool = False, compiled_attention: bool = False) -> None:
-        """Set up a key/value cache of up to (B, H, S_max, D) in every layer (dtype: the weights' unless
-        given). sliced: buffers only as wide as the filled prefix (see KVCache); fused_qkv: one QKV
+        """Set up a key/value cache of up to (B, H, S_max, D) in every layer, and hold the vocabulary
+        matrices (see BlockTables.hold_weight). dtype: the decode's compute dtype, the weights' unless
+        given; the cache and the heads' held matrices take it (so a bf16 dtype is for decoding under
+        bf16 autocast). sliced: buffers only as wide as the filled prefix (see KVCache); fused_qkv: one QKV
         projection where q/k/v are plain Linears; compiled_attention: attention over a bf16 cache
         through torch.compile (see attention.attend_over_cache)."""
         max_len = max_len or self.cfg.max_seq_len
