@@ -10,7 +10,6 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import replace
 
 
 def register(sub) -> None:
@@ -179,7 +178,7 @@ def cmd_bench_generate(args) -> None:
         n = args.ablation_n
         # name -> (decoder options, precision, two-stage totals); timed in this order, "all on" first
         variants = {"all on": (DecodeOptions(), "fp32", None),
-                    "all off": (replace(DecodeOptions(sampler="exp").plain(), routing_plan=False), "fp32", None),
+                    "all off": (DecodeOptions(sampler="exp", routing_plan=False).plain(), "fp32", None),
                     "sliced_attention off": (DecodeOptions(sliced_attention=False), "fp32", None),
                     "sampler exp (cdf off)": (DecodeOptions(sampler="exp"), "fp32", None),
                     "compact off": (DecodeOptions(compact=False), "fp32", None),

@@ -19,9 +19,11 @@ other (equally distributed) showers:
 - compact: once a fraction `compact_fraction` of the batch has finished, drop the finished showers
   from the batch and from the cache rows, so they stop costing compute. Random numbers are drawn
   for the original batch and indexed, so every shower sees the same draws as without compaction;
-- routing_plan: the MoE finds each material's rows once per batch (again after a compaction) instead
-  of by a nonzero per group, layer and step, runs every expert of the group on those rows (gated,
-  see model.moe) and computes no auxiliary loss; finished showers, fed PAD, go through it too;
+- routing_plan: the MoE finds its rows once (a model.moe.RoutingPlan) instead of by a nonzero per
+  group, layer and step, runs every expert of the group on those rows (gated, see model.moe) and
+  computes no auxiliary loss. A one-material batch runs all its rows, finished ones (fed PAD)
+  included, with one plan for the whole decode; a mixed batch runs the showers still in flight, its
+  plan remade when one finishes;
 - fused_qkv: one (3d, d) projection for q, k, v, built at decode time from the separate weights
   (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
 - compile: torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's chunk sums
@@ -77,7 +79,7 @@ class DecodeOptions:
         """The same sampler and MoE routing with every other optimization off (the reference the fast
         path must match bit for bit). The routing is kept: the plan runs the experts over other row
         subsets, and the CPU matmul kernels round a row differently depending on how many rows they
-        get, so it changes the last bits (tests/test_fast_decode.py compares the two MoE paths)."""
+        get, so it changes the last bits (tests/test_model.py compares the two MoE paths)."""
         return replace(self, sliced_attention=False, compact=False, fused_qkv=False, compile=False)
 
 
@@ -189,13 +191,12 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             else:
                 out_v[orig, t], out_e[orig, t] = v_in, e_in
             hit_voxels[:, t] = v_in
-            # finished showers leave a mixed batch's MoE (a one-material plan never changes)
-            if plan is not None and plan_at != (B, n_done) and (plan.rows is not None or len(plan.groups) > 1):
+            if plan is not None and not plan.one_material and plan_at != (B, n_done):  # finished rows leave
                 plan, plan_at = routing_plan(material, None if n_done == 0 else ~done), (B, n_done)
             h, _ = model.hidden(v_in[:, None], e_in[:, None], incident, material, particle, start=t + 2,
                                 valid=is_hit[:, None], plan=plan)
             h = h[:, -1]
-            if opt.compact and n_done > 0 and n_done >= opt.compact_fraction * B and B - n_done >= COMPACT_MIN_ROWS:
+            if opt.compact and n_done >= opt.compact_fraction * B and B - n_done >= COMPACT_MIN_ROWS:
                 keep = (~done).nonzero().squeeze(1)
                 orig = keep if orig is None else orig[keep]
                 h, hit_voxels, done = h[keep], hit_voxels[keep], done[keep]

@@ -53,14 +53,19 @@ class RoutingPlan:
     rows: torch.Tensor | None  # (n,) the rows computed (the showers still running); None = all
     groups: list[tuple[int, torch.Tensor | None]]  # (material group, its positions among `rows`; None = all)
 
+    @property
+    def one_material(self) -> bool:
+        """All rows, one group: the plan stays valid while showers finish and the batch is compacted."""
+        return self.rows is None and len(self.groups) == 1
+
 
 def routing_plan(material: torch.Tensor, live: torch.Tensor | None = None) -> RoutingPlan:
     """Material ids (B,) of a decoding batch and which rows still run (B,) bool, None = all -> plan.
 
     A batch of one material computes all its rows, finished ones included: cheaper than gathering the
     running ones, and as exact, since the CPU sgemm was seen to round a row the same way whatever the
-    number of rows from 4 up (see generation.decode.COMPACT_MIN_ROWS). A mixed batch computes only the running
-    rows, so that each group's experts see the same rows with or without compaction (a group's share
+    number of rows from 4 up (see generation.decode.COMPACT_MIN_ROWS). A mixed batch computes only the
+    running rows, so that each group's experts see the same rows with or without compaction (a group's share
     of the batch can drop below 4 rows)."""
     ids = material.unique().tolist()
     if len(ids) == 1:
