@@ -21,9 +21,14 @@ SWITCHES = [dict(), dict(sliced_attention=False), dict(compact=False), dict(fuse
             dict(compact_fraction=1.0), dict(compact_fraction=0.05)]
 
 
-@pytest.mark.parametrize("sampler,mats", [("cdf", ["W", "Cu", "Pb", "Ta"]), ("exp", ["W", "Cu", "Pb", "Ta"]),
-                                          ("cdf", ["Pb"])])  # one material: the MoE plan keeps finished rows
-def test_switches_give_identical_tokens(small, sampler, mats):
+MIN_P = (SamplingConfig(min_p=3e-3), SamplingConfig(min_p=1e-2))  # (voxel, energy)
+
+
+@pytest.mark.parametrize("sampler,mats,min_p", [("cdf", ["W", "Cu", "Pb", "Ta"], None),
+                                                ("exp", ["W", "Cu", "Pb", "Ta"], None),
+                                                ("cdf", ["Pb"], None),  # one material: the MoE plan keeps finished rows
+                                                ("cdf", ["W", "Pb"], MIN_P)])
+def test_switches_give_identical_tokens(small, sampler, mats, min_p):
     torch.set_num_threads(1)
     net, tok = small.model, small.tokenizer
     B = 12
@@ -31,9 +36,11 @@ def test_switches_give_identical_tokens(small, sampler, mats):
     mat = torch.tensor([tok.material_id(mats[i % len(mats)]) for i in range(B)])
     par = torch.tensor([tok.particle_id("e-" if i % 3 == 0 else "gamma") for i in range(B)])  # LoRA on some rows
 
+    voxel_sampling, energy_sampling = min_p or (SamplingConfig(), None)
+
     def run(opt):
-        return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block,
-                      generator=torch.Generator().manual_seed(7), options=opt)
+        return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block, voxel_sampling,
+                      generator=torch.Generator().manual_seed(7), options=opt, energy_sampling=energy_sampling)
 
     ref = run(DecodeOptions(sampler=sampler).plain())
     assert len(set(ref.n_hits.tolist())) > 1  # showers finish at different steps: compaction happens
@@ -105,6 +112,29 @@ def test_samplers_distribution_and_row_selection(method):
     assert torch.equal(part, full[rows])
 
 
+@pytest.mark.parametrize("method,dtype", [("cdf", torch.float32), ("cdf", torch.bfloat16), ("exp", torch.float32)])
+def test_min_p_drops_the_tokens_below_its_fraction_of_the_mode(method, dtype):
+    """Tokens with p < min_p * p_max are never drawn, the others keep their relative frequencies;
+    across chunks of the cdf search, including a chunk with nothing above the cut."""
+    from calofm.generation.sampler import CHUNK, chunk_sums
+
+    V = 3 * CHUNK + 7
+    row = torch.full((V,), float("-inf"))
+    ratio = {0: 1.0, CHUNK + 3: 0.5, 2 * CHUNK + 1: 0.02, 2 * CHUNK + 2: 0.005, CHUNK + 9: 0.001, V - 1: 0.2}
+    for i, r in ratio.items():
+        row[i] = float(np.log(r))
+    cfg = SamplingConfig(min_p=0.01)  # keeps 1, 0.5, 0.2, 0.02; drops 0.005, 0.001
+    draws = sample(row.repeat(40000, 1).to(dtype), cfg, torch.Generator().manual_seed(2), method)
+    kept = [i for i, r in ratio.items() if r >= 0.01]
+    assert set(draws.unique().tolist()) <= set(kept)
+    want = torch.tensor([ratio[i] for i in kept], dtype=torch.float64)
+    freq = torch.bincount(draws, minlength=V).double()[kept] / len(draws)
+    assert torch.allclose(freq, want / want.sum(), atol=0.01)
+    # the chunk sums leave the cut tokens out: chunk 1 holds 0.5 and the dropped 0.001
+    m, sums = chunk_sums(row[None].to(dtype), cfg.log_min_p)
+    assert torch.allclose(sums[0, 1], torch.tensor(0.5), rtol=1e-2) and float(m) == float(row.max())
+
+
 def test_compiled_step_matches_eager_numerically_and_decodes(small):
     """torch.compile of the heads, the sampler's weights and the cached attention: same values up to
     rounding (fused kernels may differ in the last bit, so tokens are compared by distribution, not
@@ -122,8 +152,9 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     assert torch.allclose(energy_logits(h, v), net.energy_logits(h, v), atol=1e-4)
     logits = torch.randn(5, 300).masked_fill(torch.rand(5, 300) < 0.3, float("-inf"))
     for x in (logits, logits.bfloat16()):  # bf16: the logits of a bf16 decode, read as they are
-        for got, want in zip(cdf_fn(x), chunk_sums(x)):
-            assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5)
+        for log_min_p in (float("-inf"), np.log(0.05)):  # min-p off and on
+            for got, want in zip(cdf_fn(x, log_min_p), chunk_sums(x, log_min_p)):
+                assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5)
     q, k, v = torch.randn(3, 4, 1, 32), torch.randn(3, 4, 40, 32), torch.randn(3, 4, 40, 32)
     mask = torch.arange(40)[None] < 33  # (1, S): the last slots are not filled yet
     want = (q @ k.transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
@@ -172,8 +203,8 @@ def test_cdf_sampler_stays_inside_a_chunk_whose_recomputed_weights_underflow():
     row[2 * CHUNK + 2:2 * CHUNK + 9] = -200.0  # finite, but exp(-200) is 0 in fp32
     logits = row.repeat(50, 1)
 
-    def disagreeing(x):  # claims all the weight is in chunk 2
-        m, sums = chunk_sums(x)
+    def disagreeing(x, log_min_p):  # claims all the weight is in chunk 2
+        m, sums = chunk_sums(x, log_min_p)
         return m, torch.zeros_like(sums).index_fill_(1, torch.tensor([2]), 1.0)
 
     tokens = sample(logits, SamplingConfig(), torch.Generator().manual_seed(0), "cdf", cdf_fn=disagreeing)

@@ -1,5 +1,7 @@
 """Generation: sampling rules, per-sequence EOS, no duplicate voxels, reproducibility, output file."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,14 @@ def test_sampler_rules():
     assert torch.allclose(freq, logits[0].softmax(-1).double(), atol=0.03)
     kept = torch.isfinite(filter_logits(logits[:1], SamplingConfig(top_p=0.8)))
     assert kept.tolist() == [[True, True, False, False, False]]  # 0.63 < 0.8 <= 0.63 + 0.23
+    # min-p: p / p_max = 1, e^-1, e^-1.5, e^-3: 0.2 keeps the first three
+    kept = torch.isfinite(filter_logits(logits[:1], SamplingConfig(min_p=0.2)))
+    assert kept.tolist() == [[True, True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits[:1], SamplingConfig(min_p=0.2), with_min_p=False)[0, 3])
+    assert torch.all(sample(logits, SamplingConfig(min_p=1.0), g) == 0)  # only the mode is left
+    for bad in (dict(min_p=-0.1), dict(min_p=1.5), dict(top_p=0.0), dict(temperature=-1.0)):
+        with pytest.raises(ValueError, match="invalid sampling settings"):
+            SamplingConfig(**bad)
 
 
 def test_decode_stops_per_sequence_and_never_repeats_a_voxel(model):
@@ -74,3 +84,32 @@ def test_api_generate_is_reproducible_and_writes_the_simulator_layout(model, tmp
         model.generate(2, material="W", energy_GeV="100:10")
     with pytest.raises(CalofmError):
         model.generate(2, material="W", top_p=0.0)
+    with pytest.raises(CalofmError, match="min_p"):
+        model.generate(2, material="W", min_p_energy=2.0)
+
+
+def test_generate_passes_each_head_its_own_min_p(model, monkeypatch, tmp_path):
+    """generate's min_p_voxel / min_p_energy reach the sampler of their own head (told apart by the
+    vocabulary width), defaults included, and are written to the output file."""
+    import sys
+
+    from calofm.data import read_showers
+    from calofm.generation.sampler import DEFAULT_MIN_P
+
+    decode_module = sys.modules["calofm.generation.decode"]  # the package exports a function of that name
+    seen = {}
+    real = decode_module.sample
+
+    def spy(logits, cfg, *args, **kwargs):
+        seen.setdefault(logits.shape[1], set()).add(cfg.min_p)
+        return real(logits, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(decode_module, "sample", spy)
+    n_voxel, n_energy = model.model.cfg.n_voxel_tokens, model.model.cfg.n_energy_tokens
+    model.generate(3, material="W", seed=1, min_p_voxel=0.02, min_p_energy=0.0, output=str(tmp_path / "a.h5"))
+    assert seen == {n_voxel: {0.02}, n_energy: {0.0}}
+    seen.clear()
+    model.generate(3, material="W", seed=1)
+    assert seen == {n_voxel: {DEFAULT_MIN_P["voxel"]}, n_energy: {DEFAULT_MIN_P["energy"]}}
+    attrs = read_showers(str(tmp_path / "a.h5"))[2].attrs  # dicts are stored as JSON
+    assert json.loads(attrs["sampling"])["min_p"] == 0.02 and json.loads(attrs["energy_sampling"])["min_p"] == 0.0

@@ -51,6 +51,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    p.add_argument("--min-p-voxel", type=float, default=None,
+                   help="drop voxels less probable than this fraction of the most probable one "
+                        "(0: off; default: calofm.generation.sampler.DEFAULT_MIN_P, see docs/model.md)")
+    p.add_argument("--min-p-energy", type=float, default=None, help="the same for the energy bins")
     p.add_argument("--batch-size", type=int, default=256, help="showers decoded together")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
@@ -131,11 +135,13 @@ def cmd_generate(args) -> None:
     if args.n <= 0:
         raise CalofmError(f"--n must be > 0, got {args.n}")
     model = load_with_adapters(args.model, args.adapter, device=args.device)
+    min_p = {f"min_p_{head}": value for head, value in (("voxel", args.min_p_voxel), ("energy", args.min_p_energy))
+             if value is not None}  # unset: the generate() defaults
     t0 = time.time()
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, batch_size=args.batch_size, precision=args.precision, output=args.output,
-                   progress=not args.no_progress, totals=args.totals,
+                   top_p=args.top_p, **min_p, batch_size=args.batch_size, precision=args.precision,
+                   output=args.output, progress=not args.no_progress, totals=args.totals,
                    options=DecodeOptions(compile=True) if args.compile else None)
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "

@@ -131,9 +131,10 @@ def _cache_dtype(device: torch.device) -> torch.dtype | None:
 def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
            max_hits: int, voxel_block: Block, energy_block: Block, sampling: SamplingConfig = SamplingConfig(),
            generator: torch.Generator | None = None, options: DecodeOptions | None = None,
-           target_hits: torch.Tensor | None = None) -> DecodeResult:
+           target_hits: torch.Tensor | None = None, energy_sampling: SamplingConfig | None = None) -> DecodeResult:
     """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens.
 
+    sampling: how voxels are drawn, and energies too unless energy_sampling is given.
     target_hits (B,): hold shower i to exactly target_hits[i] hits (EOS masked before, forced there);
     values above max_hits are capped. The random stream is the same with or without it."""
     opt = options or DecodeOptions()
@@ -153,8 +154,10 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     if opt.compile:
         voxel_logits, energy_logits, cdf_fn = _compiled(model)
 
-    def draw(logits: torch.Tensor) -> torch.Tensor:
-        return sample(logits, sampling, generator, opt.sampler, orig, B0, cdf_fn)
+    energy_sampling = energy_sampling or sampling
+
+    def draw(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+        return sample(logits, cfg, generator, opt.sampler, orig, B0, cdf_fn)
 
     plan = routing_plan(material) if opt.routing_plan else None
     plan_at = (B, 0)  # (rows in flight, finished among them) when the plan was made
@@ -175,7 +178,7 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             if target_hits is not None:
                 stop = t >= (target_hits if orig is None else target_hits[orig])  # (B,)
                 logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
-            v = draw(logits)
+            v = draw(logits, sampling)
             if target_hits is not None:
                 v = torch.where(stop, EOS, v)
             is_hit = ~done & (v != EOS)
@@ -184,7 +187,7 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
             n_done = int(done.sum())  # the one host sync per step
             if n_done == B:
                 break
-            e = draw(energy_logits(h, v).index_fill_(1, energy_off, float("-inf")))
+            e = draw(energy_logits(h, v).index_fill_(1, energy_off, float("-inf")), energy_sampling)
             v_in, e_in = torch.where(is_hit, v, PAD), torch.where(is_hit, e, PAD)
             if orig is None:
                 out_v[:, t], out_e[:, t] = v_in, e_in

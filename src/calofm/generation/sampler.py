@@ -1,4 +1,4 @@
-"""Next-token sampling: temperature, top-k, top-p, without host synchronization.
+"""Next-token sampling: temperature, top-k, top-p, min-p, without host synchronization.
 
 Two exact ways to draw from the categorical distribution p (both sync-free, no multinomial):
 - "cdf" (default): inverse CDF, the first token i with cumsum(p)_i > u * sum(p), u ~ U[0, 1): one
@@ -19,6 +19,7 @@ are still in the batch (decoding drops finished showers, see decode.DecodeOption
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +27,42 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
+    """How one head's tokens are drawn. min_p drops the tokens less probable than min_p times the most
+    probable one (relative to the row's mode, unlike top-p's cumulative mass): the far tail of a softmax
+    that no training example supports (see DEFAULT_MIN_P)."""
+
     temperature: float = 1.0  # 0: greedy (argmax)
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+
+    def __post_init__(self):
+        if not (0 < self.top_p <= 1) or self.top_k < 0 or self.temperature < 0 or not 0 <= self.min_p <= 1:
+            raise ValueError(f"invalid sampling settings {self} (temperature >= 0, top_k >= 0, "
+                             "0 < top_p <= 1, 0 <= min_p <= 1)")
+
+    @property
+    def log_min_p(self) -> float:
+        """ln(min_p): a token is kept when logit - max logit >= this (-inf: all kept)."""
+        return math.log(self.min_p) if self.min_p > 0 else -math.inf
 
 
-def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Apply temperature, top-k and top-p (nucleus) to (B, V) logits; removed entries become -inf.
-    Without any of them the logits come back as they are (no fp32 copy: the samplers accumulate in fp32)."""
-    if cfg.temperature == 1.0 and not cfg.top_k and cfg.top_p >= 1.0:
+# Generation defaults of calofm.generate, per head, from benchmarks/min_p_study.py (docs/model.md): the
+# pair with the best mean AUC over W, Ta and Cu photons among those that make no material worse than
+# no cut. Without them ~2 % of generated W showers held a cell above anything in 10 000 simulated ones
+# (up to 7 GeV where the simulator's largest is 0.3 GeV): the energy head's softmax leaves a little
+# mass on every one of its 1389 bins up to 10 GeV, and a shower makes ~180 draws; the visible-energy
+# resolution came out 3-5x the simulator's. Stronger voxel cuts help W and Ta more but trim the genuine
+# halo of the sparse, leaking Cu showers (high-level AUC 0.59 -> 0.79 at 3e-3).
+DEFAULT_MIN_P = {"voxel": 3e-4, "energy": 3e-3}
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, with_min_p: bool = True) -> torch.Tensor:
+    """Apply temperature, top-k, top-p (nucleus) and (unless with_min_p is False) min-p to (B, V) logits;
+    removed entries become -inf. Without any of them the logits come back as they are (no fp32 copy:
+    the samplers accumulate in fp32)."""
+    min_p = cfg.min_p if with_min_p else 0.0
+    if cfg.temperature == 1.0 and not cfg.top_k and cfg.top_p >= 1.0 and min_p <= 0:
         return logits
     logits = logits.float()
     if cfg.temperature != 1.0:
@@ -48,6 +76,8 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         # drop a token when the tokens before it already reach top_p (the top token always stays)
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= cfg.top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    if min_p > 0:
+        logits = logits.masked_fill(logits - logits.amax(dim=-1, keepdim=True) < math.log(min_p), float("-inf"))
     return logits
 
 
@@ -55,18 +85,26 @@ SAMPLERS = ("cdf", "exp")
 CHUNK = 64  # tokens per chunk of the two-level inverse-CDF search
 
 
-def chunk_sums(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, V) logits -> their row maxima (B, 1) and the sums of exp(logit - max) over each chunk of
-    CHUNK tokens (B, C), in fp32; the last chunk may be shorter. The whole chunks and the short one are
-    summed apart: padding the logits to whole chunks instead made the compiled kernel 1.8x slower
-    (batch 1000 x 4503 on the 2-core CPU: 4.5 ms against 2.5)."""
+def weights(logits: torch.Tensor, m: torch.Tensor, log_min_p: float) -> torch.Tensor:
+    """Unnormalized probabilities exp(logit - m) in fp32, zero where logit - m < log_min_p (min-p)."""
+    d = logits.float() - m
+    if log_min_p == -math.inf:
+        return d.exp()
+    return torch.where(d >= log_min_p, d.exp(), 0.0)
+
+
+def chunk_sums(logits: torch.Tensor, log_min_p: float = -math.inf) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V) logits -> their row maxima (B, 1) and the sums of the weights (see `weights`) over each
+    chunk of CHUNK tokens (B, C), in fp32; the last chunk may be shorter. The whole chunks and the short
+    one are summed apart: padding the logits to whole chunks instead made the compiled kernel 1.8x
+    slower (batch 1000 x 4503 on the 2-core CPU: 4.5 ms against 2.5)."""
     B, V = logits.shape
     m = logits.amax(dim=-1, keepdim=True).float()
     whole = V // CHUNK * CHUNK
-    sums = (logits[:, :whole].float().view(B, -1, CHUNK) - m[:, :, None]).exp().sum(dim=-1)
+    sums = weights(logits[:, :whole].view(B, -1, CHUNK), m[:, :, None], log_min_p).sum(dim=-1)
     if whole == V:
         return m, sums
-    return m, torch.cat([sums, (logits[:, whole:].float() - m).exp().sum(dim=-1, keepdim=True)], dim=1)
+    return m, torch.cat([sums, weights(logits[:, whole:], m, log_min_p).sum(dim=-1, keepdim=True)], dim=1)
 
 
 def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
@@ -88,8 +126,8 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         return (probs / (q if rows is None else q[rows])).argmax(dim=-1)
     if method != "cdf":
         raise ValueError(f"unknown sampler {method!r} ({', '.join(SAMPLERS)})")
-    logits = filter_logits(logits, cfg)
-    m, sums = (cdf_fn or chunk_sums)(logits)  # (B, 1), (B, C)
+    logits = filter_logits(logits, cfg, with_min_p=False)  # min-p is applied to the weights below
+    m, sums = (cdf_fn or chunk_sums)(logits, cfg.log_min_p)  # (B, 1), (B, C)
     chunk_cdf = sums.cumsum(dim=-1)
     u = torch.rand((n, 1), dtype=chunk_cdf.dtype, device=logits.device, generator=generator)
     target = _below((u if rows is None else u[rows]) * chunk_cdf[:, -1:], chunk_cdf[:, -1:])  # (B, 1)
@@ -100,10 +138,10 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     before = torch.where(c > 0, chunk_cdf.gather(1, (c - 1).clamp(min=0)), 0.0)
     tokens = c * CHUNK + torch.arange(CHUNK, device=logits.device)  # (B, CHUNK), past V in the last chunk
     chunk = logits.gather(1, tokens.clamp(max=V - 1)).float().masked_fill(tokens >= V, float("-inf"))
-    inside = (chunk - m).exp().cumsum(dim=-1)
+    inside = weights(chunk, m, cfg.log_min_p).cumsum(dim=-1)
     i = torch.searchsorted(inside, _below(target - before, inside[:, -1:]), right=True)
-    # a compiled cdf_fn and this eager exp could round a chunk of weights near underflow (logit - max
-    # ~ -104) differently: positive there, all zero here. Then take the chunk's best token (finite)
-    # rather than index CHUNK, which is past the chunk
+    # a compiled cdf_fn and these eager weights could round a chunk of weights near underflow (logit -
+    # max ~ -104) differently: positive there, all zero here. Then take the chunk's best token (finite,
+    # and kept by min-p if any of the chunk is) rather than index CHUNK, which is past the chunk
     i = torch.where(inside[:, -1:] > 0, i, chunk.argmax(dim=-1, keepdim=True))
     return (c * CHUNK + i).squeeze(1)
