@@ -30,11 +30,14 @@ def evaluate(reference: str, generated: str, outdir: str, seed: int) -> dict:
     return {k: m[k] for k in KEYS} | {"noise_floor": {k: m["noise_floor"][k] for k in KEYS}}
 
 
+SAMPLING: dict = {}  # generate() keyword arguments; --no-min-p sets both cuts to 0
+
+
 def generate(model_dir: str, adapters: list[str], material: str, particle: str, n: int, path: str, seed: int) -> float:
     sm = load_with_adapters(model_dir, adapters)
     t = time.perf_counter()
     sm.generate(n, material=material, particle=particle, energy_GeV=(10, 100), seed=seed, output=path,
-                batch_size=500)
+                batch_size=500, **SAMPLING)
     return time.perf_counter() - t
 
 
@@ -80,9 +83,13 @@ def main() -> None:
                     help="add the --upper row to the existing --json result instead of rerunning everything")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-min-p", action="store_true",
+                    help="sample without min-p truncation (how the committed results were made, before it was the default)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
+    if args.no_min_p:
+        SAMPLING.update(min_p_voxel=0.0, min_p_energy=0.0)
 
     os.makedirs(args.out, exist_ok=True)
     trained = dict(item.split("=", 1) for item in args.trained)

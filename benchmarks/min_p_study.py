@@ -93,9 +93,22 @@ def physics(ref_path: str, gen_path: str) -> dict:
             "cx_sd_ratio": ratio(cx, np.std), "wx_mean_ratio": ratio(wx, np.mean), "wx_sd_ratio": ratio(wx, np.std)}
 
 
+def made_by(path: str, model, min_p_energy: float, min_p_voxel: float) -> bool:
+    """Whether a file kept from an earlier run is this model's sample with these cuts."""
+    if not os.path.exists(path):
+        return False
+    with h5py.File(path) as f:
+        attrs = {k: f.attrs.get(k) for k in ("model_sha256", "sampling", "energy_sampling")}
+    if None in attrs.values():
+        return False
+    return (attrs["model_sha256"] == model.manifest["weights"]["sha256"]
+            and json.loads(attrs["sampling"])["min_p"] == min_p_voxel
+            and json.loads(attrs["energy_sampling"])["min_p"] == min_p_energy)
+
+
 def generate(model, material: str, seed: int, min_p_energy: float, min_p_voxel: float, args) -> str:
-    path = os.path.join(args.data_dir, f"{material}_e{min_p_energy:g}_v{min_p_voxel:g}_s{seed}.h5")
-    if not os.path.exists(path):  # kept between runs: a rerun only re-evaluates
+    path = os.path.join(args.data_dir, f"{material}_n{args.n}_e{min_p_energy:g}_v{min_p_voxel:g}_s{seed}.h5")
+    if not made_by(path, model, min_p_energy, min_p_voxel):  # kept between runs: a rerun only re-evaluates
         model.generate(args.n, material=material, seed=seed, batch_size=1000, min_p_voxel=min_p_voxel,
                        min_p_energy=min_p_energy, output=path + ".tmp")
         os.replace(path + ".tmp", path)

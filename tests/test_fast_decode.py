@@ -114,25 +114,32 @@ def test_samplers_distribution_and_row_selection(method):
 
 @pytest.mark.parametrize("method,dtype", [("cdf", torch.float32), ("cdf", torch.bfloat16), ("exp", torch.float32)])
 def test_min_p_drops_the_tokens_below_its_fraction_of_the_mode(method, dtype):
-    """Tokens with p < min_p * p_max are never drawn, the others keep their relative frequencies;
-    across chunks of the cdf search, including a chunk with nothing above the cut."""
+    """Tokens with p < min_p * p_max are never drawn, the others keep their relative frequencies. The
+    cdf sampler must cut in both of its levels: a chunk holding only cut tokens (with more mass than
+    all kept ones together) must get no weight, and inside a chosen chunk a cut token placed before a
+    kept one must not be drawn."""
     from calofm.generation.sampler import CHUNK, chunk_sums
 
-    V = 3 * CHUNK + 7
+    V = 4 * CHUNK + 7
+    ratio = {0: 1.0, CHUNK + 2: 0.25, CHUNK + 9: 0.5, 3 * CHUNK + 1: 0.005, 3 * CHUNK + 4: 0.35, V - 1: 0.4}
+    ratio.update({2 * CHUNK + i: 0.25 for i in range(1, 11)})  # chunk 2: cut tokens only, mass 2.5
     row = torch.full((V,), float("-inf"))
-    ratio = {0: 1.0, CHUNK + 3: 0.5, 2 * CHUNK + 1: 0.02, 2 * CHUNK + 2: 0.005, CHUNK + 9: 0.001, V - 1: 0.2}
     for i, r in ratio.items():
         row[i] = float(np.log(r))
-    cfg = SamplingConfig(min_p=0.01)  # keeps 1, 0.5, 0.2, 0.02; drops 0.005, 0.001
-    draws = sample(row.repeat(40000, 1).to(dtype), cfg, torch.Generator().manual_seed(2), method)
-    kept = [i for i, r in ratio.items() if r >= 0.01]
+    row = row.to(dtype)  # bf16: the logits of a bf16 decode (rounding keeps every ratio on its side of 0.3)
+    cfg = SamplingConfig(min_p=0.3)
+    kept = [i for i, r in ratio.items() if r >= 0.3]
+    draws = sample(row.repeat(40000, 1), cfg, torch.Generator().manual_seed(2), method)
     assert set(draws.unique().tolist()) <= set(kept)
     want = torch.tensor([ratio[i] for i in kept], dtype=torch.float64)
     freq = torch.bincount(draws, minlength=V).double()[kept] / len(draws)
     assert torch.allclose(freq, want / want.sum(), atol=0.01)
-    # the chunk sums leave the cut tokens out: chunk 1 holds 0.5 and the dropped 0.001
-    m, sums = chunk_sums(row[None].to(dtype), cfg.log_min_p)
-    assert torch.allclose(sums[0, 1], torch.tensor(0.5), rtol=1e-2) and float(m) == float(row.max())
+    m, sums = chunk_sums(row[None], cfg.log_min_p)  # exactly the kept weights, chunk by chunk
+    w = (row.float() - row.float().max()).exp()
+    expect = torch.zeros(5)
+    for i in kept:
+        expect[i // CHUNK] += w[i]
+    assert float(m) == float(row.float().max()) and torch.allclose(sums[0], expect, rtol=1e-6, atol=0)
 
 
 def test_compiled_step_matches_eager_numerically_and_decodes(small):

@@ -135,13 +135,12 @@ def cmd_generate(args) -> None:
     if args.n <= 0:
         raise CalofmError(f"--n must be > 0, got {args.n}")
     model = load_with_adapters(args.model, args.adapter, device=args.device)
-    min_p = {f"min_p_{head}": value for head, value in (("voxel", args.min_p_voxel), ("energy", args.min_p_energy))
-             if value is not None}  # unset: the generate() defaults
     t0 = time.time()
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, **min_p, batch_size=args.batch_size, precision=args.precision,
-                   output=args.output, progress=not args.no_progress, totals=args.totals,
+                   top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
+                   batch_size=args.batch_size, precision=args.precision, output=args.output,
+                   progress=not args.no_progress, totals=args.totals,
                    options=DecodeOptions(compile=True) if args.compile else None)
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "

@@ -53,7 +53,7 @@ class ShowerModel:
     def generate(self, n: int, material: str = "W", particle: str = "gamma", energy_GeV=(10.0, 100.0),
                  spectrum: str = "uniform", seed: int = 0, incident_MeV: np.ndarray | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p_voxel: float = DEFAULT_MIN_P["voxel"], min_p_energy: float = DEFAULT_MIN_P["energy"],
+                 min_p_voxel: float | None = None, min_p_energy: float | None = None,
                  batch_size: int = 256,
                  precision: str = "fp32", output: str | None = None, progress: bool = False,
                  options: DecodeOptions | None = None, totals: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +64,9 @@ class ShowerModel:
         within their bins. With `output`, the showers are also written to that HDF5 file. `options`:
         the decoder's speed switches (default: all on, see calofm.generation.decode.DecodeOptions).
         temperature, top_k, top_p apply to both heads; min_p_voxel / min_p_energy drop each head's
-        tokens less probable than that fraction of its most probable one (defaults: sampler.DEFAULT_MIN_P,
-        chosen by a fidelity study; 0 turns it off, the sampling of calofm before it).
+        tokens less probable than that fraction of its most probable one (None: sampler.DEFAULT_MIN_P,
+        chosen by a fidelity study; 0 turns it off, the sampling of calofm before it). The output file
+        records the voxel head's settings as `sampling`, the energy head's as `energy_sampling`.
         `totals`: two-stage generation (calofm.tokenizer.totals) - draw each shower's hit count and
         visible energy first, hold the decoder to that count and rescale the hits to that energy.
         Off by default: it fixes those two totals but hurts the shower shape where showers leak
@@ -84,9 +85,15 @@ class ShowerModel:
             raise CalofmError("incident energies must be finite and > 0")
         if batch_size <= 0:
             raise CalofmError(f"batch size must be > 0, got {batch_size}")
+        min_p = {"voxel": min_p_voxel, "energy": min_p_energy}
+        for head, value in min_p.items():
+            if value is None:
+                min_p[head] = DEFAULT_MIN_P[head]
+            elif not 0 <= value <= 1:
+                raise CalofmError(f"min_p_{head} (--min-p-{head}) must be in [0, 1], got {value}")
         try:
-            sampling = SamplingConfig(temperature, top_k, top_p, min_p_voxel)
-            energy_sampling = SamplingConfig(temperature, top_k, top_p, min_p_energy)
+            sampling = SamplingConfig(temperature, top_k, top_p, min_p["voxel"])
+            energy_sampling = SamplingConfig(temperature, top_k, top_p, min_p["energy"])
         except ValueError as err:
             raise CalofmError(str(err)) from None
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -132,6 +139,7 @@ class ShowerModel:
 
     def write(self, path: str, incident_MeV, showers, material: str, particle: str, seed: int,
               sampling: SamplingConfig | None = None, energy_sampling: SamplingConfig | None = None) -> None:
+        energy_sampling = energy_sampling or sampling  # one config: both heads
         digest = self.manifest.get("weights", {}).get("sha256", "")[:12]
         extra = {"model_sha256": self.manifest.get("weights", {}).get("sha256", ""),
                  "sampling": {} if sampling is None else vars(sampling),
