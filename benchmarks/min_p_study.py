@@ -23,12 +23,11 @@ import os
 import platform
 import time
 
-import h5py
 import numpy as np
 import torch
 
 import calofm
-from calofm.detector.geometry import get_geometry
+from calofm.data.showers import inspect_file, read_showers
 from calofm.evaluate.compare import Options
 from calofm.evaluate.features import compute_features
 from calofm.evaluate.report import evaluate_files
@@ -53,15 +52,11 @@ def reference(material: str, args) -> str:
     return path
 
 
-def load(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with h5py.File(path) as f:
-        return f["incident_energies"][:].ravel(), f["showers"][:]
-
-
 @functools.lru_cache(maxsize=None)
-def features(path: str):
-    e, s = load(path)
-    return compute_features(e, s, get_geometry("cpu"))
+def load(path: str):
+    """Incident energies (N,), showers (N, V) and their features; each file read once."""
+    e, s, info = read_showers(path)
+    return e, s, compute_features(e, s, info.geometry)
 
 
 def physics(ref_path: str, gen_path: str) -> dict:
@@ -69,8 +64,7 @@ def physics(ref_path: str, gen_path: str) -> dict:
     spread (the resolution), the hit count, the tail (showers with a cell above the reference's largest
     cell fraction, largest E_vis / E_inc), and the median over layers of the generated / reference ratio
     of the spread of the transverse centre (cx) and of the mean and spread of the width (wx)."""
-    (e_ref, s_ref), (e_gen, s_gen) = load(ref_path), load(gen_path)
-    f_ref, f_gen = features(ref_path), features(gen_path)
+    (e_ref, s_ref, f_ref), (e_gen, s_gen, f_gen) = load(ref_path), load(gen_path)
     cx = [n for n in f_ref.names if n.startswith("cx_")]
     wx = [n for n in f_ref.names if n.startswith("wx_")]
 
@@ -97,9 +91,8 @@ def made_by(path: str, model, min_p_energy: float, min_p_voxel: float) -> bool:
     """Whether a file kept from an earlier run is this model's sample with these cuts."""
     if not os.path.exists(path):
         return False
-    with h5py.File(path) as f:
-        attrs = {k: f.attrs.get(k) for k in ("model_sha256", "sampling", "energy_sampling")}
-    if None in attrs.values():
+    attrs = inspect_file(path).attrs
+    if not all(k in attrs for k in ("model_sha256", "sampling", "energy_sampling")):
         return False
     return (attrs["model_sha256"] == model.manifest["weights"]["sha256"]
             and json.loads(attrs["sampling"])["min_p"] == min_p_voxel

@@ -85,17 +85,14 @@ class ShowerModel:
             raise CalofmError("incident energies must be finite and > 0")
         if batch_size <= 0:
             raise CalofmError(f"batch size must be > 0, got {batch_size}")
-        min_p = {"voxel": min_p_voxel, "energy": min_p_energy}
-        for head, value in min_p.items():
-            if value is None:
-                min_p[head] = DEFAULT_MIN_P[head]
-            elif not 0 <= value <= 1:
-                raise CalofmError(f"min_p_{head} (--min-p-{head}) must be in [0, 1], got {value}")
-        try:
-            sampling = SamplingConfig(temperature, top_k, top_p, min_p["voxel"])
-            energy_sampling = SamplingConfig(temperature, top_k, top_p, min_p["energy"])
-        except ValueError as err:
-            raise CalofmError(str(err)) from None
+        heads = {}  # head -> its SamplingConfig; the dataclass checks the values
+        for head, min_p in (("voxel", min_p_voxel), ("energy", min_p_energy)):
+            try:
+                heads[head] = SamplingConfig(temperature, top_k, top_p,
+                                             DEFAULT_MIN_P[head] if min_p is None else min_p)
+            except ValueError as err:
+                raise CalofmError(f"{head} head (min_p_{head}, --min-p-{head}): {err}") from None
+        sampling, energy_sampling = heads["voxel"], heads["energy"]
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         rng = np.random.default_rng([seed, 1])
         if totals:

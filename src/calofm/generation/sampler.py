@@ -52,8 +52,9 @@ class SamplingConfig:
 # material worse than no cut. Without them 0.7-2 % of generated W and Ta showers held a cell above
 # anything in 10 000 simulated ones (up to 7 GeV where the simulated files' largest is 0.2 GeV): the
 # energy head's softmax leaves a little mass on every one of its 1389 bins up to 10 GeV, and a shower
-# makes ~180 draws; the visible-energy resolution came out 2-5x the simulator's. Stronger voxel cuts help W and Ta more but trim the genuine
-# halo of the sparse, leaking Cu showers (high-level AUC 0.59 -> 0.79 at 3e-3).
+# makes ~180 draws; the visible-energy resolution came out 2-5x the simulator's. Stronger voxel cuts
+# help W and Ta more but trim the genuine halo of the sparse, leaking Cu showers (high-level AUC
+# 0.59 -> 0.79 at 3e-3).
 DEFAULT_MIN_P = {"voxel": 3e-4, "energy": 3e-3}
 
 
