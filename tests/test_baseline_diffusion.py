@@ -111,11 +111,13 @@ def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "generate", "--model", "calofm-small", "--batches", "1,3", "--n", "3", "--energies", "50",
                  "--energy-n", "2", "--ablation", "--ablation-n", "2", "--baseline", str(d / "model"),
-                 "--baseline-steps", "3,2", "--baseline-batches", "2", "--threads", "1", "--decode", "fp32,bf16",
+                 "--baseline-steps", "3,2", "--baseline-batches", "2", "--threads", "1", "--decode", "fp32,bf16+graph",
                  "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert {"device", "model_params", "results", "baseline", "simulator_showers_per_s"} <= set(res)
-    assert [(r["decode"], r["batch"]) for r in res["results"]] == [("fp32", 1), ("fp32", 3), ("bf16", 1), ("bf16", 3)]
+    assert [(r["decode"], r["batch"]) for r in res["results"]] == [("fp32", 1), ("fp32", 3), ("bf16+graph", 1),
+                                                                   ("bf16+graph", 3)]
+    assert [r["graph"] for r in res["results"]] == [False, False, True, True]
     for r in res["results"] + res["baseline"]:
         assert {"batch", "showers_per_s", "ms_per_shower", "tokens_per_s", "flops_fraction"} <= set(r)
         assert r["showers_per_s"] > 0 and 0 < r["flops_fraction"] < 1
@@ -123,9 +125,19 @@ def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
     assert {a["variant"] for a in res["ablation"]} >= {"all on", "all off", "two-stage (totals on)"}
 
 
-def test_bench_refuses_an_unknown_decode_setup(tmp_path):
+@pytest.mark.parametrize("setup", ["fp16", "bf16+graph+graph", "fp32+cuda", "graph"])
+def test_bench_refuses_an_unknown_decode_setup(tmp_path, setup):
     from calofm.cli.main import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "generate", "--decode", "fp16", "--batches", "1", "--json", str(out)]) != 0
+    assert main(["bench", "generate", "--decode", setup, "--batches", "1", "--json", str(out)]) != 0
     assert not out.exists()
+
+
+def test_bench_decode_setups_name_precision_then_switches():
+    from calofm.cli.bench_commands import parse_setup
+
+    precision, opt = parse_setup("bf16+graph+nocompact")
+    assert precision == "bf16" and opt.graph and not opt.compact and not opt.compile
+    precision, opt = parse_setup("fp32+compile")
+    assert precision == "fp32" and opt.compile and not opt.graph and opt.compact

@@ -19,6 +19,10 @@ def small():
 
 SWITCHES = [dict(), dict(sliced_attention=False), dict(compact=False), dict(fused_qkv=False),
             dict(compact_fraction=1.0), dict(compact_fraction=0.05)]
+# the static-shape step of static_decode (a CUDA graph on GPU, eager here): buckets down to 4 rows,
+# no compaction with the whole cache read, a host check every step with 16-slot windows
+GRAPH_SWITCHES = [dict(graph=True, graph_min_rows=4), dict(graph=True, compact=False, graph_window=0),
+                  dict(graph=True, check_every=1, graph_min_rows=4, graph_window=16, fused_qkv=False)]
 
 
 MIN_P = (SamplingConfig(min_p=3e-3), SamplingConfig(min_p=1e-2))  # (voxel, energy)
@@ -44,17 +48,83 @@ def test_switches_give_identical_tokens(small, sampler, mats, min_p):
 
     ref = run(DecodeOptions(sampler=sampler).plain())
     assert len(set(ref.n_hits.tolist())) > 1  # showers finish at different steps: compaction happens
-    for sw in SWITCHES:
+    for sw in SWITCHES + (GRAPH_SWITCHES if sampler == "cdf" else []):
         res = run(DecodeOptions(sampler=sampler, **sw))
         assert torch.equal(res.voxel_tokens, ref.voxel_tokens), sw
         assert torch.equal(res.energy_tokens, ref.energy_tokens), sw
         assert torch.equal(res.capped, ref.capped) and torch.equal(res.n_hits, ref.n_hits), sw
     # a length cap with compaction: capped showers are reported at their original rows
+    opts = [DecodeOptions(sampler=sampler).plain(), DecodeOptions(sampler=sampler)]
+    opts += [DecodeOptions(graph=True, graph_min_rows=4, check_every=3)] if sampler == "cdf" else []
     capped = [decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block,
-                     generator=torch.Generator().manual_seed(7), options=o)
-              for o in (DecodeOptions(sampler=sampler).plain(), DecodeOptions(sampler=sampler))]
-    assert torch.equal(capped[0].voxel_tokens, capped[1].voxel_tokens)
-    assert torch.equal(capped[0].capped, capped[1].capped)
+                     generator=torch.Generator().manual_seed(7), options=o) for o in opts]
+    assert capped[0].capped.any()
+    for other in capped[1:]:
+        assert torch.equal(capped[0].voxel_tokens, other.voxel_tokens)
+        assert torch.equal(capped[0].capped, other.capped)
+
+
+def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
+    """The static decoder moves the running showers into ever smaller buckets (powers of two, not
+    below graph_min_rows), copying their cache rows; the showers stay those of the plain decoder."""
+    from calofm.generation.static_decode import StaticDecoder
+
+    net, tok = small.model, small.tokenizer
+    sizes = []
+    compact = StaticDecoder._compact
+
+    def spy(self, n_live):
+        before = len(self.rows.done)
+        compact(self, n_live)
+        if len(self.rows.done) != before:
+            sizes.append((n_live, len(self.rows.done), self.model.blocks[0].attn.kv_cache.k.shape[0]))
+
+    monkeypatch.setattr(StaticDecoder, "_compact", spy)
+    B = 40
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e3, 1e5, B).astype(np.float32)))  # 1-100 GeV: lengths spread
+    mat, par = torch.full((B,), tok.material_id("Ta")), torch.full((B,), tok.particle_id("gamma"))
+
+    def run(opt):
+        return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block,
+                      generator=torch.Generator().manual_seed(11), options=opt)
+
+    res = run(DecodeOptions(graph=True, graph_min_rows=4, check_every=4))
+    assert len(sizes) >= 2, sizes
+    for n_live, rows, cache_rows in sizes:
+        assert cache_rows == rows and rows >= max(4, n_live) and rows & (rows - 1) == 0 and rows < 2 * max(n_live, 4)
+    assert [b for _, b, _ in sizes] == sorted({b for _, b, _ in sizes}, reverse=True)  # shrinking only
+    ref = run(DecodeOptions().plain())
+    assert torch.equal(res.voxel_tokens, ref.voxel_tokens) and torch.equal(res.energy_tokens, ref.energy_tokens)
+
+
+def test_graph_decoder_refuses_what_it_cannot_capture(small):
+    net, tok = small.model, small.tokenizer
+    with pytest.raises(ValueError, match="cdf sampler"):
+        DecodeOptions(graph=True, sampler="exp")
+    with pytest.raises(ValueError, match=">= 1"):
+        DecodeOptions(graph=True, check_every=0)
+    B = 4
+    inc = torch.from_numpy(incident_feature(np.full(B, 2e4, dtype=np.float32)))
+    with pytest.raises(ValueError, match="totals"):
+        decode(net, inc, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), 10, tok.voxel_block,
+               tok.energy_block, options=DecodeOptions(graph=True), target_hits=torch.full((B,), 5))
+    assert net.blocks[0].attn.kv_cache is None  # nothing left set up
+
+
+def test_generate_graph_flag_and_its_limits(small, tmp_path):
+    """--graph decodes on CPU too (eagerly); with --totals it is one clear error and no file."""
+    from calofm.cli.main import main
+
+    out = tmp_path / "g.h5"
+    assert main(["generate", "--model", "calofm-small", "--n", "3", "--graph", "--no-progress", "-o", str(out)]) == 0
+    assert out.exists()
+    bad = tmp_path / "bad.h5"
+    assert main(["generate", "--model", "calofm-small", "--n", "3", "--graph", "--totals", "--no-progress",
+                 "-o", str(bad)]) == 2
+    assert not bad.exists()
+    plain = small.generate(5, material="W", seed=4, batch_size=5, options=DecodeOptions().plain())[1]
+    graph = small.generate(5, material="W", seed=4, batch_size=5, options=DecodeOptions(graph=True, graph_min_rows=4))[1]
+    assert np.array_equal(plain, graph)  # one batch: the same showers
 
 
 def test_compaction_keeps_at_least_the_minimum_rows(small, monkeypatch):

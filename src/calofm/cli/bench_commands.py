@@ -33,8 +33,10 @@ def register(sub) -> None:
     g.add_argument("--compile", action="store_true",
                    help="add torch.compile of the decode step to the ablation (compiled once, untimed; ~1 min on CPU)")
     g.add_argument("--decode", default="fp32",
-                   help="decode set-ups timed at every batch size, comma-separated: fp32, bf16, fp32+compile, "
-                        "bf16+compile (default fp32)")
+                   help="decode set-ups timed at every batch size, comma-separated: a precision (fp32, bf16), then "
+                        "any of +compile, +graph (the CUDA-graph step; on CPU it runs eagerly), +nocompact, "
+                        "e.g. fp32,bf16+compile,bf16+graph (default fp32)")
+    g.add_argument("--sim-n", type=int, default=None, help="showers to time the simulator on (default: the largest batch)")
     g.add_argument("--repeats", type=int, default=1, help="timed repeats per point (median)")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--device", default="cpu")
@@ -59,10 +61,12 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, n: int = 2048, repeats: int = 5) -> float:
-    """Measured bf16 matmul FLOP/s on this device (median of repeats of an n x n x n product)."""
+def matmul_peak(device, n: int | None = None, repeats: int = 5) -> float:
+    """Measured bf16 matmul FLOP/s on this device (median of repeats of an n x n x n product; n = 2048 on
+    CPU, 8192 on a GPU, where a smaller product does not fill the chip)."""
     import torch
 
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     a @ b
@@ -107,8 +111,20 @@ def _peak_memory_mb(device) -> float:
     return rss / 2 ** 20 if platform.system() == "Darwin" else rss / 2 ** 10
 
 
-DECODE_SETUPS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+compile": ("fp32", True),
-                 "bf16+compile": ("bf16", True)}  # name -> (precision, torch.compile)
+SETUP_FLAGS = ("compile", "graph", "nocompact")
+
+
+def parse_setup(name: str):
+    """'bf16+graph' -> ('bf16', DecodeOptions(graph=True)): a precision, then any of SETUP_FLAGS
+    (torch.compile, the CUDA-graph step of generation.static_decode, compaction off)."""
+    from calofm.errors import CalofmError
+    from calofm.generation.decode import DecodeOptions
+
+    precision, *flags = name.split("+")
+    if precision not in ("fp32", "bf16") or any(f not in SETUP_FLAGS for f in flags) or len(set(flags)) < len(flags):
+        raise CalofmError(f"unknown decode set-up {name!r}: fp32 or bf16, then any of "
+                          f"{', '.join('+' + f for f in SETUP_FLAGS)}")
+    return precision, DecodeOptions(compile="compile" in flags, graph="graph" in flags, compact="nocompact" not in flags)
 
 
 def cmd_bench_generate(args) -> None:
@@ -119,10 +135,7 @@ def cmd_bench_generate(args) -> None:
     from calofm.errors import CalofmError
     from calofm.generation.decode import DecodeOptions
 
-    setups = [s.strip() for s in args.decode.split(",") if s.strip()]
-    for s in setups:
-        if s not in DECODE_SETUPS:
-            raise CalofmError(f"unknown decode set-up {s!r} ({', '.join(DECODE_SETUPS)})")
+    setups = {s.strip(): parse_setup(s.strip()) for s in args.decode.split(",") if s.strip()}
     if args.threads:
         torch.set_num_threads(args.threads)
     sm = calofm.load(args.model, adapters=args.adapter, device=args.device)
@@ -158,14 +171,19 @@ def cmd_bench_generate(args) -> None:
 
     sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
     results = []
-    for s in setups:
-        precision, compiled = DECODE_SETUPS[s]
+    for s, (precision, opt) in setups.items():
         for b in batches:
             n = args.n or (8 if b == 1 else b)
-            r = {"decode": s, "precision": precision, "compile": compiled,
-                 **timed(n, b, options=DecodeOptions(compile=compiled), precision=precision)}
+            r = {"decode": s, "precision": precision, "compile": opt.compile, "graph": opt.graph,
+                 "compact": opt.compact}
+            try:
+                r.update(timed(n, b, options=opt, precision=precision))
+            except RuntimeError as err:  # one failing set-up must not lose the others
+                results.append({**r, "batch": b, "error": f"{type(err).__name__}: {err}"[:500]})
+                print(f"{s:18s} batch {b:5d}: failed: {results[-1]['error']}")
+                break
             results.append(r)
-            print(f"{s:13s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
+            print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
                   f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak")
     energy_scan = []
     for e in (float(x) for x in args.energies.split(",") if x):
@@ -201,7 +219,7 @@ def cmd_bench_generate(args) -> None:
 
     from calofm.simulation import simulate
 
-    n_sim = max(batches) if batches else 100
+    n_sim = args.sim_n or max(batches)
     sim_dt = _median_time(lambda: simulate(n_sim, material=args.material, particle=args.particle,
                                            energy_GeV=(10, 100), seed=args.seed), args.repeats)
     print(f"simulator: {n_sim / sim_dt:.1f} showers/s")
@@ -210,11 +228,13 @@ def cmd_bench_generate(args) -> None:
     if args.baseline:
         baseline = _bench_baseline(args, device, peak)
 
+    timed_rows = [r for r in results + energy_scan if "error" not in r]
+    mean_hits = timed_rows[-1]["mean_hits"] if timed_rows else 0.0
     out = {"device": f"{device.type}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
                      + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
            "torch": torch.__version__, "model": args.model, "adapters": args.adapter,
            "model_params": net.num_parameters(), "material": args.material, "particle": args.particle,
-           "bf16_matmul_peak_flops": peak, "flops_per_position": flops_per_position(net, results[-1]["mean_hits"] / 2),
+           "bf16_matmul_peak_flops": peak, "flops_per_position": flops_per_position(net, mean_hits / 2),
            "results": results, "energy_scan": energy_scan, "ablation": ablation, "baseline": baseline,
            "simulator_showers_per_s": n_sim / sim_dt, "peak_memory_MB": _peak_memory_mb(device),
            "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured bf16 "

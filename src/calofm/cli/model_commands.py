@@ -68,6 +68,9 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (heads, sampler and, with --precision bf16, the attention "
                         "over the KV cache); pays off from a few hundred showers, see docs/speed.md")
+    p.add_argument("--graph", action="store_true",
+                   help="decode with the static-shape step captured as a CUDA graph (the default on a GPU, "
+                        "except with --totals; on CPU it runs eagerly and is slower), see docs/speed.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -141,7 +144,7 @@ def cmd_generate(args) -> None:
                    top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
                    batch_size=args.batch_size, precision=args.precision, output=args.output,
                    progress=not args.no_progress, totals=args.totals,
-                   options=DecodeOptions(compile=True) if args.compile else None)
+                   options=DecodeOptions(compile=args.compile, graph=args.graph) if args.compile or args.graph else None)
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "

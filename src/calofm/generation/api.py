@@ -62,7 +62,8 @@ class ShowerModel:
         Incident energies are drawn like `calofm simulate` does (energy_GeV 'E' or (Emin, Emax),
         spectrum 'uniform' or 'log') unless given explicitly. Cell energies are decoded log-uniformly
         within their bins. With `output`, the showers are also written to that HDF5 file. `options`:
-        the decoder's speed switches (default: all on, see calofm.generation.decode.DecodeOptions).
+        the decoder's speed switches (default: all on, see calofm.generation.decode.DecodeOptions; on a
+        CUDA device also the CUDA-graph step of calofm.generation.static_decode, except with totals).
         temperature, top_k, top_p apply to both heads; min_p_voxel / min_p_energy drop each head's
         tokens less probable than that fraction of its most probable one (None: sampler.DEFAULT_MIN_P,
         chosen by a fidelity study; 0 turns it off, the sampling of calofm before it). The output file
@@ -93,6 +94,10 @@ class ShowerModel:
             except ValueError as err:
                 raise CalofmError(f"{head} head (min_p_{head}, --min-p-{head}): {err}") from None
         sampling, energy_sampling = heads["voxel"], heads["energy"]
+        if options is None:  # on a GPU the captured step is ~5x faster at batch 100-1000 (docs/speed.md)
+            options = DecodeOptions(graph=self.device.type == "cuda" and not totals)
+        if options.graph and totals:
+            raise CalofmError("graph decoding does not support two-stage totals (totals=True, --totals)")
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         rng = np.random.default_rng([seed, 1])
         if totals:

@@ -26,6 +26,9 @@ other (equally distributed) showers:
   plan remade when one finishes;
 - fused_qkv: one (3d, d) projection for q, k, v, built at decode time from the separate weights
   (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
+- graph: the step over static buffers of static_decode, captured once as a CUDA graph on a GPU and
+  replayed (on CPU it runs eagerly, for tests); compaction there moves the running showers into
+  power-of-two buckets. Gives the same showers as the plain decoder for a single batch;
 - compile: torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's chunk sums
   and, for a bf16 cache, of the attention over the KV cache (one fused pass over the cache instead
   of two batched matmuls, see model.attention.attend_over_cache). Off by default: it costs a
@@ -68,19 +71,27 @@ class DecodeOptions:
     fused_qkv: bool = True
     routing_plan: bool = True
     compile: bool = False
+    graph: bool = False  # static-shape step, a CUDA graph on GPU (see static_decode)
+    check_every: int = 8  # graph: steps between reads of "all finished?" (host syncs)
+    graph_min_rows: int = 32  # graph: compaction buckets never smaller than this
+    graph_window: int = 64  # graph: attention reads the cache in windows of this many slots (0: all)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r} ({', '.join(SAMPLERS)})")
         if not 0 < self.compact_fraction <= 1:
             raise ValueError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
+        if self.graph and self.sampler != "cdf":
+            raise ValueError("graph decoding draws its uniforms outside the graph: it needs the cdf sampler")
+        if self.check_every < 1 or self.graph_min_rows < 1 or self.graph_window < 0:
+            raise ValueError("check_every and graph_min_rows must be >= 1, graph_window >= 0")
 
     def plain(self) -> DecodeOptions:
         """The same sampler and MoE routing with every other optimization off (the reference the fast
         path must match bit for bit). The routing is kept: the plan runs the experts over other row
         subsets, and the CPU matmul kernels round a row differently depending on how many rows they
         get, so it changes the last bits (tests/test_model.py compares the two MoE paths)."""
-        return replace(self, sliced_attention=False, compact=False, fused_qkv=False, compile=False)
+        return replace(self, sliced_attention=False, compact=False, fused_qkv=False, compile=False, graph=False)
 
 
 @dataclass
@@ -155,6 +166,18 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
         voxel_logits, energy_logits, cdf_fn = _compiled(model)
 
     energy_sampling = energy_sampling or sampling
+    if opt.graph:
+        if target_hits is not None:
+            raise ValueError("graph decoding does not support two-stage totals (target_hits)")
+        from calofm.generation.static_decode import StaticDecoder
+
+        dec = StaticDecoder(model, voxel_off, energy_off, max_hits, sampling, energy_sampling, opt,
+                            (voxel_logits, energy_logits), cdf_fn, _cache_dtype(device))
+        try:
+            out_v, out_e, capped = dec.run(incident, material, particle, generator)
+        finally:
+            model.clear_cache()
+        return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), capped)
 
     def draw(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         return sample(logits, cfg, generator, opt.sampler, orig, B0, cdf_fn)

@@ -115,13 +115,17 @@ def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
            method: str = "cdf", rows: torch.Tensor | None = None, n_rows: int | None = None,
-           cdf_fn=None) -> torch.Tensor:
-    """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled chunk_sums."""
+           cdf_fn=None, u: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled chunk_sums.
+    u (B, 1): the cdf sampler's uniforms, drawn by the caller instead of from `generator` (a CUDA graph
+    cannot draw from a Python-held generator, see generation.static_decode)."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     B, V = logits.shape
     n = B if rows is None else n_rows
     if method == "exp":
+        if u is not None:
+            raise ValueError("given uniforms are for the cdf sampler")
         probs = filter_logits(logits, cfg).softmax(dim=-1, dtype=torch.float32)
         q = torch.empty((n, V), dtype=probs.dtype, device=probs.device).exponential_(1.0, generator=generator)
         return (probs / (q if rows is None else q[rows])).argmax(dim=-1)
@@ -130,8 +134,10 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     logits = filter_logits(logits, cfg, with_min_p=False)  # min-p is applied to the weights below
     m, sums = (cdf_fn or chunk_sums)(logits, cfg.log_min_p)  # (B, 1), (B, C)
     chunk_cdf = sums.cumsum(dim=-1)
-    u = torch.rand((n, 1), dtype=chunk_cdf.dtype, device=logits.device, generator=generator)
-    target = _below((u if rows is None else u[rows]) * chunk_cdf[:, -1:], chunk_cdf[:, -1:])  # (B, 1)
+    if u is None:
+        u = torch.rand((n, 1), dtype=chunk_cdf.dtype, device=logits.device, generator=generator)
+        u = u if rows is None else u[rows]
+    target = _below(u * chunk_cdf[:, -1:], chunk_cdf[:, -1:])  # (B, 1)
     # first chunk c with chunk_cdf_c > target: its sum is > 0. Then the first token inside it whose
     # running sum exceeds what is left of the target; running sums only grow at tokens of positive
     # probability, so a token of probability 0 (masked) is never chosen

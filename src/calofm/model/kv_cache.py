@@ -17,7 +17,11 @@ Two ways to hold it:
   The rounding to SLICE_ALIGN keeps the matmul kernels on the same code path as for the full
   buffers, so both give bit-identical attention (tests/test_fast_decode.py); the few empty slots
   read are zeros (finite: they are masked, and 0 x NaN would poison the softmax).
-The owner sets `fill` (number of filled slots after the current write) before each step.
+The owner sets `fill` (number of filled slots after the current write) before each step, or, for a
+static cache written from a CUDA graph, `write_pos`: the positions as a device tensor, so that one
+captured step serves every position (a Python int would be frozen into the graph); and `window`, the
+slots attention reads (a multiple of a few dozen covering the filled ones), so that one graph per
+window, not one per position, skips most of the empty slots.
 
 The cache's dtype is the decode's compute dtype: bf16 under bf16 autocast halves the bytes each step
 reads, which is what bounds cached attention at large batch (see attention.attend_over_cache)."""
@@ -44,6 +48,8 @@ class KVCache(nn.Module):
                  sliced: bool = False, compiled: bool = False, spare: KVStorage | None = None):
         super().__init__()
         self.sliced, self.fill, self.max_len = sliced, 0, max_len
+        self.write_pos: torch.Tensor | None = None  # (T,) positions of the next write (static decoding)
+        self.window: int | None = None  # static: slots attention reads (covering the filled ones); None = all
         self.compiled = compiled  # attention over this cache through torch.compile (see CausalAttention)
         shape = (batch_size, n_heads, max_len, head_dim)
         if not sliced:
@@ -61,19 +67,31 @@ class KVCache(nn.Module):
         self.register_buffer("v", v, persistent=False)
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at the last T filled positions (fill - T .. fill - 1); return the
+        """Write k, v (B, H, T, D) at write_pos if set, else at the last T filled positions (fill - T ..
+        fill - 1); return the
         caches (B, H, span, D): the full buffers (static) or the filled prefix (sliced)."""
+        if self.write_pos is not None:
+            if self.sliced:
+                raise ValueError("positions given as a tensor need a static (unsliced) cache")
+            self.k.index_copy_(2, self.write_pos, k)
+            self.v.index_copy_(2, self.write_pos, v)
+            return self.k[:, :, :self.span], self.v[:, :, :self.span]
         T = k.shape[2]
         if self.k.shape[2] < self.span:
             self._rewrite(self.span)
         self.k[:, :, self.fill - T:self.fill] = k  # a slice copy: cheaper than index_put with positions
         self.v[:, :, self.fill - T:self.fill] = v
+        if self.window is not None and not self.sliced:
+            return self.k[:, :, :self.span], self.v[:, :, :self.span]
         return self.k, self.v
 
     @property
     def span(self) -> int:
-        """Number of slots attention reads: all of them (static), or the aligned filled prefix (sliced)."""
-        return min(self.max_len, -(-self.fill // SLICE_ALIGN) * SLICE_ALIGN) if self.sliced else self.max_len
+        """Number of slots attention reads: all of them (static) or its window, or the aligned filled
+        prefix (sliced)."""
+        if self.sliced:
+            return min(self.max_len, -(-self.fill // SLICE_ALIGN) * SLICE_ALIGN)
+        return min(self.max_len, self.window or self.max_len)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the sequences `rows` (B',) of the batch (decoding drops finished showers)."""

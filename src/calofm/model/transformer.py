@@ -149,11 +149,12 @@ class ShowerTransformer(nn.Module):
         return e + self.material_emb(material) + self.particle_emb(particle)
 
     def hidden(self, vox: torch.Tensor, en: torch.Tensor, incident: torch.Tensor, material: torch.Tensor,
-               particle: torch.Tensor, start: int = 0, valid: torch.Tensor | None = None,
+               particle: torch.Tensor, start: int | torch.Tensor = 0, valid: torch.Tensor | None = None,
                plan: RoutingPlan | None = None):
         """Tokens (B, T) at positions start..start+T-1 -> final hidden states (B, T, d), MoE aux per layer
         (None with a routing plan, see Block.forward). Position 0 (when start == 0) is the
-        conditioning; its token ids are ignored."""
+        conditioning; its token ids are ignored. start as a (1,) device tensor: a decode step whose
+        position is data, not a Python int (static caches only, see generation.static_decode)."""
         B, T = vox.shape
         self.context["material"], self.context["particle"] = material, particle
         voxels = None
@@ -161,17 +162,24 @@ class ShowerTransformer(nn.Module):
             x = self.voxel_emb(vox) + self.energy_emb(en)
         else:
             x, voxels = self.energy_emb(en), self.voxel_emb(vox)
-        if start == 0:
+        if isinstance(start, int) and start == 0:
             cond = self.condition(incident, material, particle)[:, None].to(x.dtype)
             x = torch.cat([cond, x[:, 1:]], dim=1)
             voxels = None if voxels is None else torch.cat([cond, voxels[:, 1:]], dim=1)
-        pos = torch.arange(start, start + T, device=vox.device)
         cache = self.blocks[0].attn.kv_cache
         mask = None
-        if cache is not None:
+        if isinstance(start, torch.Tensor):  # static decoding: the position lives on the device
+            pos = start + torch.arange(T, device=vox.device)
             for block in self.blocks:
                 for attn in block.attentions():
-                    attn.kv_cache.fill = start + T
+                    attn.kv_cache.write_pos = pos
+        else:
+            pos = torch.arange(start, start + T, device=vox.device)
+            if cache is not None:
+                for block in self.blocks:
+                    for attn in block.attentions():
+                        attn.kv_cache.fill, attn.kv_cache.write_pos = start + T, None
+        if cache is not None:
             mask = self.causal_mask[pos, : cache.span]  # (T, slots read): full buffer, or filled prefix
         auxes: list[MoEAux] = []
         for block in self.blocks:
