@@ -97,6 +97,31 @@ def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
     assert torch.equal(res.voxel_tokens, ref.voxel_tokens) and torch.equal(res.energy_tokens, ref.energy_tokens)
 
 
+def test_graph_step_reads_nothing_back_from_the_device(small, monkeypatch):
+    """A CUDA graph's capture fails at any host read; on CPU the step runs eagerly, so reads are caught
+    here by making every read inside the step raise (adapters on some rows: LoRA gates; two materials)."""
+    from calofm.model.sync import host_reads_allowed
+
+    def forbid(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            assert host_reads_allowed(), f"host read ({name}) inside the graph step"
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    for name in ("__bool__", "item", "tolist", "nonzero", "__int__", "__float__", "unique"):
+        forbid(name)
+    net, tok = small.model, small.tokenizer
+    B = 8
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
+    mat = torch.tensor([tok.material_id("W" if i % 2 else "Pb") for i in range(B)])
+    par = torch.tensor([tok.particle_id("e-" if i % 3 == 0 else "gamma") for i in range(B)])
+    res = decode(net, inc, mat, par, 24, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(1),
+                 options=DecodeOptions(graph=True, graph_min_rows=4, check_every=2))
+    assert int((res.n_hits > 0).sum()) == B
+
+
 def test_graph_decoder_refuses_what_it_cannot_capture(small):
     net, tok = small.model, small.tokenizer
     with pytest.raises(ValueError, match="cdf sampler"):

@@ -144,7 +144,8 @@ def cmd_generate(args) -> None:
                    top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
                    batch_size=args.batch_size, precision=args.precision, output=args.output,
                    progress=not args.no_progress, totals=args.totals,
-                   options=DecodeOptions(compile=args.compile, graph=args.graph) if args.compile or args.graph else None)
+                   options=DecodeOptions(compile=args.compile, graph=args.graph or (
+                       model.device.type == "cuda" and not args.totals)))
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "

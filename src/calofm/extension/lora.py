@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from calofm.model.sync import host_reads_allowed
+
 
 class LowRank(nn.Module):
     """delta(x) = scale * B(A(x)); A (r, d_in), B (d_out, r), B starts at zero."""
@@ -59,7 +61,7 @@ class GatedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         m = self.gate.mask()
-        if not bool(m.any()):
+        if host_reads_allowed() and not bool(m.any()):  # skip when no shower is gated
             return y
         return torch.where(m.view(-1, *([1] * (y.dim() - 1))), y + self.lora(x).to(y.dtype), y)
 
@@ -81,6 +83,6 @@ class GatedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.module(x)
         m = self.gate.mask()
-        if not bool(m.any()):
+        if host_reads_allowed() and not bool(m.any()):  # skip when no shower is gated
             return y
         return torch.where(m.view(-1, *([1] * (y.dim() - 1))), y + self.lora(y).to(y.dtype), y)

@@ -71,7 +71,7 @@ class DecodeOptions:
     fused_qkv: bool = True
     routing_plan: bool = True
     compile: bool = False
-    graph: bool = False  # static-shape step, a CUDA graph on GPU (see static_decode)
+    graph: bool = False  # static-shape step, a CUDA graph on GPU (see static_decode; always routing_plan, unsliced)
     check_every: int = 8  # graph: steps between reads of "all finished?" (host syncs)
     graph_min_rows: int = 32  # graph: compaction buckets never smaller than this
     graph_window: int = 64  # graph: attention reads the cache in windows of this many slots (0: all)

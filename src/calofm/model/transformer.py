@@ -169,6 +169,8 @@ class ShowerTransformer(nn.Module):
         cache = self.blocks[0].attn.kv_cache
         mask = None
         if isinstance(start, torch.Tensor):  # static decoding: the position lives on the device
+            if cache is None or cache.sliced:
+                raise ValueError("a tensor start position needs a static cache (setup_cache(sliced=False))")
             pos = start + torch.arange(T, device=vox.device)
             for block in self.blocks:
                 for attn in block.attentions():
