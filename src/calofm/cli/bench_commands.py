@@ -83,7 +83,7 @@ def flops_per_position(net, mean_context: float) -> float:
     """Model FLOPs per decoded hit position (one voxel + one energy token): 2 x the parameters a token
     actually uses (attention projections, shared + top-k routed experts and router per layer, both
     heads, the energy-head input) + attention over the mean context (QK^T and AV: 4 d L per layer)."""
-    cfg, d = net.cfg, net.cfg.d_model
+    d = net.cfg.d_model
 
     def n(m):
         return sum(p.numel() for p in m.parameters())
@@ -128,7 +128,6 @@ def parse_setup(name: str):
 
 
 def cmd_bench_generate(args) -> None:
-    import numpy as np
     import torch
 
     import calofm

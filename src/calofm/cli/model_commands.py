@@ -131,7 +131,6 @@ def cmd_generate(args) -> None:
 
     from calofm.errors import CalofmError
     from calofm.extension import load_with_adapters
-    from calofm.generation.decode import DecodeOptions
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -144,8 +143,8 @@ def cmd_generate(args) -> None:
                    top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
                    batch_size=args.batch_size, precision=args.precision, output=args.output,
                    progress=not args.no_progress, totals=args.totals,
-                   options=DecodeOptions(compile=args.compile, graph=args.graph or (
-                       model.device.type == "cuda" and not args.totals)))
+                   options=model.decode_options(args.totals, compile=args.compile,
+                                                **({"graph": True} if args.graph else {})))
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "

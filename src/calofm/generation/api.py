@@ -94,8 +94,7 @@ class ShowerModel:
             except ValueError as err:
                 raise CalofmError(f"{head} head (min_p_{head}, --min-p-{head}): {err}") from None
         sampling, energy_sampling = heads["voxel"], heads["energy"]
-        if options is None:  # on a GPU the captured step is ~5x faster at batch 100-1000 (docs/speed.md)
-            options = DecodeOptions(graph=self.device.type == "cuda" and not totals)
+        options = options or self.decode_options(totals)
         if options.graph and totals:
             raise CalofmError("graph decoding does not support two-stage totals (totals=True, --totals)")
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
@@ -138,6 +137,13 @@ class ShowerModel:
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling, energy_sampling)
         return incident_MeV, showers
+
+    def decode_options(self, totals: bool = False, **switches) -> DecodeOptions:
+        """The decoder's switches `generate` uses unless given: all on, and on a CUDA device the captured
+        step of static_decode (~5x faster at batch 100-1000 on an H100, docs/speed.md), which two-stage
+        totals cannot use; `switches` override any of them."""
+        switches.setdefault("graph", self.device.type == "cuda" and not totals)
+        return DecodeOptions(**switches)
 
     def write(self, path: str, incident_MeV, showers, material: str, particle: str, seed: int,
               sampling: SamplingConfig | None = None, energy_sampling: SamplingConfig | None = None) -> None:

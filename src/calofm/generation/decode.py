@@ -124,6 +124,15 @@ def _compiled(model: ShowerTransformer) -> tuple:
     return model._compiled_decode
 
 
+def prefill(model: ShowerTransformer, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
+            plan) -> torch.Tensor:
+    """Run [COND, BOS] through the set-up cache -> the hidden state (B, d) the first draw reads."""
+    start = torch.full((incident.shape[0], 2), PAD, dtype=torch.long, device=incident.device)
+    start[:, 1] = BOS
+    h, _ = model.hidden(start, start, incident, material, particle, start=0, plan=plan)
+    return h[:, -1]
+
+
 def _fill_entries(x: torch.Tensor, columns: torch.Tensor, value: float) -> None:
     """x[i, columns[i, j]] = value for all i, j, in place: an index_fill_ over the flattened rows, which
     on CPU ran 10x faster than scatter_ with a scalar on bf16 logits (1000 x 4503: 0.34 vs 3.5 ms)."""
@@ -187,10 +196,7 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     try:  # setup_cache inside: clear_cache also undoes a partial set-up (held matrices, caches)
         model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
                           fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
-        start = torch.full((B, 2), PAD, dtype=torch.long, device=device)
-        start[:, 1] = BOS
-        h, _ = model.hidden(start, start, incident, material, particle, start=0, plan=plan)  # [COND, BOS]
-        h = h[:, -1]
+        h = prefill(model, incident, material, particle, plan)
         for t in range(max_hits + 1):
             if t == max_hits:  # EOS forced
                 capped[slice(None) if orig is None else orig] = ~done

@@ -41,11 +41,12 @@ from dataclasses import dataclass
 
 import torch
 
+from calofm.generation.decode import prefill
 from calofm.generation.sampler import SamplingConfig, sample
 from calofm.model import ShowerTransformer
 from calofm.model.moe import RoutingPlan, routing_plan
 from calofm.model.sync import no_host_reads
-from calofm.tokenizer import BOS, EOS, PAD
+from calofm.tokenizer import EOS, PAD
 
 
 @dataclass
@@ -79,10 +80,6 @@ class StaticDecoder:
         self.voxel_logits, self.energy_logits = heads
         self.cdf_fn, self.cache_dtype = cdf_fn, cache_dtype
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # cache window -> the step captured for it
-
-    def _setup_cache(self, batch: int) -> None:
-        self.model.setup_cache(batch, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=False,
-                               fused_qkv=self.opt.fused_qkv, compiled_attention=self.opt.compile)
 
     def _caches(self) -> list:
         return [attn.kv_cache for block in self.model.blocks for attn in block.attentions()]
@@ -160,13 +157,12 @@ class StaticDecoder:
         self.out_voxel, self.out_energy = (torch.full((B0 + 1, self.max_hits), PAD, dtype=torch.long, device=device)
                                            for _ in range(2))
         self.t = torch.zeros(1, dtype=torch.long, device=device)
-        self._setup_cache(B0)
-        start = torch.full((B0, 2), PAD, dtype=torch.long, device=device)
-        start[:, 1] = BOS
+        model.setup_cache(B0, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=False,
+                          fused_qkv=self.opt.fused_qkv, compiled_attention=self.opt.compile)
         plan = routing_plan(material)
-        h, _ = model.hidden(start, start, incident, material, particle, start=0, plan=plan)  # [COND, BOS]
+        h = prefill(model, incident, material, particle, plan).contiguous()  # a buffer of its own
         V = model.cfg.n_voxel_tokens
-        self.rows = _Rows(h[:, -1].contiguous(), torch.zeros(B0, dtype=torch.bool, device=device),
+        self.rows = _Rows(h, torch.zeros(B0, dtype=torch.bool, device=device),
                           torch.zeros((B0, V), dtype=torch.bool, device=device), torch.arange(B0, device=device),
                           incident, material, particle, plan)
         capped = torch.zeros(B0 + 1, dtype=torch.bool, device=device)

@@ -68,22 +68,22 @@ class KVCache(nn.Module):
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H, T, D) at write_pos if set, else at the last T filled positions (fill - T ..
-        fill - 1); return the
-        caches (B, H, span, D): the full buffers (static) or the filled prefix (sliced)."""
+        fill - 1); return the caches (B, H, span, D): the full buffers or their window (static), or the
+        filled prefix (sliced)."""
         if self.write_pos is not None:
             if self.sliced:
                 raise ValueError("positions given as a tensor need a static (unsliced) cache")
             self.k.index_copy_(2, self.write_pos, k)
             self.v.index_copy_(2, self.write_pos, v)
-            return self.k[:, :, :self.span], self.v[:, :, :self.span]
-        T = k.shape[2]
-        if self.k.shape[2] < self.span:
-            self._rewrite(self.span)
-        self.k[:, :, self.fill - T:self.fill] = k  # a slice copy: cheaper than index_put with positions
-        self.v[:, :, self.fill - T:self.fill] = v
-        if self.window is not None and not self.sliced:
-            return self.k[:, :, :self.span], self.v[:, :, :self.span]
-        return self.k, self.v
+        else:
+            T = k.shape[2]
+            if self.k.shape[2] < self.span:
+                self._rewrite(self.span)
+            self.k[:, :, self.fill - T:self.fill] = k  # a slice copy: cheaper than index_put with positions
+            self.v[:, :, self.fill - T:self.fill] = v
+        if self.sliced:
+            return self.k, self.v
+        return self.k[:, :, :self.span], self.v[:, :, :self.span]  # the whole buffer unless a window is set
 
     @property
     def span(self) -> int:

@@ -167,21 +167,18 @@ class ShowerTransformer(nn.Module):
             x = torch.cat([cond, x[:, 1:]], dim=1)
             voxels = None if voxels is None else torch.cat([cond, voxels[:, 1:]], dim=1)
         cache = self.blocks[0].attn.kv_cache
+        on_device = isinstance(start, torch.Tensor)  # static decoding: the position lives on the device
+        if on_device and cache is None:
+            raise ValueError("a tensor start position is for decoding with a static cache (setup_cache)")
+        pos = (start + torch.arange(T, device=vox.device) if on_device
+               else torch.arange(start, start + T, device=vox.device))
         mask = None
-        if isinstance(start, torch.Tensor):  # static decoding: the position lives on the device
-            if cache is None or cache.sliced:
-                raise ValueError("a tensor start position needs a static cache (setup_cache(sliced=False))")
-            pos = start + torch.arange(T, device=vox.device)
+        if cache is not None:
             for block in self.blocks:
                 for attn in block.attentions():
-                    attn.kv_cache.write_pos = pos
-        else:
-            pos = torch.arange(start, start + T, device=vox.device)
-            if cache is not None:
-                for block in self.blocks:
-                    for attn in block.attentions():
-                        attn.kv_cache.fill, attn.kv_cache.write_pos = start + T, None
-        if cache is not None:
+                    attn.kv_cache.write_pos = pos if on_device else None
+                    if not on_device:
+                        attn.kv_cache.fill = start + T
             mask = self.causal_mask[pos, : cache.span]  # (T, slots read): full buffer, or filled prefix
         auxes: list[MoEAux] = []
         for block in self.blocks:
