@@ -3,7 +3,9 @@
 On CPU, tests/test_fast_decode.py shows the static step gives the plain decoder's showers bit for bit;
 this script asks the same on a GPU, where the step is captured and replayed: the fraction of showers
 whose tokens are identical (cuBLAS may pick other kernels for other row counts, so a few may differ in
-the last bit and then diverge), the mean hit counts of both, and one decode's time each.
+the last bit and then diverge), the mean hit counts of both, and one decode's time each. The same for
+the compiled step (graph + compile), and for each a second call, which must replay the graphs the
+first captured (captures_second = 0) and give the same showers again.
 
     python benchmarks/graph_check.py --device cuda --json graph_check.json
 """
@@ -50,24 +52,39 @@ def main() -> None:
                 torch.cuda.synchronize()
             return res, time.perf_counter() - t0
 
-    for precision in ("fp32", "bf16"):
-        try:
-            run(DecodeOptions(), precision)  # warm-up
-            ref, t_ref = run(DecodeOptions(), precision)
-            run(DecodeOptions(graph=True), precision)
-            res, t_graph = run(DecodeOptions(graph=True), precision)
-            same = ((res.voxel_tokens == ref.voxel_tokens).all(1) & (res.energy_tokens == ref.energy_tokens).all(1))
-            row = {"identical_showers": float(same.float().mean()), "mean_hits_eager": float(ref.n_hits.float().mean()),
-                   "mean_hits_graph": float(res.n_hits.float().mean()), "seconds_eager": t_ref,
-                   "seconds_graph": t_graph, "capped_graph": int(res.capped.sum())}
-        except Exception as err:  # report and go on: the other precision may still work
-            traceback.print_exc()
-            row = {"error": f"{type(err).__name__}: {err}"}
-        out[precision] = row
-        print(precision, row, flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+    def compare(res, ref) -> dict:
+        same = (res.voxel_tokens == ref.voxel_tokens).all(1) & (res.energy_tokens == ref.energy_tokens).all(1)
+        return {"identical_showers": float(same.float().mean()), "mean_hits": float(res.n_hits.float().mean()),
+                "capped": int(res.capped.sum())}
+
+    refs = {}
+
+    def write():
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(out, fh, indent=1)
+
+    # the plain graph step for both precisions first, then the compiled one (its compilation is the
+    # slow part): a time limit hit while compiling keeps the first results, written after each step
+    for name, opt in (("graph", DecodeOptions(graph=True)), ("graph_compile", DecodeOptions(graph=True, compile=True))):
+        for precision in ("fp32", "bf16"):
+            row = out.setdefault(precision, {})
+            try:
+                if precision not in refs:
+                    run(DecodeOptions(), precision)  # warm-up
+                    refs[precision], row["seconds_eager"] = run(DecodeOptions(), precision)
+                    row["mean_hits_eager"] = float(refs[precision].n_hits.float().mean())
+                # the first call captures (and compiles); the second replays the decoder kept on the model
+                _, row[f"seconds_{name}_first"] = run(opt, precision)
+                captures = net.static_decoder.captures
+                res, row[f"seconds_{name}"] = run(opt, precision)
+                row[name] = {**compare(res, refs[precision]), "captures_first": captures,
+                             "captures_second": net.static_decoder.captures - captures}
+            except Exception as err:  # report and go on: the other set-ups may still work
+                traceback.print_exc()
+                row[f"error_{name}"] = f"{type(err).__name__}: {err}"
+            print(precision, name, row, flush=True)
+            write()
 
 
 if __name__ == "__main__":

@@ -97,6 +97,77 @@ def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
     assert torch.equal(res.voxel_tokens, ref.voxel_tokens) and torch.equal(res.energy_tokens, ref.energy_tokens)
 
 
+def test_graph_decoder_is_kept_for_the_next_batch(small):
+    """A one-material batch leaves its decoder (buffers, the caches of every bucket; on a GPU the graphs)
+    on the model. The next batch of that size refills it and still gets the plain decoder's showers;
+    changed weights or a mixed-material batch make a new decoder."""
+    from calofm.generation.static_decode import release
+
+    net, tok = small.model, small.tokenizer
+    B = 16
+    par = torch.full((B,), tok.particle_id("gamma"))
+    opt = DecodeOptions(graph=True, graph_min_rows=4, check_every=4)
+
+    def run(energies, seed, options, material=torch.full((B,), tok.material_id("W"))):
+        inc = torch.from_numpy(incident_feature(np.geomspace(*energies, B).astype(np.float32)))
+        return decode(net, inc, material, par, tok.max_hits, tok.voxel_block, tok.energy_block,
+                      generator=torch.Generator().manual_seed(seed), options=options)
+
+    batches = [((1e3, 1e5), 1), ((2e4, 5e4), 2)]
+    first = run(*batches[0], opt)
+    dec = net.static_decoder
+    assert dec is not None and len(dec.buckets) >= 2  # compacted at least once: its bucket is kept
+    buffers = {size: b.rows.h.data_ptr() for size, b in dec.buckets.items()}
+    second = run(*batches[1], opt)
+    assert net.static_decoder is dec
+    assert all(dec.buckets[size].rows.h.data_ptr() == ptr for size, ptr in buffers.items())
+    assert not torch.equal(first.voxel_tokens, second.voxel_tokens)
+    for res, batch in zip((first, second), batches):  # the first result was not overwritten by the second batch
+        ref = run(*batch, DecodeOptions().plain())
+        assert torch.equal(res.voxel_tokens, ref.voxel_tokens) and torch.equal(res.energy_tokens, ref.energy_tokens)
+        assert torch.equal(res.n_hits, ref.n_hits)
+    with torch.no_grad():
+        net.ln_f.weight.mul_(1.0)  # an in-place update: the held matrices and graphs could be stale
+    run(*batches[1], opt)
+    assert net.static_decoder is not dec and net.static_decoder is not None
+    mixed = torch.tensor([tok.material_id("W" if i % 2 else "Pb") for i in range(B)])
+    run(*batches[1], opt, material=mixed)
+    assert net.static_decoder is None  # its MoE plan is the batch's own
+    run(*batches[1], opt)
+    release(net)
+    assert net.static_decoder is None
+
+
+def test_compiled_graph_step(small):
+    """With compile, the whole static step goes through torch.compile, once for all buckets and cache
+    windows. Fused kernels may round differently in the last bit, after which a shower can take another
+    path: the showers are compared row by row, most must be the eager step's."""
+    import torch._dynamo
+
+    from calofm.generation import static_decode
+
+    net, tok = small.model, small.tokenizer
+    B = 16
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e3, 1e5, B).astype(np.float32)))
+    mat, par = torch.full((B,), tok.material_id("Ta")), torch.full((B,), tok.particle_id("gamma"))
+
+    def run(compile):
+        return decode(net, inc, mat, par, 48, tok.voxel_block, tok.energy_block,
+                      generator=torch.Generator().manual_seed(5),
+                      options=DecodeOptions(graph=True, graph_min_rows=4, check_every=4, graph_window=16,
+                                            compile=compile))
+
+    eager = run(False)
+    torch._dynamo.reset()
+    static_decode._compiled_step = None
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    compiled = run(True)
+    assert torch._dynamo.utils.counters["frames"]["ok"] - frames == 1  # for four windows and three buckets
+    same = (compiled.voxel_tokens == eager.voxel_tokens).all(dim=1) & (compiled.energy_tokens == eager.energy_tokens).all(dim=1)
+    assert int(same.sum()) >= B - 2, same
+    assert compiled.capped.sum() > 0 and torch.equal(compiled.n_hits > 0, eager.n_hits > 0)
+
+
 def test_graph_step_reads_nothing_back_from_the_device(small, monkeypatch):
     """A CUDA graph's capture fails at any host read; on CPU the step runs eagerly, so reads are caught
     here by making every read inside the step raise (adapters on some rows: LoRA gates; two materials)."""

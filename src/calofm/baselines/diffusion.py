@@ -175,8 +175,11 @@ class DiffusionBaseline:
     # --- sampling --------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, incident_MeV: np.ndarray, materials: np.ndarray, steps: int | None = None,
-               seed: int = 0, batch_size: int = 500, bf16: bool = True, progress: bool = False) -> np.ndarray:
-        """Showers (N, n_voxels) MeV. steps = timesteps: DDPM ancestral; fewer: DDIM (eta = 0)."""
+               seed: int = 0, batch_size: int = 500, bf16: bool = True, progress: bool = False,
+               graph: bool = False) -> np.ndarray:
+        """Showers (N, n_voxels) MeV. steps = timesteps: DDPM ancestral; fewer: DDIM (eta = 0).
+        graph (CUDA only): the U-Net evaluation captured once per batch size as a CUDA graph and
+        replayed (what calofm's decoder does with its step; the same numbers, fewer launches)."""
         cfg = self.cfg
         self.net.eval()
         steps = steps or cfg.timesteps
@@ -185,13 +188,14 @@ class DiffusionBaseline:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         out = []
         bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"diffusion ({steps} steps)", disable=not progress)
+        # the time grid as Python ints: a device tensor would cost a host read at every step's branch
+        grid = torch.linspace(cfg.timesteps, 0, steps + 1).round().long().tolist()
         for lo in range(0, len(incident_MeV), batch_size):
             log_e, mat = self.condition(incident_MeV[lo:lo + batch_size], materials[lo:lo + batch_size])
             x = torch.randn((len(log_e), cfg.n_layers, cfg.size, cfg.size), generator=gen, device=self.device)
-            grid = torch.linspace(cfg.timesteps, 0, steps + 1, device=self.device).round().long()
+            net = self._captured(x, log_e, mat, bf16) if graph and self.device.type == "cuda" else self._net(bf16)
             for t, t_next in zip(grid[:-1], grid[1:]):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = self.net(x, t.float().expand(len(x)) / cfg.timesteps, log_e, mat).float()
+                pred = net(x, torch.full((len(x),), float(t), device=self.device) / cfg.timesteps, log_e, mat)
                 a, a_next = self.alpha_bar[t], self.alpha_bar[t_next]
                 x0, eps = self.clean_and_noise(pred, x, a)
                 if steps == cfg.timesteps and t_next > 0:  # DDPM posterior q(x_{t-1} | x_t, x0)
@@ -205,6 +209,40 @@ class DiffusionBaseline:
             bar.update(len(x))
         bar.close()
         return np.concatenate(out)
+
+    def _net(self, bf16: bool):
+        """The U-Net as sampling calls it: (x, t, log_e, material) -> fp32 prediction."""
+        def run(x, t, log_e, mat):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                return self.net(x, t, log_e, mat).float()
+        return run
+
+    def _captured(self, x, log_e, mat, bf16: bool):
+        """_net(bf16) captured as a CUDA graph over static input buffers shaped like these (kept per
+        shape and precision, so later batches replay it); returns a function like _net's (its output
+        is the graph's buffer, read before the next call)."""
+        graphs = self.__dict__.setdefault("_graphs", {})
+        key = (tuple(x.shape), bf16)
+        if key not in graphs:
+            net = self._net(bf16)
+            inputs = [x.clone(), torch.zeros(len(x), device=x.device), log_e.clone(), mat.clone()]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the warm-up that capture needs
+                net(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = net(*inputs)
+            graphs[key] = (graph, inputs, output)
+        graph, inputs, output = graphs[key]
+
+        def replay(*args):
+            for buf, value in zip(inputs, args):
+                buf.copy_(value)
+            graph.replay()
+            return output
+        return replay
 
     # --- files -----------------------------------------------------------------------------------
     def save(self, directory: str, geometry: Geometry, training: dict) -> None:

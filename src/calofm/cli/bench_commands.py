@@ -28,6 +28,9 @@ def register(sub) -> None:
     g.add_argument("--baseline-steps", default="400,20", help="diffusion sampling steps to time")
     g.add_argument("--baseline-batches", default="100",
                    help="diffusion batch sizes to time (one batch of that many showers each)")
+    g.add_argument("--baseline-graph", action="store_true",
+                   help="also time the baseline with its U-Net replayed as a CUDA graph (GPU; captured untimed)")
+    g.add_argument("--baseline-repeats", type=int, default=1, help="timed repeats per baseline point (median)")
     g.add_argument("--ablation", action="store_true", help="time each decoder optimization off vs all on")
     g.add_argument("--ablation-n", type=int, default=100, help="showers (one batch) per ablation point")
     g.add_argument("--compile", action="store_true",
@@ -160,13 +163,18 @@ def cmd_bench_generate(args) -> None:
             sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy, seed=args.seed,
                         batch_size=batch, options=options, precision=precision, totals=totals)
             _sync(device)
+        first = None
+        if options is not None and options.graph:
+            # the graph decoder captures its graphs in its first batch and keeps them for the next
+            # (static_decode): the repeats time the kept decoder, the first call is recorded apart
+            first = _median_time(run, 1)
         dt = _median_time(run, args.repeats)
         stats = sm.last_stats
         hits = stats["mean_hits"] * n
         fl = flops_per_position(net, stats["mean_hits"] / 2) * hits / dt
         return {"batch": batch, "n": n, "seconds": dt, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
                 "tokens_per_s": 2 * hits / dt, "positions_per_s": hits / dt, "mean_hits": stats["mean_hits"],
-                "flops_per_s": fl, "flops_fraction": fl / peak}
+                "flops_per_s": fl, "flops_fraction": fl / peak, "first_call_seconds": first}
 
     sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
     results = []
@@ -183,7 +191,8 @@ def cmd_bench_generate(args) -> None:
                 break
             results.append(r)
             print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
-                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak")
+                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak"
+                  + (f"  (first call {r['n'] / r['first_call_seconds']:.2f} showers/s)" if r["first_call_seconds"] else ""))
     energy_scan = []
     for e in (float(x) for x in args.energies.split(",") if x):
         r = timed(args.energy_n, args.energy_n, energy=e, options=DecodeOptions())  # fp32 eager, all switches on
@@ -269,10 +278,18 @@ def _bench_baseline(args, device, peak) -> list[dict]:
         inc = np.random.default_rng(args.seed).uniform(1e4, 1e5, n).astype(np.float32)
         materials = np.full(n, mat)
         for steps in (int(s) for s in args.baseline_steps.split(",") if s):
-            dt = _median_time(lambda: model.sample(inc, materials, steps=steps, seed=args.seed, batch_size=n), 1)
-            fl = per_eval * steps * n / dt
-            rows.append({"batch": n, "steps": steps, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
-                         "tokens_per_s": None, "flops_per_s": fl, "flops_fraction": fl / peak})
-            print(f"diffusion baseline, batch {n}, {steps} steps: {n / dt:.2f} showers/s  {1e3 * dt / n:.1f} ms/shower  "
-                  f"{100 * fl / peak:.1f}% of bf16 peak")
+            for graph in (False, True) if args.baseline_graph else (False,):
+                if graph:  # capture outside the timing, as calofm's decoder keeps its graphs
+                    model.sample(inc, materials, steps=1, seed=args.seed, batch_size=n, graph=True)
+
+                def run():
+                    model.sample(inc, materials, steps=steps, seed=args.seed, batch_size=n, graph=graph)
+                    _sync(device)
+                dt = _median_time(run, args.baseline_repeats)
+                fl = per_eval * steps * n / dt
+                rows.append({"batch": n, "steps": steps, "graph": graph, "showers_per_s": n / dt,
+                             "ms_per_shower": 1e3 * dt / n, "tokens_per_s": None, "flops_per_s": fl,
+                             "flops_fraction": fl / peak})
+                print(f"diffusion baseline, batch {n}, {steps} steps{' (graph)' if graph else ''}: {n / dt:.2f} "
+                      f"showers/s  {1e3 * dt / n:.1f} ms/shower  {100 * fl / peak:.1f}% of bf16 peak")
     return rows

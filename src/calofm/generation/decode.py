@@ -31,7 +31,7 @@ other (equally distributed) showers:
   power-of-two buckets. Gives the same showers as the plain decoder for a single batch;
 - compile: torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's chunk sums
   and, for a bf16 cache, of the attention over the KV cache (one fused pass over the cache instead
-  of two batched matmuls, see model.attention.attend_over_cache). Off by default: it costs a
+  of two batched matmuls, see model.attention.attend_over_cache); with graph, of the whole step. Off by default: it costs a
   compilation per process (about a minute on the 2-core CPU), and fused kernels round differently in
   the last bit, so the showers are equally distributed but not bit-identical to the eager path.
 Precision: under bf16 autocast (`generate(precision="bf16")`) the KV cache is kept in bf16 (half the
@@ -171,17 +171,22 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     capped = torch.zeros(B0, dtype=torch.bool, device=device)
 
     voxel_logits, energy_logits, cdf_fn = model.voxel_logits, model.energy_logits, None
-    if opt.compile:
+    if opt.compile and not opt.graph:
         voxel_logits, energy_logits, cdf_fn = _compiled(model)
 
     energy_sampling = energy_sampling or sampling
     if opt.graph:
         if target_hits is not None:
             raise ValueError("graph decoding does not support two-stage totals (target_hits)")
-        from calofm.generation.static_decode import StaticDecoder
+        from calofm.generation.static_decode import static_decoder
 
-        dec = StaticDecoder(model, voxel_off, energy_off, max_hits, sampling, energy_sampling, opt,
-                            (voxel_logits, energy_logits), cdf_fn, _cache_dtype(device))
+        autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        # what the decoder's buffers and graphs are made for; the model's weights and material are added
+        key = (B0, max_hits, str(device), incident.dtype, autocast_dtype, opt, sampling, energy_sampling,
+               tuple(voxel_off.tolist()), tuple(energy_off.tolist()))
+        dec = static_decoder(model, material, key, voxel_off=voxel_off, energy_off=energy_off, max_hits=max_hits,
+                             sampling=sampling, energy_sampling=energy_sampling, options=opt,
+                             heads=(voxel_logits, energy_logits), cdf_fn=cdf_fn, cache_dtype=_cache_dtype(device))
         try:
             out_v, out_e, capped = dec.run(incident, material, particle, generator)
         finally:

@@ -26,8 +26,22 @@ What differs from decode.decode:
 - hit voxels are masked from a (B, V) bool buffer instead of a hit list that grows every step;
 - the MoE always runs on a plan made once per bucket (model.moe.RoutingPlan over all its rows).
 The step always uses the MoE routing plan and a static (unsliced) cache, whatever the options'
-routing_plan and sliced_attention say. Graphs are captured anew for each batch (each decode call):
-one eager warm-up step and one capture per window and bucket, ~5 % of a batch of 1000 on an H100.
+routing_plan and sliced_attention say.
+
+Kept between calls: a batch of one material leaves its decoder on the model (`static_decoder`), with
+its buffers, the caches of every bucket, the held vocabulary matrices and the captured graphs, and
+the next call with the same batch size, material, sampling, options, precision and weights (a
+parameter changed in place, or an adapter added, makes another decoder) refills the buffers and
+replays the graphs: a graph is captured once per process for each bucket and window met (an eager
+warm-up step and a capture, each about the cost of an eager step), not once per batch. The price is
+memory: the caches of all buckets stay allocated (twice the full static cache of the batch) until a
+call with other shapes replaces the decoder, or `release(model)`. A mixed-material batch routes its
+MoE by index lists of its own, so its decoder is used once.
+
+With `options.compile`, the whole step goes through torch.compile (inductor, dynamic shapes, the
+cache window an argument): one compilation per process and precision (two when the first batch has
+one row), after which a step is tens of fused kernels instead of a few hundred; the graph then
+captures the compiled kernels.
 Not supported: the exponential sampler (one Exp(1) per vocabulary entry would be drawn outside the
 graph) and two-stage totals (target_hits).
 On CPU, where there are no graphs, the same step runs eagerly: slower than decode.decode's sliced
@@ -37,7 +51,7 @@ path, kept so that the step is tested where CI runs (tests/test_fast_decode.py).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -60,37 +74,113 @@ class _Rows:
     incident: torch.Tensor  # (B,)
     material: torch.Tensor  # (B,)
     particle: torch.Tensor  # (B,)
-    plan: RoutingPlan
+    plan: RoutingPlan | None
 
-    def take(self, src: torch.Tensor, orig: torch.Tensor) -> _Rows:
-        return _Rows(self.h[src], self.done[src], self.used[src], orig, self.incident[src], self.material[src],
-                     self.particle[src], routing_plan(self.material[src]))
+    @staticmethod
+    def empty_like(rows: _Rows, size: int) -> _Rows:
+        return _Rows(*(torch.empty((size,) + t.shape[1:], dtype=t.dtype, device=t.device)
+                       for t in rows.tensors()), plan=None)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if f.name != "plan"]
+
+    def take_into(self, dst: _Rows, src: torch.Tensor, orig: torch.Tensor) -> None:
+        """dst's buffers <- rows src of these (orig given), in place: a captured graph reads dst's."""
+        for mine, theirs in zip(self.tensors(), dst.tensors()):
+            if theirs is not dst.orig:
+                torch.index_select(mine, 0, src, out=theirs)
+        dst.orig.copy_(orig)
+        dst.plan = self.plan if self.plan.one_material else routing_plan(dst.material)
+
+
+@dataclass
+class _Bucket:
+    rows: _Rows
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per cache (layer, attention): its (keys, values) buffers
+
+
+def _weights_version(model: ShowerTransformer) -> tuple:
+    """Changes when a parameter is replaced or updated in place (optimizer steps bump _version), or an
+    adapter adds parameters: a decoder's held matrices and graphs are then stale."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def static_decoder(model: ShowerTransformer, material: torch.Tensor, key: tuple, **kwargs) -> StaticDecoder:
+    """The decoder for this call: the one kept on the model if `key` (what shapes and bakes in the
+    graphs: batch size, sampling, options, precision; see decode.decode) and the model's weights and
+    the batch's material still match, else a new one, kept if the batch is of one material."""
+    ids = material.unique()
+    one_material = len(ids) == 1
+    key = (key, _weights_version(model), int(ids[0]) if one_material else None)
+    held = getattr(model, "static_decoder", None)
+    if held is not None and one_material and held.key == key:
+        return held
+    release(model)  # free the old decoder's buffers and graphs before allocating new ones
+    dec = StaticDecoder(model, key=key, **kwargs)
+    if one_material:
+        model.static_decoder = dec
+    return dec
+
+
+def release(model: ShowerTransformer) -> None:
+    """Drop the decoder kept on the model (its caches, buffers and graphs)."""
+    model.static_decoder = None
+
+
+_compiled_step = None
+
+
+def compiled_step():
+    """StaticDecoder._step through torch.compile, compiled once per process (and precision)."""
+    global _compiled_step
+    if _compiled_step is None:
+        from calofm.model.attention import allow_recompiles
+
+        allow_recompiles()
+        _compiled_step = torch.compile(lambda dec, window: dec._step(window), dynamic=True)
+    return _compiled_step
 
 
 class StaticDecoder:
-    """Decodes one batch. The step's inputs and outputs are the buffers of `rows`, `u_voxel`,
-    `u_energy`, `out_voxel`, `out_energy` and the step counter `t`; nothing else changes between steps,
-    which is what lets a captured graph stand for the step."""
+    """Decodes batches of one size. The step's inputs and outputs are the buffers of `rows`,
+    `u_voxel`, `u_energy`, `out_voxel`, `out_energy` and the step counter `t`; nothing else changes
+    between steps, which is what lets a captured graph stand for the step. Buffers, caches and graphs
+    are made on first use and kept for the next batch (see the module docstring)."""
 
     def __init__(self, model: ShowerTransformer, voxel_off: torch.Tensor, energy_off: torch.Tensor,
                  max_hits: int, sampling: SamplingConfig, energy_sampling: SamplingConfig, options,
-                 heads: tuple, cdf_fn, cache_dtype: torch.dtype | None):
+                 heads: tuple, cdf_fn, cache_dtype: torch.dtype | None, key: tuple = ()):
         self.model, self.voxel_off, self.energy_off, self.max_hits = model, voxel_off, energy_off, max_hits
         self.sampling, self.energy_sampling, self.opt = sampling, energy_sampling, options
         self.voxel_logits, self.energy_logits = heads
-        self.cdf_fn, self.cache_dtype = cdf_fn, cache_dtype
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # cache window -> the step captured for it
+        self.cdf_fn, self.cache_dtype, self.key = cdf_fn, cache_dtype, key
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket rows, cache window) -> step
+        self.pool = None  # one memory pool for all the graphs: a step leaves nothing behind in it
+        self.buckets: dict[int, _Bucket] = {}
+        self.state = None  # the model's decode set-up (caches, held matrices), see restore_decode_state
+        self.captures = 0  # graphs captured
 
     def _caches(self) -> list:
         return [attn.kv_cache for block in self.model.blocks for attn in block.attentions()]
 
-    def step(self) -> None:
-        """One position for every row, in place (no host sync, no shape that depends on data)."""
+    def step(self, window: int) -> None:
+        """One position for every row, reading `window` cache slots, in place (no host sync, no shape
+        that depends on data)."""
         with no_host_reads():
-            self._step()
+            if not self.opt.compile:
+                self._step(window)
+                return
+            import torch.fx.experimental._config as fx_config
 
-    def _step(self) -> None:
+            # window and rows are symbolic sizes (dynamic=True); without duck shaping, a window that
+            # happens to equal the bucket's rows or n_heads does not tie them (a recompilation later)
+            with fx_config.patch(use_duck_shape=False):
+                compiled_step()(self, window)
+
+    def _step(self, window: int) -> None:
         r, m = self.rows, self.model
+        for cache in self._caches():  # set here, so that a compiled step takes the window as an argument
+            cache.window = window
         logits = self.voxel_logits(r.h).index_fill_(1, self.voxel_off, float("-inf")).masked_fill_(r.used, float("-inf"))
         v = sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
         is_hit = ~r.done & (v != EOS)
@@ -109,30 +199,45 @@ class StaticDecoder:
         self.t += 1
 
     def _run_step(self, window: int) -> None:
-        graph = self.graphs.get(window)
+        key = (len(self.rows.done), window)
+        graph = self.graphs.get(key)
         if graph is not None:
             graph.replay()
             return
-        for cache in self._caches():  # read while the step is traced (eagerly, or into a graph)
-            cache.window = window
         if not self.use_graph:
-            self.step()
+            self.step(window)
             return
         # first step of this bucket and window: run it eagerly on a side stream (the warm-up that
         # capture needs), then record the step, which runs at the next replay
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.step()
+            self.step(window)
         torch.cuda.current_stream().wait_stream(side)
-        graph = self.graphs[window] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.step()
+        graph = self.graphs[key] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.step(window)
+        self.pool = self.pool or graph.pool()
+        self.captures += 1
 
-    def _window(self, t: int) -> int:
-        """Cache slots read at step t (0-based): the filled t + 3, rounded up to whole windows."""
+    def _window(self, t: int | None) -> int:
+        """Cache slots read at step t (0-based): the filled t + 3, rounded up to whole windows; all
+        max_hits + 2 (t None: the prefill, which reads what decode.decode's reads)."""
         w = self.opt.graph_window or self.max_hits + 2
-        return min(self.max_hits + 2, -(-(t + 3) // w) * w)
+        return self.max_hits + 2 if t is None else min(self.max_hits + 2, -(-(t + 3) // w) * w)
+
+    def _bucket(self, size: int) -> _Bucket:
+        bucket = self.buckets.get(size)
+        if bucket is None:
+            kv = [tuple(torch.empty((size,) + t.shape[1:], dtype=t.dtype, device=t.device) for t in (c.k, c.v))
+                  for c in self._caches()]
+            bucket = self.buckets[size] = _Bucket(_Rows.empty_like(self.rows, size), kv)
+        return bucket
+
+    def _use(self, bucket: _Bucket) -> None:
+        for cache, (k, v) in zip(self._caches(), bucket.kv):
+            cache.k, cache.v = k, v
+        self.rows = bucket.rows
 
     def _compact(self, n_live: int) -> None:
         """Move the running rows into a bucket of the next power of two >= n_live (>= graph_min_rows)."""
@@ -143,36 +248,68 @@ class StaticDecoder:
         live, finished = (~self.rows.done).nonzero().squeeze(1), self.rows.done.nonzero().squeeze(1)
         src = torch.cat([live, finished[:1].expand(size - n_live)])  # fillers: copies of a finished row
         orig = torch.cat([self.rows.orig[live], torch.full((size - n_live,), self.B0, device=src.device)])
-        self.graphs = {}  # frees the old graphs' memory pools
-        self.rows = self.rows.take(src, orig)
-        self.model.select_cache_rows(src)  # layer by layer: one old layer at a time stays beside the new cache
+        bucket = self._bucket(size)
+        self.rows.take_into(bucket.rows, src, orig)
+        for cache, (k, v) in zip(self._caches(), bucket.kv):
+            torch.index_select(cache.k, 0, src, out=k)
+            torch.index_select(cache.v, 0, src, out=v)
+        self._use(bucket)
+
+    def _set_up(self, incident: torch.Tensor) -> None:
+        """The first call: the model's caches and held matrices, the top bucket, the output buffers."""
+        model, device, B0 = self.model, incident.device, self.B0
+        # the sink row B0 takes the fillers' writes (and reads a fixed uniform)
+        self.u_voxel, self.u_energy = (torch.full((B0 + 1, 1), 0.5, device=device) for _ in range(2))
+        self.out_voxel, self.out_energy = (torch.empty((B0 + 1, self.max_hits), dtype=torch.long, device=device)
+                                           for _ in range(2))
+        self.t = torch.zeros(1, dtype=torch.long, device=device)
+        self.capped = torch.zeros(B0 + 1, dtype=torch.bool, device=device)
+        # one slot more than a window ever reads, where the model has room: then every window is a
+        # strided view of the buffer, none the whole (contiguous) buffer, which a compiled step would
+        # treat apart (a recompilation at the last window)
+        model.setup_cache(B0, max_len=min(self.max_hits + 3, model.cfg.max_seq_len), dtype=self.cache_dtype,
+                          sliced=False, fused_qkv=self.opt.fused_qkv)
+        self.state = model.decode_state()
+        V, d = model.cfg.n_voxel_tokens, model.cfg.d_model
+        long = dict(dtype=torch.long, device=device)
+        rows = _Rows(torch.empty(B0, d, device=device), torch.empty(B0, dtype=torch.bool, device=device),
+                     torch.empty((B0, V), dtype=torch.bool, device=device), torch.empty(B0, **long),
+                     torch.empty(B0, dtype=incident.dtype, device=device), torch.empty(B0, **long),
+                     torch.empty(B0, **long), None)
+        self.buckets[B0] = _Bucket(rows, [(c.k, c.v) for c in self._caches()])
 
     def run(self, incident, material, particle, generator) -> tuple:
         """-> (voxel tokens, energy tokens) (B0, max_hits), capped (B0,)."""
         model, device = self.model, incident.device
-        B0 = self.B0 = incident.shape[0]
         self.use_graph = device.type == "cuda"
-        # the sink row B0 takes the fillers' writes (and reads a fixed uniform)
-        self.u_voxel, self.u_energy = (torch.full((B0 + 1, 1), 0.5, device=device) for _ in range(2))
-        self.out_voxel, self.out_energy = (torch.full((B0 + 1, self.max_hits), PAD, dtype=torch.long, device=device)
-                                           for _ in range(2))
-        self.t = torch.zeros(1, dtype=torch.long, device=device)
-        model.setup_cache(B0, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=False,
-                          fused_qkv=self.opt.fused_qkv, compiled_attention=self.opt.compile)
-        plan = routing_plan(material)
-        h = prefill(model, incident, material, particle, plan).contiguous()  # a buffer of its own
-        V = model.cfg.n_voxel_tokens
-        self.rows = _Rows(h, torch.zeros(B0, dtype=torch.bool, device=device),
-                          torch.zeros((B0, V), dtype=torch.bool, device=device), torch.arange(B0, device=device),
-                          incident, material, particle, plan)
-        capped = torch.zeros(B0 + 1, dtype=torch.bool, device=device)
+        if self.state is None:
+            self.B0 = incident.shape[0]
+            self._set_up(incident)
+        B0 = self.B0
+        model.restore_decode_state(self.state)
+        top = self.buckets[B0]
+        self._use(top)
+        r = top.rows
+        for buf, value in ((r.incident, incident), (r.material, material), (r.particle, particle)):
+            buf.copy_(value)
+        r.done.zero_()
+        r.used.zero_()
+        torch.arange(B0, device=device, out=r.orig)
+        r.plan = routing_plan(r.material)
+        for cache in self._caches():
+            cache.window = self._window(None)
+        r.h.copy_(prefill(model, r.incident, r.material, r.particle, r.plan))
+        self.out_voxel.fill_(PAD)
+        self.out_energy.fill_(PAD)
+        self.t.zero_()
+        self.capped.zero_()
         on_device = torch.cuda.device(device) if self.use_graph else contextlib.nullcontext()
         with on_device, _no_autocast_cache(device):  # streams and graphs on the batch's GPU
-            self._loop(generator, capped)
-        self.graphs = {}
-        return self.out_voxel[:B0], self.out_energy[:B0], capped[:B0]
+            self._loop(generator)
+        # copies: the buffers are the next batch's
+        return self.out_voxel[:B0].clone(), self.out_energy[:B0].clone(), self.capped[:B0].clone()
 
-    def _loop(self, generator, capped: torch.Tensor) -> None:
+    def _loop(self, generator) -> None:
         B0 = self.B0
         for t in range(1, self.max_hits + 1):
             # drawn as decode.decode draws them: torch.rand is uniform_ on a fresh tensor
@@ -185,7 +322,7 @@ class StaticDecoder:
             if n_live == 0:
                 break
             if t == self.max_hits:  # EOS forced
-                capped[self.rows.orig] = ~self.rows.done
+                self.capped[self.rows.orig] = ~self.rows.done
             elif self.opt.compact and 2 * n_live <= len(self.rows.done):
                 self._compact(n_live)
 

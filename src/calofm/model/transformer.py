@@ -124,6 +124,7 @@ class ShowerTransformer(nn.Module):
         # per-shower ids of the batch in flight, read by adapters that act on some showers only
         # (calofm.extension: a new particle's LoRA is gated by particle id)
         self.context: dict[str, torch.Tensor] = {}
+        self.static_decoder = None  # the graph decoder kept for the next batch (generation.static_decode)
         self.register_buffer("causal_mask", torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril(),
                              persistent=False)
         self._init_weights()
@@ -237,6 +238,21 @@ class ShowerTransformer(nn.Module):
         for block in self.blocks:
             for attn in block.attentions():
                 attn.kv_cache.select_rows(rows)
+
+    def decode_state(self) -> tuple:
+        """What setup_cache set up (held vocabulary matrices, caches, fused QKV weights), for
+        restore_decode_state: a CUDA graph reads these tensors at the addresses it was captured with,
+        so a decoder that replays its graphs in a later call installs the same ones again
+        (generation.static_decode)."""
+        return ([t.held for t in self.block_tables()],
+                [(a.kv_cache, a.qkv_weight) for block in self.blocks for a in block.attentions()])
+
+    def restore_decode_state(self, state: tuple) -> None:
+        held, attns = state
+        for tables, w in zip(self.block_tables(), held, strict=True):
+            tables.held = w
+        for a, (cache, qkv) in zip([a for block in self.blocks for a in block.attentions()], attns, strict=True):
+            a.kv_cache, a.qkv_weight = cache, qkv
 
     def block_tables(self) -> list[BlockTables]:
         return [m for m in self.modules() if isinstance(m, BlockTables)]
