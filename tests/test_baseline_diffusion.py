@@ -123,6 +123,33 @@ def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
         assert r["showers_per_s"] > 0 and 0 < r["flops_fraction"] < 1
     assert [(r["batch"], r["steps"]) for r in res["baseline"]] == [(2, 3), (2, 2)]
     assert {a["variant"] for a in res["ablation"]} >= {"all on", "all off", "two-stage (totals on)"}
+    assert res["complete"] and not (tmp_path / "bench.json.tmp").exists()
+    # graph set-ups time their first call (captures) apart from the repeats
+    assert all((r["first_call_seconds"] is not None) == r["graph"] for r in res["results"])
+
+
+def test_bench_json_is_written_after_every_row(tiny_run, tmp_path, monkeypatch):
+    """A benchmark stopped by a time limit keeps the rows it timed: the JSON is rewritten (atomically)
+    after each one, marked incomplete until the end."""
+    import json
+
+    import calofm.cli.bench_commands as bench
+    from calofm.cli.main import main
+
+    out = tmp_path / "bench.json"
+    seen = []
+    median = bench._median_time
+
+    def spy(fn, repeats):  # what the file holds when each timing starts
+        seen.append(json.loads(out.read_text()) if out.exists() else None)
+        return median(fn, repeats)
+
+    monkeypatch.setattr(bench, "_median_time", spy)
+    assert main(["bench", "generate", "--model", "calofm-small", "--batches", "1,2", "--n", "2", "--energies", "",
+                 "--threads", "1", "--sim-n", "2", "--json", str(out)]) == 0
+    partial = [s for s in seen if s is not None]
+    assert partial and not partial[0]["complete"] and len(partial[0]["results"]) == 1
+    assert json.loads(out.read_text())["complete"]
 
 
 @pytest.mark.parametrize("setup", ["fp16", "bf16+graph+graph", "fp32+cuda", "graph"])

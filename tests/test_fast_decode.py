@@ -99,8 +99,9 @@ def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
 
 def test_graph_decoder_is_kept_for_the_next_batch(small):
     """A one-material batch leaves its decoder (buffers, the caches of every bucket; on a GPU the graphs)
-    on the model. The next batch of that size refills it and still gets the plain decoder's showers;
-    changed weights or a mixed-material batch make a new decoder."""
+    on the model. The next batch of that size or smaller (a last, partial batch: its spare rows start
+    finished) refills it and still gets the plain decoder's showers; changed weights make a new
+    decoder, a mixed-material batch one that is not kept."""
     from calofm.generation.static_decode import release
 
     net, tok = small.model, small.tokenizer
@@ -108,9 +109,9 @@ def test_graph_decoder_is_kept_for_the_next_batch(small):
     par = torch.full((B,), tok.particle_id("gamma"))
     opt = DecodeOptions(graph=True, graph_min_rows=4, check_every=4)
 
-    def run(energies, seed, options, material=torch.full((B,), tok.material_id("W"))):
-        inc = torch.from_numpy(incident_feature(np.geomspace(*energies, B).astype(np.float32)))
-        return decode(net, inc, material, par, tok.max_hits, tok.voxel_block, tok.energy_block,
+    def run(energies, seed, options, material=torch.full((B,), tok.material_id("W")), n=B):
+        inc = torch.from_numpy(incident_feature(np.geomspace(*energies, n).astype(np.float32)))
+        return decode(net, inc, material[:n], par[:n], tok.max_hits, tok.voxel_block, tok.energy_block,
                       generator=torch.Generator().manual_seed(seed), options=options)
 
     batches = [((1e3, 1e5), 1), ((2e4, 5e4), 2)]
@@ -122,18 +123,21 @@ def test_graph_decoder_is_kept_for_the_next_batch(small):
     assert net.static_decoder is dec
     assert all(dec.buckets[size].rows.h.data_ptr() == ptr for size, ptr in buffers.items())
     assert not torch.equal(first.voxel_tokens, second.voxel_tokens)
-    for res, batch in zip((first, second), batches):  # the first result was not overwritten by the second batch
-        ref = run(*batch, DecodeOptions().plain())
+    partial = run((1e4, 1e5), 3, opt, n=11)
+    assert net.static_decoder is dec and partial.voxel_tokens.shape[0] == 11
+    for res, batch, n in zip((first, second, partial), batches + [((1e4, 1e5), 3)], (B, B, 11)):
+        # the first result was not overwritten by the later batches
+        ref = run(*batch, DecodeOptions().plain(), n=n)
         assert torch.equal(res.voxel_tokens, ref.voxel_tokens) and torch.equal(res.energy_tokens, ref.energy_tokens)
-        assert torch.equal(res.n_hits, ref.n_hits)
+        assert torch.equal(res.n_hits, ref.n_hits) and torch.equal(res.capped, ref.capped)
     with torch.no_grad():
         net.ln_f.weight.mul_(1.0)  # an in-place update: the held matrices and graphs could be stale
     run(*batches[1], opt)
-    assert net.static_decoder is not dec and net.static_decoder is not None
+    kept = net.static_decoder
+    assert kept is not dec and kept is not None
     mixed = torch.tensor([tok.material_id("W" if i % 2 else "Pb") for i in range(B)])
     run(*batches[1], opt, material=mixed)
-    assert net.static_decoder is None  # its MoE plan is the batch's own
-    run(*batches[1], opt)
+    assert net.static_decoder is kept  # the mixed batch's decoder (its MoE plan is its own) is not kept
     release(net)
     assert net.static_decoder is None
 
@@ -162,6 +166,7 @@ def test_compiled_graph_step(small):
     static_decode._compiled_step = None
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     compiled = run(True)
+    assert len(net.static_decoder.buckets) >= 3  # compacted twice
     assert torch._dynamo.utils.counters["frames"]["ok"] - frames == 1  # for four windows and three buckets
     same = (compiled.voxel_tokens == eager.voxel_tokens).all(dim=1) & (compiled.energy_tokens == eager.energy_tokens).all(dim=1)
     assert int(same.sum()) >= B - 2, same

@@ -210,21 +210,23 @@ class DiffusionBaseline:
         bar.close()
         return np.concatenate(out)
 
-    def _net(self, bf16: bool):
-        """The U-Net as sampling calls it: (x, t, log_e, material) -> fp32 prediction."""
+    def _net(self, bf16: bool, cache: bool = True):
+        """The U-Net as sampling calls it: (x, t, log_e, material) -> fp32 prediction. cache=False:
+        autocast keeps no casts of the weights (a graph must not read casts freed when it exits)."""
         def run(x, t, log_e, mat):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=cache):
                 return self.net(x, t, log_e, mat).float()
         return run
 
     def _captured(self, x, log_e, mat, bf16: bool):
-        """_net(bf16) captured as a CUDA graph over static input buffers shaped like these (kept per
-        shape and precision, so later batches replay it); returns a function like _net's (its output
-        is the graph's buffer, read before the next call)."""
+        """_net(bf16) captured as a CUDA graph over static input buffers shaped like these (the last
+        shape and precision are kept, so later batches of that shape replay it); returns a function
+        like _net's (its output is the graph's buffer, read before the next call)."""
         graphs = self.__dict__.setdefault("_graphs", {})
         key = (tuple(x.shape), bf16)
         if key not in graphs:
-            net = self._net(bf16)
+            graphs.clear()  # one kept graph: its pool holds a whole U-Net pass of activations
+            net = self._net(bf16, cache=False)
             inputs = [x.clone(), torch.zeros(len(x), device=x.device), log_e.clone(), mat.clone()]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

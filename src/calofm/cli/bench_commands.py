@@ -176,8 +176,31 @@ def cmd_bench_generate(args) -> None:
                 "tokens_per_s": 2 * hits / dt, "positions_per_s": hits / dt, "mean_hits": stats["mean_hits"],
                 "flops_per_s": fl, "flops_fraction": fl / peak, "first_call_seconds": first}
 
+    results, energy_scan, ablation, baseline, sim_rate = [], [], None, None, None
+
+    def report(complete: bool) -> dict:
+        """The JSON as it stands; written after every timed row too (complete: false), so that a run
+        stopped by a time limit keeps what it measured."""
+        timed_rows = [r for r in results if "error" not in r] or energy_scan
+        mean_hits = timed_rows[-1]["mean_hits"] if timed_rows else 0.0
+        out = {"device": f"{device.type}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+                         + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
+               "torch": torch.__version__, "model": args.model, "adapters": args.adapter,
+               "model_params": net.num_parameters(), "material": args.material, "particle": args.particle,
+               "bf16_matmul_peak_flops": peak, "flops_per_position": flops_per_position(net, mean_hits / 2),
+               "results": results, "energy_scan": energy_scan, "ablation": ablation, "baseline": baseline,
+               "simulator_showers_per_s": sim_rate, "peak_memory_MB": _peak_memory_mb(device), "complete": complete,
+               "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured bf16 "
+                        "matmul peak; decoding runs in fp32 unless the row says bf16"}
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(out, fh, indent=1)
+            os.replace(tmp, args.json)
+        return out
+
     sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
-    results = []
     for s, (precision, opt) in setups.items():
         for b in batches:
             n = args.n or (8 if b == 1 else b)
@@ -190,16 +213,15 @@ def cmd_bench_generate(args) -> None:
                 print(f"{s:18s} batch {b:5d}: failed: {results[-1]['error']}")
                 break
             results.append(r)
+            report(complete=False)
             print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
                   f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak"
                   + (f"  (first call {r['n'] / r['first_call_seconds']:.2f} showers/s)" if r["first_call_seconds"] else ""))
-    energy_scan = []
     for e in (float(x) for x in args.energies.split(",") if x):
         r = timed(args.energy_n, args.energy_n, energy=e, options=DecodeOptions())  # fp32 eager, all switches on
         energy_scan.append({"energy_GeV": e, "decode": "fp32", **r})
         print(f"{e:6.0f} GeV: {r['ms_per_shower']:8.2f} ms/shower ({r['mean_hits']:.0f} hits)")
 
-    ablation = None
     if args.ablation:
         n = args.ablation_n
         # name -> (decoder options, precision, two-stage totals); timed in this order, "all on" first
@@ -232,26 +254,13 @@ def cmd_bench_generate(args) -> None:
                                            energy_GeV=(10, 100), seed=args.seed), args.repeats)
     print(f"simulator: {n_sim / sim_dt:.1f} showers/s")
 
-    baseline = None
     if args.baseline:
         baseline = _bench_baseline(args, device, peak)
 
-    timed_rows = [r for r in results if "error" not in r] or energy_scan
-    mean_hits = timed_rows[-1]["mean_hits"] if timed_rows else 0.0
-    out = {"device": f"{device.type}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-                     + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-           "torch": torch.__version__, "model": args.model, "adapters": args.adapter,
-           "model_params": net.num_parameters(), "material": args.material, "particle": args.particle,
-           "bf16_matmul_peak_flops": peak, "flops_per_position": flops_per_position(net, mean_hits / 2),
-           "results": results, "energy_scan": energy_scan, "ablation": ablation, "baseline": baseline,
-           "simulator_showers_per_s": n_sim / sim_dt, "peak_memory_MB": _peak_memory_mb(device),
-           "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured bf16 "
-                    "matmul peak; decoding runs in fp32 unless the row says bf16"}
+    sim_rate = n_sim / sim_dt
+    out = report(complete=True)
     print(f"peak memory {out['peak_memory_MB']:.0f} MB")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
         print(f"wrote {args.json}")
 
 
@@ -279,8 +288,9 @@ def _bench_baseline(args, device, peak) -> list[dict]:
         materials = np.full(n, mat)
         for steps in (int(s) for s in args.baseline_steps.split(",") if s):
             for graph in (False, True) if args.baseline_graph else (False,):
-                if graph:  # capture outside the timing, as calofm's decoder keeps its graphs
-                    model.sample(inc, materials, steps=1, seed=args.seed, batch_size=n, graph=True)
+                # warm-up outside the timing: the capture (calofm's decoder keeps its graphs too), and
+                # for the eager path the kernels' first-use set-up
+                model.sample(inc, materials, steps=1, seed=args.seed, batch_size=n, graph=graph)
 
                 def run():
                     model.sample(inc, materials, steps=steps, seed=args.seed, batch_size=n, graph=graph)

@@ -182,7 +182,7 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
 
         autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         # what the decoder's buffers and graphs are made for; the model's weights and material are added
-        key = (B0, max_hits, str(device), incident.dtype, autocast_dtype, opt, sampling, energy_sampling,
+        key = (max_hits, str(device), incident.dtype, autocast_dtype, opt, sampling, energy_sampling,
                tuple(voxel_off.tolist()), tuple(energy_off.tolist()))
         dec = static_decoder(model, material, key, voxel_off=voxel_off, energy_off=energy_off, max_hits=max_hits,
                              sampling=sampling, energy_sampling=energy_sampling, options=opt,

@@ -29,19 +29,21 @@ The step always uses the MoE routing plan and a static (unsliced) cache, whateve
 routing_plan and sliced_attention say.
 
 Kept between calls: a batch of one material leaves its decoder on the model (`static_decoder`), with
-its buffers, the caches of every bucket, the held vocabulary matrices and the captured graphs, and
-the next call with the same batch size, material, sampling, options, precision and weights (a
-parameter changed in place, or an adapter added, makes another decoder) refills the buffers and
-replays the graphs: a graph is captured once per process for each bucket and window met (an eager
-warm-up step and a capture, each about the cost of an eager step), not once per batch. The price is
-memory: the caches of all buckets stay allocated (twice the full static cache of the batch) until a
-call with other shapes replaces the decoder, or `release(model)`. A mixed-material batch routes its
-MoE by index lists of its own, so its decoder is used once.
+its buffers, the caches of every bucket, the held vocabulary matrices and the captured graphs (which
+share one memory pool). The next call with the same material, sampling, options, precision, weights
+and mode (a parameter changed in place, or an adapter added, makes another decoder) and at most as
+many showers refills the buffers and replays the graphs; the spare rows of a smaller batch (the last
+of a multi-batch generate) start finished. So a graph is captured once for each bucket and window met,
+not once per batch, as long as the batches keep their material; another material or a larger batch
+replaces the decoder. The price is memory: the caches of all buckets stay allocated (about twice the
+full static cache of the batch) until then, or `release(model)`. A mixed-material batch routes its MoE
+by index lists of its own, so its decoder is used once and not kept.
 
 With `options.compile`, the whole step goes through torch.compile (inductor, dynamic shapes, the
-cache window an argument): one compilation per process and precision (two when the first batch has
-one row), after which a step is tens of fused kernels instead of a few hundred; the graph then
-captures the compiled kernels.
+cache window an argument): one compilation per process, precision and material (dynamo specializes on
+the material's expert group; one more when a batch has a single row), whatever the batch sizes,
+buckets and windows; a step is then tens of fused kernels instead of a few hundred, and the graph
+captures those.
 Not supported: the exponential sampler (one Exp(1) per vocabulary entry would be drawn outside the
 graph) and two-stage totals (target_hits).
 On CPU, where there are no graphs, the same step runs eagerly: slower than decode.decode's sliced
@@ -106,16 +108,18 @@ def _weights_version(model: ShowerTransformer) -> tuple:
 
 
 def static_decoder(model: ShowerTransformer, material: torch.Tensor, key: tuple, **kwargs) -> StaticDecoder:
-    """The decoder for this call: the one kept on the model if `key` (what shapes and bakes in the
-    graphs: batch size, sampling, options, precision; see decode.decode) and the model's weights and
-    the batch's material still match, else a new one, kept if the batch is of one material."""
+    """The decoder for this call: the one kept on the model if `key` (what the graphs bake in:
+    sampling, options, precision; see decode.decode), the model's weights and mode and the batch's
+    material still match and it has at least as many rows as this batch (the spare rows start
+    finished), else a new one, kept if the batch is of one material."""
     ids = material.unique()
     one_material = len(ids) == 1
-    key = (key, _weights_version(model), int(ids[0]) if one_material else None)
+    key = (key, _weights_version(model), model.training, int(ids[0]) if one_material else None)
     held = getattr(model, "static_decoder", None)
-    if held is not None and one_material and held.key == key:
+    if held is not None and one_material and held.key == key and len(material) <= held.B0:
         return held
-    release(model)  # free the old decoder's buffers and graphs before allocating new ones
+    if one_material:
+        release(model)  # free the old decoder's buffers and graphs before allocating new ones
     dec = StaticDecoder(model, key=key, **kwargs)
     if one_material:
         model.static_decoder = dec
@@ -131,7 +135,8 @@ _compiled_step = None
 
 
 def compiled_step():
-    """StaticDecoder._step through torch.compile, compiled once per process (and precision)."""
+    """StaticDecoder._step through torch.compile, made once per process (compiled per precision and
+    material, see the module docstring)."""
     global _compiled_step
     if _compiled_step is None:
         from calofm.model.attention import allow_recompiles
@@ -214,9 +219,10 @@ class StaticDecoder:
         with torch.cuda.stream(side):
             self.step(window)
         torch.cuda.current_stream().wait_stream(side)
-        graph = self.graphs[key] = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             self.step(window)
+        self.graphs[key] = graph  # only once captured: a failed capture must not be replayed later
         self.pool = self.pool or graph.pool()
         self.captures += 1
 
@@ -279,22 +285,34 @@ class StaticDecoder:
         self.buckets[B0] = _Bucket(rows, [(c.k, c.v) for c in self._caches()])
 
     def run(self, incident, material, particle, generator) -> tuple:
-        """-> (voxel tokens, energy tokens) (B0, max_hits), capped (B0,)."""
+        """-> (voxel tokens, energy tokens) (B, max_hits), capped (B,) for a batch of B <= B0 rows."""
+        try:
+            return self._run(incident, material, particle, generator)
+        except BaseException:
+            if self.model.static_decoder is self:  # whatever failed (a capture, memory) must not be kept
+                release(self.model)
+            raise
+
+    def _run(self, incident, material, particle, generator) -> tuple:
         model, device = self.model, incident.device
         self.use_graph = device.type == "cuda"
         if self.state is None:
             self.B0 = incident.shape[0]
             self._set_up(incident)
-        B0 = self.B0
+        B0, B = self.B0, incident.shape[0]
+        self.B = B
         model.restore_decode_state(self.state)
         top = self.buckets[B0]
         self._use(top)
         r = top.rows
         for buf, value in ((r.incident, incident), (r.material, material), (r.particle, particle)):
-            buf.copy_(value)
+            buf[:B].copy_(value)
+            buf[B:].copy_(value[:1].expand(B0 - B))  # spare rows: copies of the first, finished from the start
         r.done.zero_()
+        r.done[B:] = True
         r.used.zero_()
         torch.arange(B0, device=device, out=r.orig)
+        r.orig[B:] = B0  # the spare rows write into the sink row
         r.plan = routing_plan(r.material)
         for cache in self._caches():
             cache.window = self._window(None)
@@ -307,14 +325,14 @@ class StaticDecoder:
         with on_device, _no_autocast_cache(device):  # streams and graphs on the batch's GPU
             self._loop(generator)
         # copies: the buffers are the next batch's
-        return self.out_voxel[:B0].clone(), self.out_energy[:B0].clone(), self.capped[:B0].clone()
+        return self.out_voxel[:B].clone(), self.out_energy[:B].clone(), self.capped[:B].clone()
 
     def _loop(self, generator) -> None:
-        B0 = self.B0
+        B = self.B
         for t in range(1, self.max_hits + 1):
-            # drawn as decode.decode draws them: torch.rand is uniform_ on a fresh tensor
-            self.u_voxel[:B0].uniform_(0, 1, generator=generator)
-            self.u_energy[:B0].uniform_(0, 1, generator=generator)
+            # drawn as decode.decode draws them for B rows: torch.rand is uniform_ on a fresh tensor
+            self.u_voxel[:B].uniform_(0, 1, generator=generator)
+            self.u_energy[:B].uniform_(0, 1, generator=generator)
             self._run_step(self._window(t - 1))
             if t % self.opt.check_every and t < self.max_hits:
                 continue
