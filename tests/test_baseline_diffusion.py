@@ -112,7 +112,7 @@ def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
     assert main(["bench", "generate", "--model", "calofm-small", "--batches", "1,3", "--n", "3", "--energies", "50",
                  "--energy-n", "2", "--ablation", "--ablation-n", "2", "--baseline", str(d / "model"),
                  "--baseline-steps", "3,2", "--baseline-batches", "2", "--threads", "1", "--decode", "fp32,bf16+graph",
-                 "--json", str(out)]) == 0
+                 "--baseline-graph", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert {"device", "model_params", "results", "baseline", "simulator_showers_per_s"} <= set(res)
     assert [(r["decode"], r["batch"]) for r in res["results"]] == [("fp32", 1), ("fp32", 3), ("bf16+graph", 1),
@@ -121,7 +121,9 @@ def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
     for r in res["results"] + res["baseline"]:
         assert {"batch", "showers_per_s", "ms_per_shower", "tokens_per_s", "flops_fraction"} <= set(r)
         assert r["showers_per_s"] > 0 and 0 < r["flops_fraction"] < 1
-    assert [(r["batch"], r["steps"]) for r in res["baseline"]] == [(2, 3), (2, 2)]
+    # --baseline-graph: each point eager and replayed (on CPU the replay runs eagerly)
+    assert [(r["batch"], r["steps"], r["graph"]) for r in res["baseline"]] == [(2, 3, False), (2, 3, True),
+                                                                             (2, 2, False), (2, 2, True)]
     assert {a["variant"] for a in res["ablation"]} >= {"all on", "all off", "two-stage (totals on)"}
     assert res["complete"] and not (tmp_path / "bench.json.tmp").exists()
     # graph set-ups time their first call (captures) apart from the repeats

@@ -152,13 +152,13 @@ def test_compiled_graph_step(small):
 
     net, tok = small.model, small.tokenizer
     B = 16
-    inc = torch.from_numpy(incident_feature(np.geomspace(1e3, 1e5, B).astype(np.float32)))
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e3, 2e4, B).astype(np.float32)))  # most finish
     mat, par = torch.full((B,), tok.material_id("Ta")), torch.full((B,), tok.particle_id("gamma"))
 
     def run(compile):
-        return decode(net, inc, mat, par, 48, tok.voxel_block, tok.energy_block,
+        return decode(net, inc, mat, par, 96, tok.voxel_block, tok.energy_block,
                       generator=torch.Generator().manual_seed(5),
-                      options=DecodeOptions(graph=True, graph_min_rows=4, check_every=4, graph_window=16,
+                      options=DecodeOptions(graph=True, graph_min_rows=4, check_every=4, graph_window=32,
                                             compile=compile))
 
     eager = run(False)
@@ -166,11 +166,11 @@ def test_compiled_graph_step(small):
     static_decode._compiled_step = None
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     compiled = run(True)
-    assert len(net.static_decoder.buckets) >= 3  # compacted twice
-    assert torch._dynamo.utils.counters["frames"]["ok"] - frames == 1  # for four windows and three buckets
+    assert sorted(net.static_decoder.buckets) == [4, 8, 16]  # compacted twice
+    assert torch._dynamo.utils.counters["frames"]["ok"] - frames == 1  # for four windows (32, 64, 96, 98) and three buckets
     same = (compiled.voxel_tokens == eager.voxel_tokens).all(dim=1) & (compiled.energy_tokens == eager.energy_tokens).all(dim=1)
     assert int(same.sum()) >= B - 2, same
-    assert compiled.capped.sum() > 0 and torch.equal(compiled.n_hits > 0, eager.n_hits > 0)
+    assert compiled.capped.sum() > 0 and torch.equal(compiled.n_hits > 0, eager.n_hits > 0)  # some reach the last window
 
 
 def test_graph_step_reads_nothing_back_from_the_device(small, monkeypatch):
