@@ -128,6 +128,7 @@ class DiffusionBaseline:
         self.cfg, self.device = cfg, torch.device(device)
         self.net = DiffusionUNet(cfg).to(self.device)
         self.alpha_bar = cosine_alpha_bar(cfg.timesteps).to(self.device)
+        self._graph = None  # (shape key, CUDA graph, its input buffers, its output) of sample(graph=True)
 
     # --- data <-> network space ------------------------------------------------------------------
     def to_image(self, showers: np.ndarray) -> torch.Tensor:
@@ -219,25 +220,20 @@ class DiffusionBaseline:
         return run
 
     def _captured(self, x, log_e, mat, bf16: bool):
-        """_net(bf16) captured as a CUDA graph over static input buffers shaped like these (the last
-        shape and precision are kept, so later batches of that shape replay it); returns a function
-        like _net's (its output is the graph's buffer, read before the next call)."""
-        graphs = self.__dict__.setdefault("_graphs", {})
+        """_net(bf16) captured as a CUDA graph over static input buffers shaped like these (the graph
+        of the last shape and precision is kept, so later batches of that shape replay it: its pool
+        holds a whole U-Net pass of activations); returns a function like _net's (its output is the
+        graph's buffer, read before the next call)."""
+        from calofm.model.sync import capture
+
         key = (tuple(x.shape), bf16)
-        if key not in graphs:
-            graphs.clear()  # one kept graph: its pool holds a whole U-Net pass of activations
+        if self._graph is None or self._graph[0] != key:
+            self._graph = None  # the old graph's memory goes before the new one is captured
             net = self._net(bf16, cache=False)
             inputs = [x.clone(), torch.zeros(len(x), device=x.device), log_e.clone(), mat.clone()]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # the warm-up that capture needs
-                net(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = net(*inputs)
-            graphs[key] = (graph, inputs, output)
-        graph, inputs, output = graphs[key]
+            graph, output = capture(lambda: net(*inputs))
+            self._graph = (key, graph, inputs, output)
+        _, graph, inputs, output = self._graph
 
         def replay(*args):
             for buf, value in zip(inputs, args):

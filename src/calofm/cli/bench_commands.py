@@ -101,7 +101,7 @@ def flops_per_position(net, mean_context: float) -> float:
         active += n(group.experts[0]) * min(moe.top_k, len(group.experts))
         active += n(group.router) if group.router is not None else 0
     active += n(net.voxel_head) + n(net.energy_head) + (n(net.energy_in) if net.energy_in is not None else 0)
-    attn_flops = 4 * d * mean_context * sum(len(b.attentions()) for b in net.blocks)
+    attn_flops = 4 * d * mean_context * len(net.attentions())
     return 2.0 * active + attn_flops
 
 

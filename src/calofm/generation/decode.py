@@ -159,39 +159,34 @@ def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Ten
     values above max_hits are capped. The random stream is the same with or without it."""
     opt = options or DecodeOptions()
     B0, device = incident.shape[0], incident.device
-    B = B0  # rows in flight (fewer than B0 after compaction)
-    orig: torch.Tensor | None = None  # (B,) original row of each row in flight; None = identity
     # token columns sampling may never choose (specials, other blocks); few for a one-block model
     voxel_off = (~_allowed(model.cfg.n_voxel_tokens, voxel_block, True, device)).nonzero().squeeze(1)
     energy_off = (~_allowed(model.cfg.n_energy_tokens, energy_block, False, device)).nonzero().squeeze(1)
-    hit_voxels = torch.full((B, max_hits), PAD, dtype=torch.long, device=device)  # per row in flight
-    out_v = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
-    out_e = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    capped = torch.zeros(B0, dtype=torch.bool, device=device)
-
-    voxel_logits, energy_logits, cdf_fn = model.voxel_logits, model.energy_logits, None
-    if opt.compile and not opt.graph:
-        voxel_logits, energy_logits, cdf_fn = _compiled(model)
-
     energy_sampling = energy_sampling or sampling
     if opt.graph:
         if target_hits is not None:
             raise ValueError("graph decoding does not support two-stage totals (target_hits)")
         from calofm.generation.static_decode import static_decoder
 
-        autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        # what the decoder's buffers and graphs are made for; the model's weights and material are added
-        key = (max_hits, str(device), incident.dtype, autocast_dtype, opt, sampling, energy_sampling,
-               tuple(voxel_off.tolist()), tuple(energy_off.tolist()))
-        dec = static_decoder(model, material, key, voxel_off=voxel_off, energy_off=energy_off, max_hits=max_hits,
-                             sampling=sampling, energy_sampling=energy_sampling, options=opt,
-                             heads=(voxel_logits, energy_logits), cdf_fn=cdf_fn, cache_dtype=_cache_dtype(device))
+        dec = static_decoder(model, incident, material, voxel_off=voxel_off, energy_off=energy_off,
+                             max_hits=max_hits, sampling=sampling, energy_sampling=energy_sampling, options=opt,
+                             cache_dtype=_cache_dtype(device))
         try:
             out_v, out_e, capped = dec.run(incident, material, particle, generator)
         finally:
             model.clear_cache()
         return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), capped)
+
+    B = B0  # rows in flight (fewer than B0 after compaction)
+    orig: torch.Tensor | None = None  # (B,) original row of each row in flight; None = identity
+    hit_voxels = torch.full((B, max_hits), PAD, dtype=torch.long, device=device)  # per row in flight
+    out_v = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
+    out_e = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    capped = torch.zeros(B0, dtype=torch.bool, device=device)
+    voxel_logits, energy_logits, cdf_fn = model.voxel_logits, model.energy_logits, None
+    if opt.compile:
+        voxel_logits, energy_logits, cdf_fn = _compiled(model)
 
     def draw(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
         return sample(logits, cfg, generator, opt.sampler, orig, B0, cdf_fn)

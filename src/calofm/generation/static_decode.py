@@ -61,7 +61,7 @@ from calofm.generation.decode import prefill
 from calofm.generation.sampler import SamplingConfig, sample
 from calofm.model import ShowerTransformer
 from calofm.model.moe import RoutingPlan, routing_plan
-from calofm.model.sync import no_host_reads
+from calofm.model.sync import capture, no_host_reads
 from calofm.tokenizer import EOS, PAD
 
 
@@ -107,15 +107,19 @@ def _weights_version(model: ShowerTransformer) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-def static_decoder(model: ShowerTransformer, material: torch.Tensor, key: tuple, **kwargs) -> StaticDecoder:
-    """The decoder for this call: the one kept on the model if `key` (what the graphs bake in:
-    sampling, options, precision; see decode.decode), the model's weights and mode and the batch's
-    material still match and it has at least as many rows as this batch (the spare rows start
-    finished), else a new one, kept if the batch is of one material."""
+def static_decoder(model: ShowerTransformer, incident: torch.Tensor, material: torch.Tensor, **kwargs) -> StaticDecoder:
+    """The decoder for this batch: the one kept on the model if what its graphs bake in (kwargs:
+    sampling, options, blocks, max_hits; the device and precision; the model's weights and mode; the
+    batch's material) still matches and it has at least as many rows as this batch (the spare rows
+    start finished), else a new one, kept if the batch is of one material. kwargs: StaticDecoder's."""
     ids = material.unique()
     one_material = len(ids) == 1
-    key = (key, _weights_version(model), model.training, int(ids[0]) if one_material else None)
-    held = getattr(model, "static_decoder", None)
+    device = incident.device
+    autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (tuple((k, tuple(v.tolist()) if isinstance(v, torch.Tensor) else v) for k, v in sorted(kwargs.items())),
+           str(device), incident.dtype, autocast_dtype, _weights_version(model), model.training,
+           int(ids[0]) if one_material else None)
+    held = model.static_decoder
     if held is not None and one_material and held.key == key and len(material) <= held.B0:
         return held
     if one_material:
@@ -154,11 +158,10 @@ class StaticDecoder:
 
     def __init__(self, model: ShowerTransformer, voxel_off: torch.Tensor, energy_off: torch.Tensor,
                  max_hits: int, sampling: SamplingConfig, energy_sampling: SamplingConfig, options,
-                 heads: tuple, cdf_fn, cache_dtype: torch.dtype | None, key: tuple = ()):
+                 cache_dtype: torch.dtype | None, key: tuple = ()):
         self.model, self.voxel_off, self.energy_off, self.max_hits = model, voxel_off, energy_off, max_hits
         self.sampling, self.energy_sampling, self.opt = sampling, energy_sampling, options
-        self.voxel_logits, self.energy_logits = heads
-        self.cdf_fn, self.cache_dtype, self.key = cdf_fn, cache_dtype, key
+        self.cache_dtype, self.key = cache_dtype, key
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (bucket rows, cache window) -> step
         self.pool = None  # one memory pool for all the graphs: a step leaves nothing behind in it
         self.buckets: dict[int, _Bucket] = {}
@@ -166,7 +169,7 @@ class StaticDecoder:
         self.captures = 0  # graphs captured
 
     def _caches(self) -> list:
-        return [attn.kv_cache for block in self.model.blocks for attn in block.attentions()]
+        return [attn.kv_cache for attn in self.model.attentions()]
 
     def step(self, window: int) -> None:
         """One position for every row, reading `window` cache slots, in place (no host sync, no shape
@@ -186,13 +189,13 @@ class StaticDecoder:
         r, m = self.rows, self.model
         for cache in self._caches():  # set here, so that a compiled step takes the window as an argument
             cache.window = window
-        logits = self.voxel_logits(r.h).index_fill_(1, self.voxel_off, float("-inf")).masked_fill_(r.used, float("-inf"))
-        v = sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
+        logits = m.voxel_logits(r.h).index_fill_(1, self.voxel_off, float("-inf")).masked_fill_(r.used, float("-inf"))
+        v = sample(logits, self.sampling, u=self.u_voxel[r.orig])
         is_hit = ~r.done & (v != EOS)
         v = torch.where(r.done, PAD, v)
         r.done.logical_or_(v == EOS)
-        e = sample(self.energy_logits(r.h, v).index_fill_(1, self.energy_off, float("-inf")), self.energy_sampling,
-                   cdf_fn=self.cdf_fn, u=self.u_energy[r.orig])
+        e = sample(m.energy_logits(r.h, v).index_fill_(1, self.energy_off, float("-inf")), self.energy_sampling,
+                   u=self.u_energy[r.orig])
         v_in, e_in = torch.where(is_hit, v, PAD), torch.where(is_hit, e, PAD)
         column = self.t.expand(len(v_in))
         self.out_voxel.index_put_((r.orig, column), v_in)  # fillers write PAD into the sink row
@@ -212,16 +215,8 @@ class StaticDecoder:
         if not self.use_graph:
             self.step(window)
             return
-        # first step of this bucket and window: run it eagerly on a side stream (the warm-up that
-        # capture needs), then record the step, which runs at the next replay
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.step(window)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.step(window)
+        # first step of this bucket and window: the warm-up runs it, the recorded one runs at the next replay
+        graph, _ = capture(lambda: self.step(window), self.pool)
         self.graphs[key] = graph  # only once captured: a failed capture must not be replayed later
         self.pool = self.pool or graph.pool()
         self.captures += 1

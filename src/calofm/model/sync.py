@@ -1,4 +1,4 @@
-"""Whether the code running now may read a value back from the device.
+"""Whether the code running now may read a value back from the device, and capturing a CUDA graph.
 
 A CUDA graph's capture fails at any host read (`bool(t)`, `.item()`, `.tolist()`, `nonzero`), and on a
 GPU every such read stalls the queue. Code with a shortcut that needs one (e.g. an adapter that skips its
@@ -10,6 +10,8 @@ torch.cuda.is_current_stream_capturing(), so that the CPU tests can run the same
 from __future__ import annotations
 
 import contextlib
+
+import torch
 
 _forbidden = 0  # nesting depth of no_host_reads()
 
@@ -26,3 +28,18 @@ def no_host_reads():
 
 def host_reads_allowed() -> bool:
     return _forbidden == 0
+
+
+def capture(fn, pool=None) -> tuple:
+    """fn() run once eagerly on a side stream (the warm-up that capture needs: lazy initializations,
+    kernel choices), then recorded as a CUDA graph in `pool` (a graph's pool() to share it; None: its
+    own) -> (the graph, what fn returned while recorded: buffers each replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out

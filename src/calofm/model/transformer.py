@@ -175,11 +175,10 @@ class ShowerTransformer(nn.Module):
                else torch.arange(start, start + T, device=vox.device))
         mask = None
         if cache is not None:
-            for block in self.blocks:
-                for attn in block.attentions():
-                    attn.kv_cache.write_pos = pos if on_device else None
-                    if not on_device:
-                        attn.kv_cache.fill = start + T
+            for attn in self.attentions():
+                attn.kv_cache.write_pos = pos if on_device else None
+                if not on_device:
+                    attn.kv_cache.fill = start + T
             mask = self.causal_mask[pos, : cache.span]  # (T, slots read): full buffer, or filled prefix
         auxes: list[MoEAux] = []
         for block in self.blocks:
@@ -227,32 +226,33 @@ class ShowerTransformer(nn.Module):
                              ref.device) if sliced else None
         for tables in self.block_tables():  # heads in the compute dtype; embeddings feed the fp32 stream
             tables.hold_weight(dtype=dtype if isinstance(tables, BlockHead) else None)
-        for block in self.blocks:
-            for attn in block.attentions():
-                attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim, dtype,
-                                        ref.device, sliced=sliced, compiled=compiled_attention, spare=spare)
-                attn.fuse_qkv(fused_qkv)
+        for attn in self.attentions():
+            attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim, dtype,
+                                    ref.device, sliced=sliced, compiled=compiled_attention, spare=spare)
+            attn.fuse_qkv(fused_qkv)
 
     def select_cache_rows(self, rows: torch.Tensor) -> None:
         """Keep only the sequences `rows` in every layer's cache (finished showers leave the batch)."""
-        for block in self.blocks:
-            for attn in block.attentions():
-                attn.kv_cache.select_rows(rows)
+        for attn in self.attentions():
+            attn.kv_cache.select_rows(rows)
 
     def decode_state(self) -> tuple:
         """What setup_cache set up (held vocabulary matrices, caches, fused QKV weights), for
         restore_decode_state: a CUDA graph reads these tensors at the addresses it was captured with,
         so a decoder that replays its graphs in a later call installs the same ones again
         (generation.static_decode)."""
-        return ([t.held for t in self.block_tables()],
-                [(a.kv_cache, a.qkv_weight) for block in self.blocks for a in block.attentions()])
+        return [t.held for t in self.block_tables()], [(a.kv_cache, a.qkv_weight) for a in self.attentions()]
 
     def restore_decode_state(self, state: tuple) -> None:
         held, attns = state
         for tables, w in zip(self.block_tables(), held, strict=True):
             tables.held = w
-        for a, (cache, qkv) in zip([a for block in self.blocks for a in block.attentions()], attns, strict=True):
+        for a, (cache, qkv) in zip(self.attentions(), attns, strict=True):
             a.kv_cache, a.qkv_weight = cache, qkv
+
+    def attentions(self) -> list[CausalAttention]:
+        """Every attention of the network, layer by layer (each holds its own KV cache when decoding)."""
+        return [a for block in self.blocks for a in block.attentions()]
 
     def block_tables(self) -> list[BlockTables]:
         return [m for m in self.modules() if isinstance(m, BlockTables)]
@@ -260,10 +260,9 @@ class ShowerTransformer(nn.Module):
     def clear_cache(self) -> None:
         for tables in self.block_tables():
             tables.hold_weight(False)
-        for block in self.blocks:
-            for attn in block.attentions():
-                attn.kv_cache = None
-                attn.qkv_weight = None
+        for attn in self.attentions():
+            attn.kv_cache = None
+            attn.qkv_weight = None
 
     # --- growth (continual learning) -----------------------------------------------------------
     def add_material(self, n_experts: int | None = None) -> int:
