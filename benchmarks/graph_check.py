@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated, of fp32 and bf16")
+    ap.add_argument("--setups", default="graph,graph_compile", help="comma-separated, of graph and graph_compile")
     args = ap.parse_args()
     sm = calofm.load("calofm-small", device=args.device)
     net, tok, dev = sm.model, sm.tokenizer, sm.device
@@ -66,8 +68,10 @@ def main() -> None:
 
     # the plain graph step for both precisions first, then the compiled one (its compilation is the
     # slow part): a time limit hit while compiling keeps the first results, written after each step
-    for name, opt in (("graph", DecodeOptions(graph=True)), ("graph_compile", DecodeOptions(graph=True, compile=True))):
-        for precision in ("fp32", "bf16"):
+    setups = {"graph": DecodeOptions(graph=True), "graph_compile": DecodeOptions(graph=True, compile=True)}
+    for name in args.setups.split(","):
+        opt = setups[name]
+        for precision in args.precisions.split(","):
             row = out.setdefault(precision, {})
             try:
                 if precision not in refs:
