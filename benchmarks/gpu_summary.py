@@ -31,17 +31,21 @@ def main() -> None:
     rows = [r for r in bench["results"] if "error" not in r]
     if args.compile:
         rows += [r for r in load(args.compile)["results"] if "error" not in r]
-    baseline = {(r["batch"], r["steps"]): r["showers_per_s"] for r in base["baseline"]}
+    # eager and graph-replayed baseline rows apart (a "graph" key since stop 16)
+    baseline = {(r["batch"], r["steps"], bool(r.get("graph"))): r["showers_per_s"] for r in base["baseline"]}
     speeds = {}
     for r in rows:
         speeds.setdefault(r["decode"], {})[r["batch"]] = round(r["showers_per_s"], 1)
     ratios = {}
     for name, by_batch in speeds.items():
         for b, v in by_batch.items():
-            for steps in (400, 100, 50, 20):
-                if (b, steps) in baseline:
-                    ratios.setdefault(name, {}).setdefault(str(b), {})[str(steps)] = round(v / baseline[(b, steps)], 2)
-    metrics = load(args.metrics)["materials"]
+            for (bb, steps, graph), rate in baseline.items():
+                if bb == b:
+                    key = f"{steps}{' graph' if graph else ''}"
+                    ratios.setdefault(name, {}).setdefault(str(b), {})[key] = round(v / rate, 2)
+    metrics = load(args.metrics)
+    # one material's metrics.json holds its figures at the top level, several under "materials"
+    metrics = metrics["materials"] if "materials" in metrics else {metrics["material"]: metrics}
     auc = {k: {"auc_low": round(v["classifier_auc_low"], 3), "auc_high": round(v["classifier_auc_high"], 3),
                "auc_low_unc": round(v["classifier"]["low"]["auc_err"], 3),
                "auc_high_unc": round(v["classifier"]["high"]["auc_err"], 3),
@@ -53,7 +57,8 @@ def main() -> None:
            "model": bench["model"], "model_params": bench["model_params"],
            "showers_per_s": speeds,
            "flops_fraction": {r["decode"] + f" @ {r['batch']}": round(r["flops_fraction"], 5) for r in rows},
-           "baseline_showers_per_s": {f"batch {b}, {s} steps": round(v, 1) for (b, s), v in baseline.items()},
+           "baseline_showers_per_s": {f"batch {b}, {s} steps{', graph' if g else ''}": round(v, 1)
+                                      for (b, s, g), v in baseline.items()},
            "speedup_vs_baseline": ratios,
            "simulator_showers_per_s": bench["simulator_showers_per_s"],
            "peak_memory_MB": bench["peak_memory_MB"],

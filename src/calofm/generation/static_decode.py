@@ -40,10 +40,12 @@ full static cache of the batch) until then, or `release(model)`. A mixed-materia
 by index lists of its own, so its decoder is used once and not kept.
 
 With `options.compile`, the whole step goes through torch.compile (inductor, dynamic shapes, the
-cache window an argument): one compilation per process, precision and material (dynamo specializes on
-the material's expert group; one more when a batch has a single row), whatever the batch sizes,
-buckets and windows; a step is then tens of fused kernels instead of a few hundred, and the graph
-captures those.
+cache window an argument), and the graph captures its fused kernels: a step is then tens of kernels
+instead of a few hundred. On CPU that is one compilation per process, precision and material (dynamo
+specializes on the material's expert group; one more when a batch has a single row), whatever the
+batch sizes, buckets and windows. On the H100 (stop 17, benchmarks/recompile_probe.py) the windows
+share it too, but every distinct row count (batch size or compaction bucket) compiles once more,
+10-20 s each: the row dimension comes out specialized there, for a reason not yet found.
 Not supported: the exponential sampler (one Exp(1) per vocabulary entry would be drawn outside the
 graph) and two-stage totals (target_hits).
 On CPU, where there are no graphs, the same step runs eagerly: slower than decode.decode's sliced
@@ -140,7 +142,7 @@ _compiled_step = None
 
 def compiled_step():
     """StaticDecoder._step through torch.compile, made once per process (compiled per precision and
-    material, see the module docstring)."""
+    material, and on a GPU per row count: see the module docstring)."""
     global _compiled_step
     if _compiled_step is None:
         from calofm.model.attention import allow_recompiles

@@ -1,0 +1,91 @@
+"""How often the compiled graph step (generation/static_decode.py, `graph + compile`) compiles as the
+batch size and the compaction buckets change, and what that costs: for each batch size in turn, one
+first call (captures, and compilations if any) and three timed calls, in one process, with dynamo's
+count of compiled frames after each.
+
+On CPU the step compiles once per process, precision and material. On the H100 (stop 17) it compiled
+once per distinct row count (dynamo: "tensor 'dec.rows.h' size mismatch at index 0"), with SDPA and
+with the explicit attention alike; this script is what found that, and is what to rerun with
+`--inductor KEY=VALUE` settings to find the specializing pass:
+
+    TORCH_LOGS=recompiles python benchmarks/recompile_probe.py --device cuda --batches 4,100,1000
+    python benchmarks/recompile_probe.py --device cuda --batches 4,100 --inductor shape_padding=False
+
+`--attention explicit` routes the cached attention of the GPU path through attention.attend_over_cache
+(fused by the compiled step) instead of SDPA, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import calofm
+import calofm.model.attention as attention
+from calofm.generation.decode import DecodeOptions
+
+
+class _ExplicitAttention:
+    """Stands in for torch.nn.functional inside calofm.model.attention: SDPA with a mask (the cached
+    attention on a GPU) becomes attend_over_cache; everything else is F's."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False):
+        if attn_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout_p)
+        return attention.attend_over_cache(q, k, v, attn_mask).to(q.dtype)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batches", default="4,100,1000,10000")
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument("--attention", default="sdpa", choices=("sdpa", "explicit"))
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="a torch._inductor.config setting, e.g. shape_padding=False (repeatable)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import torch._inductor.config as inductor_config
+
+    for setting in args.inductor:
+        key, value = setting.split("=", 1)
+        setattr(inductor_config, key, ast.literal_eval(value))
+    if args.attention == "explicit":
+        attention.F = _ExplicitAttention()
+    sm = calofm.load("calofm-small", device=args.device)
+    options = DecodeOptions(graph=True, compile=True)
+    frames = torch._dynamo.utils.counters["frames"]
+
+    def run(batch, seed):
+        t0 = time.perf_counter()
+        sm.generate(batch, material="W", seed=seed, options=options, precision=args.precision, batch_size=batch)
+        if sm.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    out = {"device": torch.cuda.get_device_name() if sm.device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "attention": args.attention, "inductor": args.inductor, "precision": args.precision, "rows": []}
+    for batch in (int(b) for b in args.batches.split(",")):
+        first = run(batch, 0)
+        times = [run(batch, seed) for seed in (1, 2, 3)]
+        row = {"batch": batch, "first_call_seconds": first, "showers_per_s": batch / statistics.median(times),
+               "mean_hits": sm.last_stats["mean_hits"], "compiled_frames_so_far": frames["ok"]}
+        out["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
