@@ -17,16 +17,16 @@ py=python3
 log=$OUT/session.log
 if [ -n "${QUICK:-}" ]; then  # dry run: tiny sizes
   N=16 CHECK=8 BATCHES=1,8 BASE_BATCHES=4 STEPS=4,2 REPEATS=1 PROF=8 T_CHECK=300 T_BENCH=600 T_BASE=120 T_GEN=200 T_PROF=200
-  PROBE_DIAG=4,8 PROBE_AB=8 T_PROBE=300 T_PROBE_AB=300 PROBE_SETTINGS="shape_padding=False"
+  PROBE_DIAG=4,8 PROBE_AB=8 AB_MIN_ROWS=4 T_PROBE=300 T_PROBE_AB=300
 else
   # the stop-16 lease: the first compilation took 117 s on the H100 machine, later ones (inductor's
   # on-disk cache) ~30 s; the baseline step 62 s. The profile runs only with PROFILE=1 (trim the others)
   N=1000 CHECK=256 BATCHES=1,100,1000,10000 BASE_BATCHES=100,1000,10000 STEPS=400,100,50,20 REPEATS=3 PROF=1000,10000
   T_CHECK=240 T_BENCH=210 T_BASE=75 T_GEN=50 T_PROF=60
   # PROBE=1 runs only the probes. Stop 17: a fresh machine's first compilation took 31-43 s, and each
-  # new row count 10-20 s more. A batch of 10 000 from a fresh process meets ~10 row counts (~3 min).
-  # So the three probe calls take ~8 min.
-  PROBE_DIAG=4,100 PROBE_AB=10000 T_PROBE=90 T_PROBE_AB=200
+  # new row count 10-20 s more (batches 4 then 100: ~85 s). The A/B decodes batch 10 000 with buckets of
+  # at least 1024 rows (5 row counts, ~2 min). So the four probe calls take ~9 minutes
+  PROBE_DIAG=4,100 PROBE_AB=10000 AB_MIN_ROWS=1024 T_PROBE=115 T_PROBE_AB=170
 fi
 { date -u; nvidia-smi -L 2>&1; $py -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())"; } >>"$log" 2>&1
 
@@ -54,19 +54,20 @@ timeout $T_GEN $py -m calofm.cli.main generate --model calofm-small --device "$D
   --seed 1 --precision bf16 --graph --compile --no-progress -o "$OUT/calofm_bf16_graph_compile.h5" >>"$log" 2>&1
 fi
 
-# PROBE=1: why the compiled step recompiles per row count on the H100 (stop 17), each inductor setting
-# in its own process (batches 4 then 100: three recompilations at stop 17), then the attention A/B
-# (SDPA against the explicit attention, the same batches in one process each)
+# PROBE=1: why the compiled step recompiles per row count on the H100 (stop 17): each inductor setting
+# of PROBE_SETTINGS in its own process, over the batches PROBE_DIAG (4 then 100: three recompilations
+# at stop 17). Then the attention A/B: SDPA against the explicit attention, each in its own process
+# over the batches PROBE_AB
 if [ -n "${PROBE:-}${QUICK:-}" ]; then
-  for setting in ${PROBE_SETTINGS:-shape_padding=False}; do  # e.g. PROBE_SETTINGS="split_reductions=False"
+  for setting in ${PROBE_SETTINGS:-shape_padding=False split_reductions=False}; do
     echo "== probe $setting $(date -u +%T)" >>"$log"
     TORCH_LOGS=recompiles timeout $T_PROBE $py benchmarks/recompile_probe.py --device "$DEV" --batches $PROBE_DIAG \
-      --inductor $setting --json "$OUT/probe_${setting%%=*}.json" >>"$log" 2>&1
+      --inductor "$setting" --json "$OUT/probe_${setting//[^A-Za-z0-9_]/_}.json" >>"$log" 2>&1
   done
   for attention in sdpa explicit; do
     echo "== probe attention $attention $(date -u +%T)" >>"$log"
-    timeout $T_PROBE_AB $py benchmarks/recompile_probe.py --device "$DEV" --batches $PROBE_AB --attention $attention \
-      --json "$OUT/probe_attention_$attention.json" >>"$log" 2>&1
+    timeout $T_PROBE_AB $py benchmarks/recompile_probe.py --device "$DEV" --batches $PROBE_AB --min-rows $AB_MIN_ROWS \
+      --attention $attention --json "$OUT/probe_attention_$attention.json" >>"$log" 2>&1
   done
 fi
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -20,6 +21,18 @@ import torch.nn.functional as F
 
 SHAPES = {"qkv (128 -> 384)": (128, 384), "expert in (128 -> 256)": (128, 256),
           "expert out (256 -> 128)": (256, 128), "voxel head (128 -> 4503)": (128, 4503)}
+
+
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() gives only the architecture on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def median_us(fn, calls: int = 200, runs: int = 5) -> float:
@@ -62,12 +75,10 @@ def main() -> None:
             print(f"{m:5d} rows  {name:26s} fp32 {row['fp32_us']:8.1f} us  bf16 {row['bf16_us']:8.1f} us  "
                   f"int8 {row['int8_us']:8.1f} us  (int8/bf16 x{row['int8_over_bf16']:.2f})", flush=True)
     if args.json:
-        out = {"device": platform.processor() or platform.machine(), "threads": args.threads,
+        out = {"device": cpu_name(), "threads": args.threads,
                "torch": torch.__version__, "rows": rows}
         with open(args.json + ".tmp", "w") as fh:
             json.dump(out, fh, indent=1)
-        import os
-
         os.replace(args.json + ".tmp", args.json)
 
 

@@ -12,7 +12,13 @@ with the explicit attention alike; this script is what found that, and is what t
     python benchmarks/recompile_probe.py --device cuda --batches 4,100 --inductor shape_padding=False
 
 `--attention explicit` routes the cached attention of the GPU path through attention.attend_over_cache
-(fused by the compiled step) instead of SDPA, for comparison.
+(fused by the compiled step) instead of SDPA, for comparison: every masked SDPA call of calofm's
+attention, so the prefill's too (eager, outside the compiled step); no dropout (decoding has none).
+`--min-rows N` keeps the compaction buckets at N rows or more (DecodeOptions.graph_min_rows): fewer
+row counts, so fewer compilations, for an A/B at a large batch within a short lease. `--window` sets
+DecodeOptions.graph_window. On CPU (`--device cpu --threads 1`) the same script times the compiled
+graph step against the eager decoder's figures of `calofm bench generate`.
+Each batch's row is written to the JSON after its first call and again after its timed calls.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import statistics
 import time
 
@@ -53,6 +60,9 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "explicit"))
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     help="a torch._inductor.config setting, e.g. shape_padding=False (repeatable)")
+    ap.add_argument("--min-rows", type=int, default=None, help="graph_min_rows (default: DecodeOptions')")
+    ap.add_argument("--window", type=int, default=None, help="graph_window (default: DecodeOptions')")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch._inductor.config as inductor_config
@@ -63,7 +73,10 @@ def main() -> None:
     if args.attention == "explicit":
         attention.F = _ExplicitAttention()
     sm = calofm.load("calofm-small", device=args.device)
-    options = DecodeOptions(graph=True, compile=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = {k: v for k, v in (("graph_min_rows", args.min_rows), ("graph_window", args.window)) if v is not None}
+    options = DecodeOptions(graph=True, compile=True, **sizes)
     frames = torch._dynamo.utils.counters["frames"]
 
     def run(batch, seed):
@@ -74,17 +87,24 @@ def main() -> None:
         return time.perf_counter() - t0
 
     out = {"device": torch.cuda.get_device_name() if sm.device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "attention": args.attention, "inductor": args.inductor, "precision": args.precision, "rows": []}
-    for batch in (int(b) for b in args.batches.split(",")):
-        first = run(batch, 0)
-        times = [run(batch, seed) for seed in (1, 2, 3)]
-        row = {"batch": batch, "first_call_seconds": first, "showers_per_s": batch / statistics.median(times),
-               "mean_hits": sm.last_stats["mean_hits"], "compiled_frames_so_far": frames["ok"]}
-        out["rows"].append(row)
-        print(json.dumps(row), flush=True)
+           "attention": args.attention, "inductor": args.inductor, "precision": args.precision,
+           "graph_min_rows": options.graph_min_rows, "graph_window": options.graph_window,
+           "threads": torch.get_num_threads(), "rows": []}
+
+    def write():  # after every call that took long: a time limit keeps what was measured
         if args.json:
-            with open(args.json, "w") as fh:
+            with open(args.json + ".tmp", "w") as fh:
                 json.dump(out, fh, indent=1)
+            os.replace(args.json + ".tmp", args.json)
+
+    for batch in (int(b) for b in args.batches.split(",")):
+        row = {"batch": batch, "first_call_seconds": run(batch, 0), "compiled_frames_so_far": frames["ok"]}
+        out["rows"].append(row)
+        write()
+        times = [run(batch, seed) for seed in (1, 2, 3)]
+        row.update(showers_per_s=batch / statistics.median(times), mean_hits=sm.last_stats["mean_hits"])
+        print(json.dumps(row), flush=True)
+        write()
 
 
 if __name__ == "__main__":
