@@ -22,7 +22,7 @@ import torch
 
 import calofm
 from calofm.generation.decode import DecodeOptions, decode
-from calofm.generation.sampler import DEFAULT_MIN_P, SamplingConfig
+from calofm.generation.sampler import head_samplings
 from calofm.model.precision import autocast
 from calofm.tokenizer import incident_feature
 
@@ -44,12 +44,14 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "batch": B}
 
+    voxel_sampling, energy_sampling = head_samplings()  # generate()'s defaults
+
     def run(opt, precision):
         with autocast(dev, precision):
             t0 = time.perf_counter()
             res = decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block,
-                         SamplingConfig(min_p=DEFAULT_MIN_P["voxel"]), torch.Generator(device=dev).manual_seed(5),
-                         opt, energy_sampling=SamplingConfig(min_p=DEFAULT_MIN_P["energy"]))
+                         voxel_sampling, torch.Generator(device=dev).manual_seed(5), opt,
+                         energy_sampling=energy_sampling)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             return res, time.perf_counter() - t0

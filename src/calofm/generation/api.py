@@ -18,7 +18,7 @@ from calofm.data.showers import ShowerWriter
 from calofm.detector.geometry import Geometry
 from calofm.errors import CalofmError
 from calofm.generation.decode import DecodeOptions, decode
-from calofm.generation.sampler import DEFAULT_MIN_P, SamplingConfig
+from calofm.generation.sampler import SamplingConfig, head_samplings
 from calofm.model import ShowerTransformer
 from calofm.model.precision import autocast
 from calofm.simulation.runner import parse_energy, sample_energies
@@ -86,14 +86,10 @@ class ShowerModel:
             raise CalofmError("incident energies must be finite and > 0")
         if batch_size <= 0:
             raise CalofmError(f"batch size must be > 0, got {batch_size}")
-        heads = {}  # head -> its SamplingConfig; the dataclass checks the values
-        for head, min_p in (("voxel", min_p_voxel), ("energy", min_p_energy)):
-            try:
-                heads[head] = SamplingConfig(temperature, top_k, top_p,
-                                             DEFAULT_MIN_P[head] if min_p is None else min_p)
-            except ValueError as err:
-                raise CalofmError(f"{head} head (min_p_{head}, --min-p-{head}): {err}") from None
-        sampling, energy_sampling = heads["voxel"], heads["energy"]
+        try:
+            sampling, energy_sampling = head_samplings(temperature, top_k, top_p, min_p_voxel, min_p_energy)
+        except ValueError as err:
+            raise CalofmError(str(err)) from None
         options = options or self.decode_options(totals)
         if options.graph and totals:
             raise CalofmError("graph decoding does not support two-stage totals (totals=True, --totals)")

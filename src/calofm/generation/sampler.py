@@ -58,6 +58,19 @@ class SamplingConfig:
 DEFAULT_MIN_P = {"voxel": 3e-4, "energy": 3e-3}
 
 
+def head_samplings(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p_voxel: float | None = None,
+                   min_p_energy: float | None = None) -> tuple[SamplingConfig, SamplingConfig]:
+    """(voxel head's, energy head's) SamplingConfig, as generate() draws: temperature, top_k and top_p
+    shared, each head its own min_p (None: DEFAULT_MIN_P). A bad value raises ValueError naming the head."""
+    heads = []
+    for head, min_p in (("voxel", min_p_voxel), ("energy", min_p_energy)):
+        try:
+            heads.append(SamplingConfig(temperature, top_k, top_p, DEFAULT_MIN_P[head] if min_p is None else min_p))
+        except ValueError as err:
+            raise ValueError(f"{head} head (min_p_{head}, --min-p-{head}): {err}") from None
+    return heads[0], heads[1]
+
+
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, with_min_p: bool = True) -> torch.Tensor:
     """Apply temperature, top-k, top-p (nucleus) and (unless with_min_p is False) min-p to (B, V) logits;
     removed entries become -inf. Without any of them the logits come back as they are (no fp32 copy:
