@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import calofm
+from calofm.checkpoint import atomic_write_text
 from calofm.generation.decode import DecodeOptions, decode
 from calofm.generation.sampler import head_samplings
 from calofm.model.precision import autocast
@@ -63,10 +64,9 @@ def main() -> None:
 
     refs = {}
 
-    def write():
+    def write():  # after every set-up: a time limit keeps the earlier ones
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(out, fh, indent=1)
+            atomic_write_text(args.json, json.dumps(out, indent=1))
 
     # the plain graph step for both precisions first, then the compiled one (its compilation is the
     # slow part): a time limit hit while compiling keeps the first results, written after each step

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+
+from calofm.checkpoint import atomic_write_text
 
 SHAPES = {"qkv (128 -> 384)": (128, 384), "expert in (128 -> 256)": (128, 256),
           "expert out (256 -> 128)": (256, 128), "voxel head (128 -> 4503)": (128, 4503)}
@@ -77,9 +78,7 @@ def main() -> None:
     if args.json:
         out = {"device": cpu_name(), "threads": args.threads,
                "torch": torch.__version__, "rows": rows}
-        with open(args.json + ".tmp", "w") as fh:
-            json.dump(out, fh, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        atomic_write_text(args.json, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

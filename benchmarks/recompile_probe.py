@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import calofm
 import calofm.model.attention as attention
+from calofm.checkpoint import atomic_write_text
+from calofm.cli.bench_commands import _median_time, _sync
 from calofm.generation.decode import DecodeOptions
 
 
@@ -79,12 +78,9 @@ def main() -> None:
     options = DecodeOptions(graph=True, compile=True, **sizes)
     frames = torch._dynamo.utils.counters["frames"]
 
-    def run(batch, seed):
-        t0 = time.perf_counter()
-        sm.generate(batch, material="W", seed=seed, options=options, precision=args.precision, batch_size=batch)
-        if sm.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+    def run(batch):  # timed as calofm bench generate times a graph set-up: a first call, then a median of 3
+        sm.generate(batch, material="W", seed=0, options=options, precision=args.precision, batch_size=batch)
+        _sync(sm.device)
 
     out = {"device": torch.cuda.get_device_name() if sm.device.type == "cuda" else "cpu", "torch": torch.__version__,
            "attention": args.attention, "inductor": args.inductor, "precision": args.precision,
@@ -93,16 +89,14 @@ def main() -> None:
 
     def write():  # after every call that took long: a time limit keeps what was measured
         if args.json:
-            with open(args.json + ".tmp", "w") as fh:
-                json.dump(out, fh, indent=1)
-            os.replace(args.json + ".tmp", args.json)
+            atomic_write_text(args.json, json.dumps(out, indent=1))
 
     for batch in (int(b) for b in args.batches.split(",")):
-        row = {"batch": batch, "first_call_seconds": run(batch, 0), "compiled_frames_so_far": frames["ok"]}
+        row = {"batch": batch, "first_call_seconds": _median_time(lambda: run(batch), 1),
+               "compiled_frames_so_far": frames["ok"]}
         out["rows"].append(row)
         write()
-        times = [run(batch, seed) for seed in (1, 2, 3)]
-        row.update(showers_per_s=batch / statistics.median(times), mean_hits=sm.last_stats["mean_hits"])
+        row.update(showers_per_s=batch / _median_time(lambda: run(batch), 3), mean_hits=sm.last_stats["mean_hits"])
         print(json.dumps(row), flush=True)
         write()
 

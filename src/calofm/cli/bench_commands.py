@@ -134,6 +134,7 @@ def cmd_bench_generate(args) -> None:
     import torch
 
     import calofm
+    from calofm.checkpoint import atomic_write_text
     from calofm.errors import CalofmError
     from calofm.generation.decode import DecodeOptions
 
@@ -194,10 +195,7 @@ def cmd_bench_generate(args) -> None:
                         "matmul peak; decoding runs in fp32 unless the row says bf16"}
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            tmp = args.json + ".tmp"
-            with open(tmp, "w") as fh:
-                json.dump(out, fh, indent=1)
-            os.replace(tmp, args.json)
+            atomic_write_text(args.json, json.dumps(out, indent=1))
         return out
 
     sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
