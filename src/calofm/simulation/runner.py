@@ -23,7 +23,10 @@ from calofm.simulation.medium import Medium
 
 PARTICLES = {"gamma": "gamma", "photon": "gamma", "e-": "e-", "electron": "e-", "e+": "e+", "positron": "e+"}
 CHUNK = 256  # showers per chunk: small enough to stay in cache, large enough to vectorize
-GENERATOR = f"calofm-sim {__version__} (Grindhammer-Peters parameterization)"
+# Bumped whenever the simulated showers change for a given seed; models record the version they
+# were trained on (manifest key "simulator_version").
+SIMULATOR_VERSION = 1
+GENERATOR = f"calofm-sim {__version__} v{SIMULATOR_VERSION} (Grindhammer-Peters parameterization)"
 
 
 def canonical_particle(name: str) -> str:
