@@ -97,3 +97,47 @@ def test_unknown_material_or_particle_is_refused(run_dir, tmp_path, capsys):
     assert main(["generate", "--model", run_dir, "--particle", "e-", "--n", "2", "-o", out]) == 2
     assert "unknown particle 'e-'" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def _mid_publish(run_dir, tmp_path):
+    """A copy of the run directory as a writer leaves it between its two writes: the weights of the
+    newest checkpoint beside the manifest of the one before."""
+    d = copy(run_dir, tmp_path)
+    older = os.path.join(d, "checkpoints", "step-00000003")
+    shutil.copyfile(os.path.join(d, "checkpoints", "step-00000004", "model.safetensors"),
+                    os.path.join(d, "model.safetensors"))
+    shutil.copyfile(os.path.join(older, "manifest.json"), os.path.join(d, "manifest.json"))
+    return d
+
+
+def test_a_load_during_publication_waits_for_the_manifest(run_dir, tmp_path):
+    import threading
+
+    d = _mid_publish(run_dir, tmp_path)
+    newest = os.path.join(d, "checkpoints", "step-00000004", "manifest.json")
+    writer = threading.Timer(0.1, shutil.copyfile, (newest, os.path.join(d, "manifest.json")))
+    writer.start()
+    try:
+        _, _, manifest = load_model(d)
+    finally:
+        writer.join()
+    assert manifest["weights"]["sha256"] == json.load(open(newest))["weights"]["sha256"]
+
+
+def test_a_run_killed_between_weights_and_manifest_is_explained(run_dir, tmp_path):
+    d = _mid_publish(run_dir, tmp_path)
+    with pytest.raises(CalofmError, match="stopped between writing the weights and the manifest") as err:
+        load_model(d)
+    assert "step-00000004" in str(err.value) and "altered" not in str(err.value)
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    from calofm.checkpoint import run_lock
+
+    d = str(tmp_path / "run")
+    with run_lock(d):
+        with pytest.raises(CalofmError, match=f"pid {os.getpid()}"):
+            with run_lock(d):
+                pass
+    with run_lock(d):  # released when the first run ended
+        pass

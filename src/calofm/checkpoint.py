@@ -12,22 +12,31 @@ while training goes on) plus
                                  moments and RNG states, flattened), train_state.json
     checkpoints/latest           name of the newest complete checkpoint
     log.jsonl                    one JSON object per log/eval event
+    .lock                        held (flock) by the run writing the directory; see `run_lock`
 
 Every file is written to a temporary name and renamed (os.replace) once complete; a checkpoint
 directory is assembled under a temporary name and renamed, and only then does `latest` point to it,
-so a run killed at any moment resumes from a complete checkpoint.
+so a run killed at any moment resumes from a complete checkpoint. The run directory's own weights
+are published before its manifest; `load_model` re-reads until the two agree, and names the complete
+checkpoint when a run was killed between the two writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from calofm import __version__
@@ -131,23 +140,60 @@ def read_manifest(directory: str) -> dict:
     return manifest
 
 
+def _read_weights(directory: str, manifest: dict) -> tuple[str, bytes | None]:
+    """(path, bytes) of the weight file the manifest names, or (path, None) when it is missing.
+
+    The file is read once, so the bytes hashed are the bytes loaded even while a writer replaces it."""
+    weights = os.path.join(directory, manifest.get("weights", {}).get("file", MODEL_FILE))
+    try:
+        with open(weights, "rb") as fh:
+            return weights, fh.read()
+    except FileNotFoundError:
+        return weights, None
+    except OSError as exc:
+        raise CalofmError(f"{weights}: cannot read model weights ({exc})") from None
+
+
+def _consistent_weights(directory: str, attempts: int = 5) -> tuple[dict, str, bytes]:
+    """Manifest and weight bytes whose sha256 agree.
+
+    A training run publishes its run directory's weights first and the manifest (which names their
+    hash) last, so a reader can meet new weights beside the old manifest for a moment: read again.
+    If they still disagree and the directory is a training run's, a run was killed between the two
+    writes; its newest checkpoint is complete, and the message says so."""
+    for attempt in range(attempts):
+        manifest = read_manifest(directory)
+        weights, data = _read_weights(directory, manifest)
+        if data is not None and hashlib.sha256(data).hexdigest() == manifest.get("weights", {}).get("sha256"):
+            return manifest, weights, data
+        if attempt + 1 < attempts:
+            time.sleep(0.05 * 2 ** attempt)
+    if data is None:
+        raise CalofmError(f"{directory}: weight file {os.path.basename(weights)} is missing")
+    latest = os.path.join(directory, "checkpoints", "latest")
+    if os.path.exists(latest):
+        with open(latest) as fh:
+            ckpt = os.path.join(directory, "checkpoints", fh.read().strip())
+        raise CalofmError(f"{weights}: sha256 does not match the manifest; the training run writing this "
+                          f"directory was stopped between writing the weights and the manifest. Its newest "
+                          f"checkpoint is complete: load {ckpt}, or continue the run with --resume")
+    raise CalofmError(f"{weights}: sha256 does not match the manifest; the weight file was altered or "
+                      "belongs to another model")
+
+
 def load_model(directory: str, device: str | torch.device = "cpu"):
     """(model, tokenizer, manifest) from a model directory, after checking the weight hash."""
-    manifest = read_manifest(directory)
-    weights = os.path.join(directory, manifest.get("weights", {}).get("file", MODEL_FILE))
-    if not os.path.exists(weights):
-        raise CalofmError(f"{directory}: weight file {os.path.basename(weights)} is missing")
-    expected = manifest.get("weights", {}).get("sha256")
-    if sha256_file(weights) != expected:
-        raise CalofmError(f"{weights}: sha256 does not match the manifest; the weight file was altered or "
-                          "belongs to another model")
+    manifest, weights, data = _consistent_weights(directory)
     try:
         tokenizer = ShowerTokenizer.from_dict(manifest["tokenizer"])
         cfg = ModelConfig.from_dict(manifest["config"])
     except (KeyError, TypeError) as exc:
         raise CalofmError(f"{directory}: malformed manifest ({exc!r})") from None
     model = ShowerTransformer(cfg)
-    state = _load_tensors(weights, "model weights")
+    try:
+        state = load_bytes(data)
+    except (SafetensorError, ValueError) as exc:
+        raise CalofmError(f"{weights}: cannot read model weights ({exc})") from None
     expected_keys = model.state_dict()
     missing, unexpected = set(expected_keys) - set(state), set(state) - set(expected_keys)
     bad_shape = [k for k in set(state) & set(expected_keys) if state[k].shape != expected_keys[k].shape]
@@ -156,6 +202,36 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
                           f"unexpected {sorted(unexpected)[:3]}, wrong shape {sorted(bad_shape)[:3]})")
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer, manifest
+
+
+# --- one writer per run directory ----------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str):
+    """Hold an exclusive OS lock on `run_dir` for the life of a run (released when the process dies).
+
+    A second run into the same directory is refused with the holder's pid and command."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_FILE)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise CalofmError(f"{run_dir}: another run is writing this directory ({holder}); wait for it to "
+                          "finish or choose another --out") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # closing the descriptor releases the lock; the file stays (a later run reuses it)
 
 
 # --- training checkpoints ----------------------------------------------------------------------
