@@ -169,7 +169,10 @@ def shower_deposits(energy_MeV: np.ndarray, geometry: Geometry, medium: Medium, 
         cos_p, sin_p = np.cos(phi).astype(np.float32)[parent][lep], np.sin(phi).astype(np.float32)[parent][lep]
         u /= np.cos(theta).astype(np.float32)[parent][lep]
         u, w = u * cos_p - w * sin_p, u * sin_p + w * cos_p
-    x, y = u + axis_x[flat], w + axis_y[flat]
+    if tilted or np.any(impact_mm != impact_mm[0]):
+        x, y = u + axis_x[flat], w + axis_y[flat]
+    else:  # one impact point for the whole batch: add it as a scalar (saves two gathers per spot)
+        x, y = u + axis_x[0], w + axis_y[0]
     voxel = geometry.locate(flat % n_layers, x, y)
     inside = voxel >= 0
     spot_energy = (layer_energy / np.maximum(n_spots, 1)).ravel()[flat[inside]]
