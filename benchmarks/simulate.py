@@ -50,7 +50,8 @@ def main() -> None:
             hits = (showers > 0).sum(1)
             row = {"geometry": geometry, "energy_GeV": energy, "workers": args.workers,
                    "showers_per_s": statistics.median(rates),
-                   "showers_per_cpu_s": statistics.median(cpu_rates) if args.workers == 1 else None, "hits_p10": float(np.percentile(hits, 10)),
+                   "showers_per_cpu_s": statistics.median(cpu_rates) if args.workers == 1 else None,
+                   "hits_p10": float(np.percentile(hits, 10)),
                    "hits_median": float(np.median(hits)), "hits_p90": float(np.percentile(hits, 90)),
                    "hits_max": int(hits.max())}
             results.append(row)

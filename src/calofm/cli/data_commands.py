@@ -64,7 +64,8 @@ def cmd_geometry(args) -> None:
           f"E_c = {medium.E_c_MeV:.2f} MeV, F_s = {medium.F_s:.2f}, e/mip = {medium.e_hat:.3f}")
     print(f"  visible fraction {medium.visible_fraction.min():.4f}-{medium.visible_fraction.max():.4f}, "
           f"sampling term {100 * medium.resolution.min():.1f}-{100 * medium.resolution.max():.1f} %/sqrt(E), "
-          f"MIP (most probable) {1000 * medium.mip_mpv_MeV[0]:.0f} keV, threshold 0.5 MIP = {medium.threshold_MeV[0]:.3f} MeV")
+          f"MIP (most probable) {1000 * medium.mip_mpv_MeV[0]:.0f} keV, "
+          f"threshold 0.5 MIP = {medium.threshold_MeV[0]:.3f} MeV")
     x, y = geometry.default_impact_mm
     print(f"  default beam: perpendicular at ({x:g}, {y:g}) mm (a cell centre)")
 
