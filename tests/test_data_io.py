@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from calofm.data import ShowerWriter, inspect_file, iter_showers, read_showers
+from calofm.data import ShowerWriter, inspect_file, iter_showers, read_beam, read_showers
 from calofm.data.calochallenge import read_binning
 from calofm.detector import get_geometry
 from calofm.errors import CalofmError
@@ -28,9 +28,35 @@ def test_file_has_calochallenge_layout_and_attributes(sim_file):
         assert f.attrs["material"] == "W" and f.attrs["particle"] == "gamma" and int(f.attrs["seed"]) == 7
         assert "calofm-sim" in f.attrs["generator"]
         energies = f["incident_energies"][:, 0]
+        positions, angles = f["incident_positions"][:], f["incident_angles"][:]
     assert 10_000 <= energies.min() and energies.max() <= 100_000  # MeV
+    assert positions.shape == angles.shape == (600, 2) and np.all(positions == 0) and np.all(angles == 0)
     info = inspect_file(str(sim_file))
-    assert info.geometry == get_geometry("cpu")
+    assert info.geometry == get_geometry("cpu") and info.has_beam
+
+
+def test_files_without_beam_datasets_still_read(tmp_path, sim_file):
+    """Files of other producers (and older calofm files) have only incident_energies and showers."""
+    geometry = get_geometry("cpu")
+    energies, showers, _ = read_showers(str(sim_file))
+    path = tmp_path / "plain.h5"
+    _write_raw(path, energies[:, None], showers, geometry)
+    e2, s2, info = read_showers(str(path))
+    assert np.array_equal(e2, energies) and np.array_equal(s2, showers)
+    assert not info.has_beam and read_beam(str(path)) is None
+    with ShowerWriter(str(tmp_path / "nobeam.h5"), geometry, "W", "gamma", "test") as w:
+        w.write(energies[:3], showers[:3])
+    assert read_beam(str(tmp_path / "nobeam.h5")) is None
+
+
+def test_beam_writer_refuses_missing_or_bad_beam(tmp_path):
+    geometry = get_geometry("cpu")
+    energies, showers = np.full(2, 1e4, np.float32), np.zeros((2, 4500), np.float32)
+    for positions, angles in [(None, None), (np.zeros((2, 2)), np.zeros((3, 2))), (np.full((2, 2), np.nan), np.zeros((2, 2)))]:
+        with pytest.raises(CalofmError, match="positions and angles"):
+            with ShowerWriter(str(tmp_path / "b.h5"), geometry, "W", "gamma", "test", beam=True) as w:
+                w.write(energies, showers, positions, angles)
+        assert not (tmp_path / "b.h5").exists()
 
 
 def test_voxel_order_is_layer_y_x():

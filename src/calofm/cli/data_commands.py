@@ -12,7 +12,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_materials)
 
     p = sub.add_parser("geometry", help="describe a calorimeter geometry")
-    p.add_argument("--preset", default="cpu", help="preset name (cpu, ild) or a geometry .json file")
+    p.add_argument("--preset", default="cpu", help="preset name (cpu, ild, calice) or a geometry .json file")
     p.add_argument("--absorber", default=None, help="swap the absorber (thicknesses stay in mm)")
     p.set_defaults(func=cmd_geometry)
 
@@ -23,7 +23,14 @@ def register(sub) -> None:
     p.add_argument("--energy", default="10:100", help="incident energy in GeV: E or Emin:Emax")
     p.add_argument("--spectrum", default="uniform", choices=["uniform", "log"])
     p.add_argument("--geometry", default="cpu", help="preset name or geometry .json file")
-    p.add_argument("--threshold", type=float, default=0.5, help="readout threshold in MIP (default 0.5)")
+    p.add_argument("--threshold-mip", "--threshold", dest="threshold", type=float, default=0.5,
+                   help="readout threshold per cell, in units of the most probable MIP deposit (default 0.5)")
+    p.add_argument("--noise-mip", type=float, default=0.0,
+                   help="Gaussian electronic noise per cell, sd in MIP (most probable) units (default 0: off)")
+    p.add_argument("--position", default=None,
+                   help="impact point X,Y in mm, or 'random' (uniform over one cell), 'random:S' (S x S mm) or "
+                        "'random:SXxSY' around the default; default: the centre of a cell at the grid centre")
+    p.add_argument("--angle", default=None, help="angle of incidence THETA,PHI in degrees (default 0,0: perpendicular)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("-o", "--output", default="showers.h5", help="output HDF5 file")
@@ -57,7 +64,10 @@ def cmd_geometry(args) -> None:
           f"E_c = {medium.E_c_MeV:.2f} MeV, F_s = {medium.F_s:.2f}, e/mip = {medium.e_hat:.3f}")
     print(f"  visible fraction {medium.visible_fraction.min():.4f}-{medium.visible_fraction.max():.4f}, "
           f"sampling term {100 * medium.resolution.min():.1f}-{100 * medium.resolution.max():.1f} %/sqrt(E), "
-          f"threshold {medium.threshold_MeV[0]:.3f} MeV")
+          f"MIP (most probable) {1000 * medium.mip_mpv_MeV[0]:.0f} keV, "
+          f"threshold 0.5 MIP = {medium.threshold_MeV[0]:.3f} MeV")
+    x, y = geometry.default_impact_mm
+    print(f"  default beam: perpendicular at ({x:g}, {y:g}) mm (a cell centre)")
 
 
 def cmd_simulate(args) -> None:
@@ -66,7 +76,8 @@ def cmd_simulate(args) -> None:
     start = time.perf_counter()
     simulate_to_file(args.output, args.n, material=args.material, particle=args.particle,
                      energy_GeV=args.energy, spectrum=args.spectrum, geometry=args.geometry, seed=args.seed,
-                     threshold_mip=args.threshold, workers=args.workers)
+                     threshold_mip=args.threshold, workers=args.workers, noise_mip=args.noise_mip,
+                     position=args.position, angle=args.angle)
     elapsed = time.perf_counter() - start
     print(f"wrote {args.n} showers to {args.output} in {elapsed:.1f} s ({args.n / elapsed:.0f} showers/s)")
     _summary(args.output, None)
@@ -77,7 +88,7 @@ def cmd_inspect(args) -> None:
 
 
 def _summary(path: str, binning: str | None) -> None:
-    from calofm.data.showers import inspect_file, iter_showers
+    from calofm.data.showers import inspect_file, iter_showers, read_beam
 
     info = inspect_file(path, binning_xml=binning)
     e_min, e_max, hits, visible, n = np.inf, 0.0, 0.0, 0.0, 0
@@ -94,4 +105,10 @@ def _summary(path: str, binning: str | None) -> None:
     print(f"generator:  {info.generator or 'unknown'}    seed: {info.seed}")
     print(f"energy:     {e_min / 1000:.2f} - {e_max / 1000:.2f} GeV")
     print(f"mean hits:  {hits / n:.1f} cells above threshold")
+    beam = read_beam(path) if info.has_beam else None
+    if beam is not None:
+        pos, ang = beam
+        print(f"beam:       x {pos[:, 0].min():.1f} - {pos[:, 0].max():.1f} mm, y {pos[:, 1].min():.1f} - "
+              f"{pos[:, 1].max():.1f} mm, theta {ang[:, 0].min():g} - {ang[:, 0].max():g} deg, "
+              f"phi {ang[:, 1].min():g} - {ang[:, 1].max():g} deg")
     print(f"mean E_vis/E_inc: {visible / n:.4f}")

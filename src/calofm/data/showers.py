@@ -2,7 +2,10 @@
 
 Layout: `incident_energies` (N, 1) float32 MeV, `showers` (N, n_voxels) float32 MeV, gzip.
 calofm files also carry the attributes `material`, `particle`, `geometry` (JSON), `generator`, `seed`,
-so a file says by itself what it holds. Files without them (the CaloChallenge datasets) need the
+so a file says by itself what it holds, and simulated files the beam of every shower:
+`incident_positions` (N, 2) float32 mm (impact x, y on the front face) and `incident_angles` (N, 2)
+float32 degrees (theta from the axis, phi). Files without them (older calofm files, other
+producers) read the same; read_beam then returns None. Files without them (the CaloChallenge datasets) need the
 binning XML, which supplies the geometry.
 
 Every reader validates: structure, shape agreement with the geometry, and values (no NaN, no
@@ -25,6 +28,7 @@ from calofm.detector.geometry import Geometry
 from calofm.errors import CalofmError
 
 DEFAULT_CHUNK = 4096
+BEAM_DATASETS = ("incident_positions", "incident_angles")
 
 
 @dataclass
@@ -38,6 +42,7 @@ class ShowerFileInfo:
     generator: str | None = None
     seed: int | None = None
     attrs: dict = field(default_factory=dict)
+    has_beam: bool = False  # per-shower incident_positions and incident_angles present
 
 
 def _open(path: str) -> h5py.File:
@@ -61,6 +66,8 @@ def inspect_file(path: str, binning_xml: str | None = None, geometry: Geometry |
                 raise CalofmError(f"{path}: no '{name}' dataset; not a shower file in the CaloChallenge layout")
         e_shape, s_shape = f["incident_energies"].shape, f["showers"].shape
         attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        has_beam = all(name in f and isinstance(f[name], h5py.Dataset) and f[name].shape == (e_shape[0], 2)
+                       for name in BEAM_DATASETS)
     if len(s_shape) != 2:
         raise CalofmError(f"{path}: 'showers' must be 2-D (N, n_voxels), found shape {s_shape}")
     if len(e_shape) not in (1, 2) or (len(e_shape) == 2 and e_shape[1] != 1):
@@ -86,7 +93,7 @@ def inspect_file(path: str, binning_xml: str | None = None, geometry: Geometry |
     return ShowerFileInfo(
         path=path, n_showers=int(s_shape[0]), n_voxels=int(s_shape[1]), geometry=geometry,
         material=attrs.get("material"), particle=particle, generator=attrs.get("generator"),
-        seed=None if seed is None or seed == "" else int(seed), attrs=attrs,
+        seed=None if seed is None or seed == "" else int(seed), attrs=attrs, has_beam=has_beam,
     )
 
 
@@ -128,15 +135,35 @@ def read_showers(path: str, start: int = 0, stop: int | None = None, binning_xml
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), info
 
 
+def read_beam(path: str, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(impact points (N, 2) mm, angles (N, 2) degrees) of a slice of a file, or None for a file
+    without them."""
+    info = inspect_file(path)
+    if not info.has_beam:
+        return None
+    with _open(path) as f:
+        try:
+            pos, ang = (np.asarray(f[name][start:stop], dtype=np.float32) for name in BEAM_DATASETS)
+        except (OSError, ValueError) as exc:
+            raise CalofmError(f"{path}: cannot read the beam datasets ({exc})") from None
+    if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(ang))):
+        raise CalofmError(f"{path}: incident positions or angles contain NaN or infinite values")
+    return pos, ang
+
+
 class ShowerWriter:
     """Write showers chunk by chunk into a temporary file, renamed onto `path` only on success.
 
     with ShowerWriter("out.h5", geometry, material="W", particle="gamma", generator=..., seed=1) as w:
         w.write(incident_energies_MeV, showers_MeV)
+
+    With beam=True the file also gets incident_positions and incident_angles, and every write()
+    must pass them.
     """
 
     def __init__(self, path: str, geometry: Geometry, material: str, particle: str, generator: str,
-                 seed: int | None = None, expected: int | None = None, extra_attrs: dict | None = None):
+                 seed: int | None = None, expected: int | None = None, extra_attrs: dict | None = None,
+                 beam: bool = False):
         self.path, self.geometry, self.n_written = str(path), geometry, 0
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
@@ -151,6 +178,9 @@ class ShowerWriter:
         self.s_ds = self.file.create_dataset("showers", shape=(0, v), maxshape=(None, v), dtype="f4",
                                              chunks=(chunk_rows, v), compression="gzip", compression_opts=4,
                                              shuffle=True)
+        self.beam_ds = [self.file.create_dataset(name, shape=(0, 2), maxshape=(None, 2), dtype="f4",
+                                                 chunks=(max(chunk_rows, 256), 2), compression="gzip")
+                        for name in BEAM_DATASETS] if beam else None
         attrs = {"material": material, "particle": particle, "geometry": geometry.to_json(),
                  "generator": generator, "seed": "" if seed is None else int(seed)}
         attrs.update(extra_attrs or {})
@@ -158,7 +188,8 @@ class ShowerWriter:
             self.file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
         self.expected = expected
 
-    def write(self, energies: np.ndarray, showers: np.ndarray) -> None:
+    def write(self, energies: np.ndarray, showers: np.ndarray, positions: np.ndarray | None = None,
+              angles: np.ndarray | None = None) -> None:
         energies = np.asarray(energies, dtype=np.float32).reshape(-1, 1)
         showers = np.asarray(showers, dtype=np.float32)
         if showers.ndim != 2 or showers.shape[1] != self.geometry.n_voxels or showers.shape[0] != energies.shape[0]:
@@ -166,6 +197,14 @@ class ShowerWriter:
                               f"({self.geometry.n_voxels} voxels) with {energies.shape[0]} energies")
         check_shower_values(energies, showers, "showers to write")
         n0, n1 = self.n_written, self.n_written + len(energies)
+        if self.beam_ds is not None:
+            beam = [np.asarray(v, dtype=np.float32) if v is not None else None for v in (positions, angles)]
+            if any(v is None or v.shape != (len(energies), 2) or not np.all(np.isfinite(v)) for v in beam):
+                raise CalofmError(f"this file records the beam: positions and angles must be finite (N, 2) arrays "
+                                  f"for the {len(energies)} showers")
+            for ds, v in zip(self.beam_ds, beam):
+                ds.resize((n1, 2))
+                ds[n0:n1] = v
         self.e_ds.resize((n1, 1))
         self.s_ds.resize((n1, self.geometry.n_voxels))
         self.e_ds[n0:n1] = energies

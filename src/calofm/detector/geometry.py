@@ -112,6 +112,20 @@ class Geometry:
     def layer_edges_mm(self) -> np.ndarray:
         return np.concatenate([[0.0], np.cumsum([l.absorber_mm + l.active_mm for l in self.layers])])
 
+    @cached_property
+    def active_depth_mm(self) -> np.ndarray:
+        """Depth of the middle of each layer's active sheet behind the front face (mm); (n_layers,)."""
+        return self.layer_edges_mm[1:] - 0.5 * np.array([l.active_mm for l in self.layers])
+
+    @property
+    def default_impact_mm(self) -> tuple[float, float]:
+        """Where the beam enters by default: the centre of a cell, next to the grid centre (a Cartesian
+        grid with an even number of cells has a cell corner on its axis; the beam goes half a cell off)."""
+        if not self.is_cartesian:
+            return (0.0, 0.0)
+        g = self.grid
+        return (0.5 * g.cell_mm * (1 - g.nx % 2), 0.5 * g.cell_mm * (1 - g.ny % 2))
+
     # --- voxel positions ---------------------------------------------------------------------
     @cached_property
     def voxel_layer(self) -> np.ndarray:
@@ -229,6 +243,15 @@ PRESETS: dict[str, Geometry] = {
         "ild",
         tuple([Layer("W", 2.1, "Si", 0.5)] * 20 + [Layer("W", 4.2, "Si", 0.5)] * 10),
         CartesianGrid(30, 30, 5.08),
+    ),
+    # The CALICE Si-W ECAL physics prototype (NIM A 608 (2009) 372): three sections of 10 layers with
+    # 1.4, 2.8 and 4.2 mm W, 0.525 mm Si, 1 x 1 cm2 pads (18 x 18 of the central wafers; PCB and
+    # support plates are not modelled).
+    "calice": Geometry(
+        "calice",
+        tuple([Layer("W", 1.4, "Si", 0.525)] * 10 + [Layer("W", 2.8, "Si", 0.525)] * 10
+              + [Layer("W", 4.2, "Si", 0.525)] * 10),
+        CartesianGrid(18, 18, 10.0),
     ),
     # CPU default: same materials, coarser and shallower so sequences stay short on a laptop.
     "cpu": _uniform("cpu", 20, 3.5, CartesianGrid(15, 15, 10.0)),

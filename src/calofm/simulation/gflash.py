@@ -5,28 +5,39 @@ Geant4's GFlash tuning classes. Units: depth t in X0 of the effective medium, ra
 Moliere radius, y = E / E_c.
 
 One shower, step by step:
-1. (ln T, ln alpha) drawn as a correlated Gaussian (homogeneous values and sampling-shifted values
-   from the same two normal numbers): this carries the shower-to-shower fluctuations.
-2. Photons first travel an exponential conversion depth (mean 9/7 X0); electrons start at t = 0.
-3. Energy per layer = E * (Gamma-CDF difference over the layer) for the energy profile.
-4. Energy spots: N_spot = 93 ln Z (E/GeV)^0.876, spread over layers by the (narrower) spot profile;
-   each spot in a layer carries that layer's energy / its number of spots.
-5. Each spot gets a radius from the core + tail profile at its layer's tau = t / T, and a uniform
-   azimuth; spots are binned into cells (outside the grid = lateral leakage).
-6. Sampling fluctuations: a cell holding deposit D gets Gamma(mean D, variance a^2 * D[GeV]) — the
-   sum over independent spots of GFlash's per-spot Gamma smearing, drawn once per cell.
-7. Visible energy = f_vis(layer) * fluctuated deposit; cells below threshold read zero.
+1. The beam enters at an impact point (x, y) on the front face with polar and azimuthal angles
+   (theta, phi); depths are counted along that axis (a layer is 1/cos(theta) thicker on it).
+2. A photon travels an exponential conversion depth (mean 9/7 X0) and converts into an e+ e- pair
+   sharing its energy by the Bethe-Heitler distribution dsigma/dx ~ 1 - 4/3 x (1 - x) (complete
+   screening, PDG sec. 34.4.1); each lepton showers by the electron parameterization from there.
+   An electron or positron is one lepton starting at t = 0.
+3. Per lepton, (ln T, ln alpha) drawn as a correlated Gaussian (homogeneous values and sampling-shifted
+   values from the same two normal numbers): this carries the shower-to-shower fluctuations.
+4. Energy per layer = E * (Gamma-CDF difference over the layer) for the energy profile.
+5. Energy spots: N_spot = 93 ln Z (E_primary/GeV)^0.876 (split between the pair leptons in proportion
+   to their energy), spread over layers by the (narrower) spot profile; each spot in a layer carries
+   that layer's energy / its number of spots.
+6. Each spot gets a radius from the core + tail profile at its layer's tau = t / T and a uniform
+   azimuth, in the plane perpendicular to the axis, projected onto the layer around the point where
+   the axis crosses its active sheet; spots are binned into cells (outside the grid = lateral leakage).
+7. Readout (cell_response): a sampling layer's deposit is seen as a Poisson number of charged-particle
+   crossings of its active sheet, each with a Landau (Moyal) energy; the track-length fluctuation of
+   the layer beyond that is shared by its cells. Optional Gaussian noise; cells below threshold read zero.
+   A homogeneous block keeps GFlash's Gamma smearing of each cell's deposit.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import gammainc
+from scipy.special import gammainc, ndtr, ndtri
 
 from calofm.detector.geometry import Geometry
-from calofm.simulation.medium import Medium
+from calofm.simulation.medium import MOYAL_MEAN, MOYAL_SD, Medium
 
-PHOTON_CONVERSION_X0 = 9.0 / 7.0
+PHOTON_CONVERSION_X0 = 9.0 / 7.0  # mean free path of a high-energy photon (PDG)
+MIN_SHOWER_Y = 20.0  # a pair lepton below 20 E_c gets the profile shapes of a 20 E_c shower (the fits'
+# lower end; its energy is what it is)
+EXACT_CROSSINGS = 10  # cells with up to this many crossings get each crossing's Landau deposit drawn
 
 
 def _sigma(a: float, b: float, ln_y: np.ndarray) -> np.ndarray:
@@ -69,9 +80,10 @@ def longitudinal_parameters(energy_MeV: np.ndarray, medium: Medium, rng: np.rand
 
 
 def profile_fractions(t_start: np.ndarray, T: np.ndarray, alpha: np.ndarray, edges_X0: np.ndarray) -> np.ndarray:
-    """Fraction of a Gamma(alpha, beta = (alpha-1)/T) profile starting at t_start inside each layer; (N, L)."""
+    """Fraction of a Gamma(alpha, beta = (alpha-1)/T) profile starting at t_start inside each layer; (N, L).
+    edges_X0: layer boundaries along the shower axis, (L + 1,) or per shower (N, L + 1)."""
     beta = (alpha - 1.0) / T
-    x = np.maximum(edges_X0[None, :] - t_start[:, None], 0.0) * beta[:, None]
+    x = np.maximum(np.atleast_2d(edges_X0) - t_start[:, None], 0.0) * beta[:, None]
     return np.diff(gammainc(alpha[:, None], x), axis=1)
 
 
@@ -94,55 +106,154 @@ def radial_parameters(energy_MeV: np.ndarray, tau: np.ndarray, medium: Medium):
     return r_core, np.maximum(r_tail, r_core), np.clip(p_core, 0.0, 1.0)
 
 
-def simulate_batch(energy_MeV: np.ndarray, geometry: Geometry, medium: Medium, particle: str,
-                   rng: np.random.Generator, impact_mm: tuple[float, float] = (0.0, 0.0),
-                   spot_scale: float = 1.0) -> np.ndarray:
-    """Visible cell energies in MeV for a batch of showers; (N, n_voxels) float32."""
-    n, n_layers, n_vox = len(energy_MeV), geometry.n_layers, geometry.n_voxels
-    edges = medium.layer_edges_X0
-    T, alpha, T_spot, alpha_spot, tau_scale = longitudinal_parameters(energy_MeV, medium, rng)
-    if particle == "gamma":
-        t_start = rng.exponential(PHOTON_CONVERSION_X0, n)
-    else:  # e- and e+ share the electron parameterization
-        t_start = np.zeros(n)
+def pair_energy_fraction(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Energy fraction of one lepton of a converted photon, drawn from 1 - 4/3 x (1 - x) on (0, 1); (n,)."""
+    out, filled = np.empty(n), 0
+    while filled < n:  # rejection sampling, acceptance 7/9
+        x, u = rng.random((2, int(1.3 * (n - filled)) + 8))
+        x = x[u < 1.0 - 4.0 / 3.0 * x * (1.0 - x)][: n - filled]
+        out[filled:filled + len(x)] = x
+        filled += len(x)
+    return out
 
-    layer_energy = energy_MeV[:, None] * profile_fractions(t_start, T, alpha, edges)  # (N, L)
-    n_spot_total = spot_scale * 93.0 * np.log(medium.Z) * (energy_MeV / 1000.0) ** 0.876
+
+def shower_deposits(energy_MeV: np.ndarray, geometry: Geometry, medium: Medium, particle: str,
+                    rng: np.random.Generator, impact_mm: np.ndarray, angle_rad: np.ndarray,
+                    spot_scale: float = 1.0) -> np.ndarray:
+    """Energy deposited (absorber + active) in every cell, in MeV; (N, n_voxels) float64.
+    impact_mm: (N, 2) entry point on the front face; angle_rad: (N, 2) polar and azimuthal angle."""
+    n, n_layers, n_vox = len(energy_MeV), geometry.n_layers, geometry.n_voxels
+    # leptons that shower: a photon's pair after its conversion depth, or the primary e-/e+ itself
+    if particle == "gamma":
+        t_conv = rng.exponential(PHOTON_CONVERSION_X0, n)
+        x = pair_energy_fraction(n, rng)
+        parent, frac, t_start = np.repeat(np.arange(n), 2), np.stack([x, 1.0 - x], 1).ravel(), np.repeat(t_conv, 2)
+    else:
+        parent, frac, t_start = np.arange(n), np.ones(n), np.zeros(n)
+    m = len(parent)
+    e_lep = energy_MeV[parent] * frac
+    theta, phi = angle_rad[:, 0], angle_rad[:, 1]
+    tilted = bool(np.any(theta != 0))
+    edges = medium.layer_edges_X0[None, :] / np.cos(theta)[parent][:, None]  # (M, L + 1) along the axis
+
+    e_shape = np.maximum(e_lep, MIN_SHOWER_Y * medium.E_c_MeV)  # energy the profile shapes are taken at
+    T, alpha, T_spot, alpha_spot, tau_scale = longitudinal_parameters(e_shape, medium, rng)
+    layer_energy = e_lep[:, None] * profile_fractions(t_start, T, alpha, edges)  # (M, L)
+    n_spot_total = spot_scale * 93.0 * np.log(medium.Z) * (energy_MeV[parent] / 1000.0) ** 0.876 * frac
     spot_mean = n_spot_total[:, None] * profile_fractions(t_start, T_spot, alpha_spot, edges)
     n_spots = rng.poisson(spot_mean)
     n_spots = np.where((layer_energy > 0) & (n_spots == 0), 1, n_spots)  # a layer with energy has >= 1 spot
     n_spots = np.where(layer_energy > 0, n_spots, 0)
 
-    # radial shape per (shower, layer), evaluated at the layer centre
-    t_mid = 0.5 * (edges[1:] + edges[:-1])
-    tau = np.maximum(t_mid[None, :] - t_start[:, None], 0.0) * tau_scale[:, None]
-    r_core, r_tail, p_core = radial_parameters(energy_MeV, tau, medium)
+    # radial shape per (lepton, layer), evaluated at the layer centre
+    t_mid = 0.5 * (edges[:, 1:] + edges[:, :-1])
+    tau = np.maximum(t_mid - t_start[:, None], 0.0) * tau_scale[:, None]
+    r_core, r_tail, p_core = radial_parameters(e_shape, tau, medium)
+    # where the axis crosses each layer's active sheet; (M, L)
+    slope = np.tan(theta)[parent][:, None] * geometry.active_depth_mm[None, :]
+    axis_x = (impact_mm[parent, 0][:, None] + slope * np.cos(phi)[parent][:, None]).astype(np.float32).ravel()
+    axis_y = (impact_mm[parent, 1][:, None] + slope * np.sin(phi)[parent][:, None]).astype(np.float32).ravel()
 
-    # one row per spot: which (shower, layer) entry of the (N, L) tables it belongs to. float32
+    # one row per spot: which (lepton, layer) entry of the (M, L) tables it belongs to. float32
     # throughout: this loop runs over ~10^4 spots per shower and dominates the run time.
-    flat = np.repeat(np.arange(n * n_layers, dtype=np.int32), n_spots.ravel())
-    m = len(flat)
-    u_core, u_r, u_phi = rng.random((3, m), dtype=np.float32)
+    flat = np.repeat(np.arange(m * n_layers, dtype=np.int32), n_spots.ravel())
+    u_core, u_r, u_phi = rng.random((3, len(flat)), dtype=np.float32)
     r_core, r_tail = (r_core * medium.R_M_mm).astype(np.float32).ravel(), (r_tail * medium.R_M_mm).astype(np.float32).ravel()
     radius = np.where(u_core < p_core.astype(np.float32).ravel()[flat], r_core[flat], r_tail[flat])
     np.minimum(u_r, np.float32(0.999999), out=u_r)
     radius *= np.sqrt(u_r / (np.float32(1) - u_r))  # inverse CDF of 2 r R^2 / (r^2 + R^2)^2
     u_phi *= np.float32(2 * np.pi)
-    x = radius * np.cos(u_phi) + np.float32(impact_mm[0])
-    y = radius * np.sin(u_phi) + np.float32(impact_mm[1])
+    u, w = radius * np.cos(u_phi), radius * np.sin(u_phi)
+    if tilted:  # u along the tilt direction is stretched by 1/cos(theta) on the layer plane
+        lep = flat // n_layers
+        cos_p, sin_p = np.cos(phi).astype(np.float32)[parent][lep], np.sin(phi).astype(np.float32)[parent][lep]
+        u /= np.cos(theta).astype(np.float32)[parent][lep]
+        u, w = u * cos_p - w * sin_p, u * sin_p + w * cos_p
+    if tilted or np.any(impact_mm != impact_mm[0]):
+        x, y = u + axis_x[flat], w + axis_y[flat]
+    else:  # one impact point for the whole batch: add it as a scalar (saves two gathers per spot)
+        x, y = u + axis_x[0], w + axis_y[0]
     voxel = geometry.locate(flat % n_layers, x, y)
     inside = voxel >= 0
     spot_energy = (layer_energy / np.maximum(n_spots, 1)).ravel()[flat[inside]]
-    cell = (flat[inside] // n_layers).astype(np.int64) * n_vox + voxel[inside]
-    deposit = np.bincount(cell, weights=spot_energy, minlength=n * n_vox).reshape(n, n_vox)
+    cell = parent[flat[inside] // n_layers].astype(np.int64) * n_vox + voxel[inside]
+    return np.bincount(cell, weights=spot_energy, minlength=n * n_vox).reshape(n, n_vox)
 
-    # sampling fluctuations and response, only on cells that received energy
+
+def landau_sums(crossings: np.ndarray, mpv: np.ndarray, scale: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Total energy of `crossings` Moyal(mpv, scale) deposits per cell; all arguments (K,), result (K,).
+    Up to EXACT_CROSSINGS every crossing is drawn (Moyal = mpv - 2 scale ln|z|, z standard normal);
+    above, the sum is Gaussian with the summed mean and variance (central limit)."""
+    few = np.nonzero((crossings > 0) & (crossings <= EXACT_CROSSINGS))[0]
+    cell = np.repeat(few, crossings[few])
+    z = np.abs(rng.standard_normal(len(cell)))
+    each = mpv[cell] - 2.0 * scale[cell] * np.log(np.maximum(z, 1e-300))
+    total = np.bincount(cell, weights=each, minlength=len(crossings))
+    many = np.nonzero(crossings > EXACT_CROSSINGS)[0]
+    k = crossings[many]
+    mean, sd = mpv[many] + MOYAL_MEAN * scale[many], MOYAL_SD * scale[many]
+    total[many] = np.maximum(k * mean + np.sqrt(k) * sd * rng.standard_normal(len(many)), 0.0)
+    return total
+
+
+def cell_response(deposit: np.ndarray, geometry: Geometry, medium: Medium, rng: np.random.Generator) -> np.ndarray:
+    """Visible cell energies in MeV from deposited ones; (N, n_voxels) -> (N, n_voxels) float32."""
+    n, n_vox = deposit.shape
+    n_layers = geometry.n_layers
     rows, cols = np.nonzero(deposit)
-    vox_layer = geometry.voxel_layer[cols]
-    scale = 1000.0 * medium.resolution[vox_layer] ** 2  # MeV: Var(D) = a^2 * 1 GeV * D
-    fluctuated = rng.gamma(deposit[rows, cols] / scale, scale)
-    visible = fluctuated * medium.visible_fraction[vox_layer]
-    visible = np.where(visible >= medium.threshold_MeV[vox_layer], visible, 0.0)
+    dep = deposit[rows, cols]
+    layer = geometry.voxel_layer[cols]
+    if medium.homogeneous:  # GFlash: Gamma(mean D, variance a^2 * 1 GeV * D) per cell
+        scale = 1000.0 * medium.resolution[layer] ** 2
+        visible = rng.gamma(dep / scale, scale)
+    else:
+        # the track length crossing a layer fluctuates beyond the crossing count: a Gamma factor of
+        # mean 1 and variance a_layer^2 * 1 GeV / E_layer, shared by the cells of the layer
+        key = rows * n_layers + layer
+        e_layer = np.bincount(key, weights=dep, minlength=n * n_layers)
+        factor = np.ones(n * n_layers)
+        a2 = medium.layer_resolution[np.arange(n * n_layers) % n_layers] ** 2
+        hit = np.nonzero((e_layer > 0) & (a2 > 0))[0]
+        var = 1000.0 * a2[hit] / e_layer[hit]
+        factor[hit] = rng.gamma(1.0 / var, var)
+        mean_crossings = factor[key] * dep * medium.visible_fraction[layer] / medium.crossing_mean_MeV[layer]
+        crossings = rng.poisson(mean_crossings)
+        visible = landau_sums(crossings, medium.mip_mpv_MeV[layer], medium.crossing_scale_MeV[layer], rng)
     out = np.zeros((n, n_vox), dtype=np.float32)
-    out[rows, cols] = visible
+    threshold = medium.threshold_MeV[layer]
+    if np.any(medium.noise_MeV > 0):
+        noise = medium.noise_MeV[layer]
+        visible = visible + noise * rng.standard_normal(len(visible))
+        _noise_hits(out, deposit, geometry, medium, rng)
+    out[rows, cols] = np.where((visible >= threshold) & (visible > 0), visible, 0.0)
     return out
+
+
+def _noise_hits(out: np.ndarray, deposit: np.ndarray, geometry: Geometry, medium: Medium,
+                rng: np.random.Generator) -> None:
+    """Cells without deposit that read noise above threshold: per (shower, layer) a binomial count of
+    the layer's cells, at uniform positions (those landing on a cell with deposit are dropped), with
+    values from the Gaussian tail above threshold. Writes into out (N, n_voxels)."""
+    n = deposit.shape[0]
+    sigma, threshold = medium.noise_MeV, medium.threshold_MeV
+    p = np.where(sigma > 0, ndtr(-threshold / np.maximum(sigma, 1e-30)), 0.0)  # (L,) tail probability
+    cells = np.asarray(geometry.cells_per_layer)
+    k = rng.binomial(np.broadcast_to(cells, (n, len(cells))), np.broadcast_to(p, (n, len(cells))))  # (N, L)
+    shower = np.repeat(np.repeat(np.arange(n), len(cells)), k.ravel())
+    layer = np.repeat(np.tile(np.arange(len(cells)), n), k.ravel())
+    col = geometry.layer_offsets[layer] + (rng.random(len(layer)) * cells[layer]).astype(np.int64)
+    value = sigma[layer] * -ndtri(np.maximum(rng.random(len(layer)), 1e-12) * p[layer])
+    empty = deposit[shower, col] == 0
+    out[shower[empty], col[empty]] = value[empty]
+
+
+def simulate_batch(energy_MeV: np.ndarray, geometry: Geometry, medium: Medium, particle: str,
+                   rng: np.random.Generator, impact_mm=None, angle_rad=None, spot_scale: float = 1.0) -> np.ndarray:
+    """Visible cell energies in MeV for a batch of showers; (N, n_voxels) float32.
+    impact_mm: (2,) or (N, 2) entry point in mm (default: the geometry's default, a cell centre);
+    angle_rad: (2,) or (N, 2) polar and azimuthal angle of the beam in radians (default perpendicular)."""
+    n = len(energy_MeV)
+    impact = np.broadcast_to(np.asarray(geometry.default_impact_mm if impact_mm is None else impact_mm, float), (n, 2))
+    angle = np.broadcast_to(np.asarray((0.0, 0.0) if angle_rad is None else angle_rad, float), (n, 2))
+    deposit = shower_deposits(np.asarray(energy_MeV, float), geometry, medium, particle, rng, impact, angle, spot_scale)
+    return cell_response(deposit, geometry, medium, rng)

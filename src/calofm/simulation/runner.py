@@ -3,12 +3,17 @@
 Reproducibility: showers are made in fixed-size chunks and chunk k draws from
 numpy.random.default_rng([seed, k]); a file is therefore bit-identical for the same seed whatever
 the number of worker processes, and its first showers do not depend on how many follow.
+
+The beam: an impact point on the front face (mm; by default the centre of a cell next to the grid
+centre) or a uniform spread over a rectangle, and an angle of incidence (theta from the axis, phi
+azimuth, degrees). Every shower's impact point and angles are returned / written with it.
 """
 
 from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -25,7 +30,7 @@ PARTICLES = {"gamma": "gamma", "photon": "gamma", "e-": "e-", "electron": "e-", 
 CHUNK = 256  # showers per chunk: small enough to stay in cache, large enough to vectorize
 # Bumped whenever the simulated showers change for a given seed; models record the version they
 # were trained on (manifest key "simulator_version").
-SIMULATOR_VERSION = 1
+SIMULATOR_VERSION = 2
 GENERATOR = f"calofm-sim {__version__} v{SIMULATOR_VERSION} (Grindhammer-Peters parameterization)"
 
 
@@ -57,6 +62,61 @@ def parse_energy(text: str | float | tuple) -> tuple[float, float]:
     return lo, hi
 
 
+@dataclass(frozen=True)
+class Beam:
+    """Where and how the particles enter: centre of the impact area (mm), its size (uniform over a
+    rectangle; 0 = a fixed point) and the angle of incidence (degrees)."""
+
+    position_mm: tuple[float, float]
+    spread_mm: tuple[float, float] = (0.0, 0.0)
+    angle_deg: tuple[float, float] = (0.0, 0.0)  # (theta, phi)
+
+    def describe(self) -> str:
+        x, y = self.position_mm
+        where = f"({x:g}, {y:g}) mm" if self.spread_mm == (0.0, 0.0) else \
+            f"uniform over {self.spread_mm[0]:g} x {self.spread_mm[1]:g} mm around ({x:g}, {y:g}) mm"
+        return f"{where}, theta {self.angle_deg[0]:g} deg, phi {self.angle_deg[1]:g} deg"
+
+
+MAX_THETA_DEG = 80.0
+
+
+def _pair(text, what: str) -> tuple[float, float]:
+    try:
+        if isinstance(text, str):
+            parts = [float(v) for v in text.replace(" ", "").split(",")]
+        else:
+            parts = [float(v) for v in text]
+        if len(parts) != 2 or not all(np.isfinite(parts)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise CalofmError(f"{what} must be two numbers 'A,B', got {text!r}") from None
+    return parts[0], parts[1]
+
+
+def parse_beam(geometry: Geometry, position=None, angle=None) -> Beam:
+    """position: None (default cell centre), 'X,Y' or (x, y) in mm, 'random' (uniform over the cell
+    around the default point), 'random:S' (an S x S mm square) or 'random:SXxSY'; angle: None
+    (perpendicular), 'THETA,PHI' or (theta, phi) in degrees, 0 <= theta <= 80."""
+    centre, spread = geometry.default_impact_mm, (0.0, 0.0)
+    if position is not None and str(position).strip().lower().startswith("random"):
+        size = str(position).strip().lower()[len("random"):].lstrip(":")
+        if not size:
+            if not geometry.is_cartesian:
+                raise CalofmError("--position random needs an area on a cylindrical grid: random:SIZE (mm)")
+            spread = (geometry.grid.cell_mm, geometry.grid.cell_mm)
+        else:
+            spread = _pair(size.replace("x", ",") if "x" in size else f"{size},{size}", "random area 'SX' or 'SXxSY'")
+            if min(spread) <= 0:
+                raise CalofmError(f"random impact area must be > 0 mm, got {position!r}")
+    elif position is not None:
+        centre = _pair(position, "position 'X,Y' (mm)")
+    theta, phi = (0.0, 0.0) if angle is None else _pair(angle, "angle 'THETA,PHI' (degrees)")
+    if not 0.0 <= theta <= MAX_THETA_DEG:
+        raise CalofmError(f"polar angle theta must be within 0-{MAX_THETA_DEG:g} degrees, got {theta:g}")
+    return Beam((float(centre[0]), float(centre[1])), (float(spread[0]), float(spread[1])), (theta, phi))
+
+
 def sample_energies(n: int, energy_GeV: tuple[float, float], spectrum: str, rng: np.random.Generator) -> np.ndarray:
     """Incident energies in MeV; (n,) float64."""
     lo, hi = energy_GeV
@@ -70,13 +130,19 @@ def sample_energies(n: int, energy_GeV: tuple[float, float], spectrum: str, rng:
 
 
 def _chunk(k: int, n: int, seed: int, geometry: Geometry, medium: Medium, particle: str,
-           energy_GeV: tuple[float, float], spectrum: str) -> tuple[np.ndarray, np.ndarray]:
+           energy_GeV: tuple[float, float], spectrum: str, beam: Beam):
+    """(energies (n,), showers (n, V), impact points (n, 2) mm, angles (n, 2) degrees)."""
     rng = np.random.default_rng([seed, k])
     energies = sample_energies(n, energy_GeV, spectrum, rng)
-    return energies.astype(np.float32), simulate_batch(energies, geometry, medium, particle, rng)
+    position = np.broadcast_to(np.asarray(beam.position_mm), (n, 2))
+    if beam.spread_mm != (0.0, 0.0):
+        position = position + (rng.random((n, 2)) - 0.5) * np.asarray(beam.spread_mm)
+    angle = np.broadcast_to(np.asarray(beam.angle_deg), (n, 2))
+    showers = simulate_batch(energies, geometry, medium, particle, rng, position, np.radians(angle))
+    return energies.astype(np.float32), showers, position.astype(np.float32), angle.astype(np.float32)
 
 
-def _setup(material, particle, energy_GeV, spectrum, geometry, threshold_mip):
+def _setup(material, particle, energy_GeV, spectrum, geometry, threshold_mip, noise_mip, position, angle):
     geometry = get_geometry(geometry, absorber=get_material(material).name)
     particle = canonical_particle(particle)
     energy = parse_energy(energy_GeV)
@@ -84,7 +150,10 @@ def _setup(material, particle, energy_GeV, spectrum, geometry, threshold_mip):
         raise CalofmError(f"unknown spectrum {spectrum!r}; use 'uniform' or 'log'")
     if not threshold_mip >= 0:
         raise CalofmError(f"threshold must be >= 0 MIP, got {threshold_mip}")
-    return geometry, particle, energy, Medium.from_geometry(geometry, threshold_mip)
+    if not noise_mip >= 0:
+        raise CalofmError(f"noise must be >= 0 MIP, got {noise_mip}")
+    beam = parse_beam(geometry, position, angle)
+    return geometry, particle, energy, Medium.from_geometry(geometry, threshold_mip, noise_mip), beam
 
 
 def _chunks(n: int, seed: int, workers: int, progress: bool, desc: str, **kw):
@@ -99,9 +168,9 @@ def _chunks(n: int, seed: int, workers: int, progress: bool, desc: str, **kw):
         # bounded look-ahead keeps memory flat: at most 2 * workers chunks in flight
         results = _ordered(pool, jobs, 2 * workers)
     try:
-        for energies, showers in results:
-            bar.update(len(energies))
-            yield energies, showers
+        for part in results:
+            bar.update(len(part[0]))
+            yield part
     finally:
         bar.close()
         if pool is not None:
@@ -119,32 +188,41 @@ def _ordered(pool, jobs, depth):
 
 def simulate(n: int, material: str = "W", particle: str = "gamma", energy_GeV=(10.0, 100.0),
              spectrum: str = "uniform", geometry: str | Geometry = "cpu", seed: int = 0,
-             threshold_mip: float = 0.5, workers: int = 1, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Simulate n showers in memory: (incident energies (n,) MeV, visible cell energies (n, n_voxels) MeV)."""
+             threshold_mip: float = 0.5, workers: int = 1, progress: bool = False, noise_mip: float = 0.0,
+             position=None, angle=None, return_beam: bool = False):
+    """Simulate n showers in memory: (incident energies (n,) MeV, visible cell energies (n, n_voxels) MeV),
+    plus (impact points (n, 2) mm, angles (n, 2) degrees) when return_beam. Beam: see parse_beam."""
     if n <= 0:
         raise CalofmError(f"number of showers must be > 0, got {n}")
-    geometry, particle, energy, medium = _setup(material, particle, energy_GeV, spectrum, geometry, threshold_mip)
+    geometry, particle, energy, medium, beam = _setup(material, particle, energy_GeV, spectrum, geometry,
+                                                      threshold_mip, noise_mip, position, angle)
     parts = list(_chunks(n, seed, workers, progress, "simulate", geometry=geometry, medium=medium,
-                         particle=particle, energy_GeV=energy, spectrum=spectrum))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+                         particle=particle, energy_GeV=energy, spectrum=spectrum, beam=beam))
+    out = tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+    return out if return_beam else out[:2]
 
 
 def simulate_to_file(path: str, n: int, material: str = "W", particle: str = "gamma", energy_GeV=(10.0, 100.0),
                      spectrum: str = "uniform", geometry: str | Geometry = "cpu", seed: int = 0,
-                     threshold_mip: float = 0.5, workers: int | None = None, progress: bool = True) -> Geometry:
-    """Stream n simulated showers into a CaloChallenge-layout HDF5 file (atomic; memory ~ one chunk per worker)."""
+                     threshold_mip: float = 0.5, workers: int | None = None, progress: bool = True,
+                     noise_mip: float = 0.0, position=None, angle=None) -> Geometry:
+    """Stream n simulated showers into a CaloChallenge-layout HDF5 file (atomic; memory ~ one chunk per
+    worker), with each shower's impact point and angles beside its incident energy."""
     from calofm.data.showers import ShowerWriter
 
     if n <= 0:
         raise CalofmError(f"number of showers must be > 0, got {n}")
-    geometry, particle, energy, medium = _setup(material, particle, energy_GeV, spectrum, geometry, threshold_mip)
+    geometry, particle, energy, medium, beam = _setup(material, particle, energy_GeV, spectrum, geometry,
+                                                      threshold_mip, noise_mip, position, angle)
     workers = workers or min(os.cpu_count() or 1, 8)
-    extra = {"energy_GeV": f"{energy[0]:g}:{energy[1]:g}", "spectrum": spectrum, "threshold_mip": threshold_mip}
-    with ShowerWriter(path, geometry, geometry.absorber, particle, GENERATOR, seed, expected=n, extra_attrs=extra) as w:
-        for energies, showers in _chunks(n, seed, workers, progress, f"simulate {geometry.absorber} {particle}",
-                                         geometry=geometry, medium=medium, particle=particle, energy_GeV=energy,
-                                         spectrum=spectrum):
-            w.write(energies, showers)
+    extra = {"energy_GeV": f"{energy[0]:g}:{energy[1]:g}", "spectrum": spectrum, "threshold_mip": threshold_mip,
+             "noise_mip": noise_mip, "beam": beam.describe(), "simulator_version": SIMULATOR_VERSION}
+    with ShowerWriter(path, geometry, geometry.absorber, particle, GENERATOR, seed, expected=n, extra_attrs=extra,
+                      beam=True) as w:
+        for energies, showers, positions, angles in _chunks(
+                n, seed, workers, progress, f"simulate {geometry.absorber} {particle}", geometry=geometry,
+                medium=medium, particle=particle, energy_GeV=energy, spectrum=spectrum, beam=beam):
+            w.write(energies, showers, positions, angles)
     return geometry
 
 
