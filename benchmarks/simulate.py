@@ -9,13 +9,13 @@ distribution of cells above threshold per shower.
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import numpy as np
 
 from calofm.simulation import simulate
+from provenance import provenance
 
 
 def main() -> None:
@@ -47,7 +47,7 @@ def main() -> None:
             results.append(row)
             print(f"{energy:>6} {workers:>7} {row['showers_per_s']:>10.0f} {row['hits_p10']:>9.0f} "
                   f"{row['hits_median']:>7.0f} {row['hits_p90']:>5.0f}")
-    out = {"machine": f"{platform.processor() or platform.machine()}, {cores} cores", "geometry": args.geometry,
+    out = {**provenance(), "geometry": args.geometry,
            "material": args.material, "particle": args.particle, "n": args.n, "results": results}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:

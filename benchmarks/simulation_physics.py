@@ -14,6 +14,7 @@ from calofm.simulation import calibrated_energy, simulate
 from calofm.simulation.validation import (
     deep_stack, depth_profile, fit_resolution, mean_layer, moliere_containment, shower_max_X0,
 )
+from provenance import provenance
 
 ENERGIES = np.array([10.0, 20.0, 50.0, 100.0])
 
@@ -23,7 +24,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--json", default="benchmarks/results/simulation_physics.json")
     args = ap.parse_args()
-    out = {"n_per_point": args.n, "energies_GeV": ENERGIES.tolist(), "deep_stack": {}, "ild_W": {}}
+    out = {**provenance(), "n_per_point": args.n, "energies_GeV": ENERGIES.tolist(), "deep_stack": {}, "ild_W": {}}
 
     for material in ("W", "Pb", "Cu"):
         geometry = deep_stack(material)
