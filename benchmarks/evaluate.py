@@ -19,6 +19,7 @@ import sys
 import time
 
 from calofm.simulation import simulate_to_file
+from provenance import provenance
 
 SAMPLES = {"W_ref": ("W", 1), "W_gen": ("W", 2), "Ta": ("Ta", 3), "Pb": ("Pb", 4)}
 KEYS = ("classifier_auc_low", "classifier_auc_high", "jsd_low", "jsd_high")
@@ -74,6 +75,7 @@ def main() -> None:
           f"({args.threads} torch thread(s), {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})")
     print(f"Ta and Pb vs W in one call: {t_mats:.1f} s wall")
     record = {
+        **provenance(),
         "n": args.n, "particle": "gamma", "energy_GeV": [10, 100], "geometry": "cpu", "threads": args.threads,
         "seconds_10k_vs_10k": round(t_same, 1), "seconds_two_materials": round(t_mats, 1),
         "load_average_1min_after": round(os.getloadavg()[0], 2), "results": results,

@@ -20,6 +20,7 @@ from calofm.evaluate.compare import Options
 from calofm.evaluate.report import evaluate_files
 from calofm.extension.adapters import closest_material, load_with_adapters
 from calofm.extension.train import extend
+from provenance import provenance
 
 KEYS = ("classifier_auc_low", "classifier_auc_high", "fpd", "kpd")
 
@@ -99,6 +100,7 @@ def main() -> None:
         rows = [r for r in result["rows"] if not r["setting"].startswith("pre-trained with it")]
         rows.append(upper_row(args, material, particle))
         result["rows"], result["upper"] = rows, args.upper
+        result.update(provenance())
         result.setdefault("base_sha256", load_with_adapters(args.base).manifest["weights"]["sha256"])
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
@@ -143,7 +145,7 @@ def main() -> None:
     if args.upper:
         rows.append(upper_row(args, material, particle))
 
-    result = {"kind": args.kind, "new": material if args.kind == "material" else particle, "base": args.base,
+    result = {**provenance(), "kind": args.kind, "new": material if args.kind == "material" else particle, "base": args.base,
               "base_sha256": base.manifest["weights"]["sha256"], "upper": args.upper,
               "adapters_before": args.adapter, "steps": args.steps, "n_gen": args.n_gen, "rows": rows}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

@@ -1,4 +1,4 @@
-"""Collect one GPU lease's results (benchmarks/gpu_session.sh and its reruns) into one small JSON: the
+"""Collect one GPU run's results (benchmarks/gpu_session.sh and any reruns) into one small JSON: the
 speeds at each batch for each decode set-up, the diffusion baseline's, their ratios, and the AUCs of
 the GPU-generated files evaluated on CPU (calofm evaluate). Reads only JSON files; prints a table.
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+
+from provenance import provenance
 
 
 def load(path):
@@ -31,7 +33,7 @@ def main() -> None:
     rows = [r for r in bench["results"] if "error" not in r]
     if args.compile:
         rows += [r for r in load(args.compile)["results"] if "error" not in r]
-    # eager and graph-replayed baseline rows apart (a "graph" key since stop 16)
+    # eager and graph-replayed baseline rows apart (older files have no "graph" key: eager)
     baseline = {(r["batch"], r["steps"], bool(r.get("graph"))): r["showers_per_s"] for r in base["baseline"]}
     speeds = {}
     for r in rows:
@@ -53,7 +55,7 @@ def main() -> None:
            for k, v in metrics.items()}
     diff = {k: {"auc_low": v["auc_low"], "auc_high": v["auc_high"]} for k, v in load(args.diffusion_auc)["rows"].items()
             if k.startswith("diffusion")}
-    out = {"device": bench["device"], "torch": bench["torch"], "bf16_matmul_peak_flops": bench["bf16_matmul_peak_flops"],
+    out = {**provenance(bench["device"]), "torch": bench["torch"], "bf16_matmul_peak_flops": bench["bf16_matmul_peak_flops"],
            "model": bench["model"], "model_params": bench["model_params"],
            "showers_per_s": speeds,
            "flops_fraction": {r["decode"] + f" @ {r['batch']}": round(r["flops_fraction"], 5) for r in rows},

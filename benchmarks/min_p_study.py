@@ -20,7 +20,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import time
 
 import numpy as np
@@ -33,6 +32,7 @@ from calofm.evaluate.features import compute_features
 from calofm.evaluate.report import evaluate_files
 from calofm.generation.sampler import DEFAULT_MIN_P
 from calofm.simulation import simulate_to_file
+from provenance import provenance
 
 REF_SEED = 101  # the seed of runs/data/ref/*.h5 (calofm simulate --n 10000 --seed 101)
 
@@ -192,7 +192,7 @@ def main() -> None:
                                     for e, v in grid},
               "excluded_by_tolerance": [list(p) for p in grid if p not in allowed],
               "shipped_default": DEFAULT_MIN_P, "tuning": tune, "held_out": checks,
-              "seconds": round(time.time() - start), "machine": platform.machine(), "threads": args.threads}
+              "seconds": round(time.time() - start), "threads": args.threads, **provenance()}
     tmp = args.json + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(result, fh, indent=1)

@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
 from calofm.simulation import SIMULATOR_VERSION, simulate
-from simulator_validation import commit, cpu_name  # benchmarks/ is the script's directory
+from provenance import cpu_name, provenance  # benchmarks/ is the script's directory
 
 
 def main() -> None:
@@ -58,9 +57,8 @@ def main() -> None:
             cpu = f"{row['showers_per_cpu_s']:>10.0f}" if row["showers_per_cpu_s"] else f"{'-':>10}"
             print(f"{geometry:>8} {energy:>6} {row['showers_per_s']:>10.0f} {cpu} {row['hits_p10']:>9.0f} "
                   f"{row['hits_median']:>7.0f} {row['hits_p90']:>5.0f}")
-    out = {"device": cpu_name(), "commit": commit(), "command": "python " + " ".join(sys.argv),
-           "simulator_version": SIMULATOR_VERSION, "material": args.material, "particle": args.particle,
-           "n": args.n, "workers": args.workers, "results": results}
+    out = {**provenance(), "simulator_version": SIMULATOR_VERSION, "material": args.material,
+           "particle": args.particle, "n": args.n, "workers": args.workers, "results": results}
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(out, fh, indent=1)

@@ -11,14 +11,13 @@ between its two markers. Single process; about two minutes at --n 2000 on one co
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 from calofm.detector import get_geometry, get_material
+from provenance import provenance  # benchmarks/ is the script's directory
 from calofm.simulation import SIMULATOR_VERSION, calibrated_energy, simulate
 from calofm.simulation.medium import Medium
 from calofm.simulation.validation import (
@@ -32,26 +31,6 @@ CALICE = "CALICE Si-W ECAL physics prototype, e- 6-45 GeV (arXiv:0811.2354, NIM 
 PDG_SHOWER = "PDG, Passage of particles through matter, sec. 34.5 (EM cascades)"
 PDG_STRAGGLING = "PDG, Passage of particles through matter, sec. 34.2.9 (Landau-Vavilov-Bichsel straggling)"
 FM4CAL = "Geant4 ILD Si-W showers of arXiv:2603.28804 (max. sequence length for W photons, cells > 0.1 MeV)"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
-        return rev + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def row(quantity: str, published: str, source: str, value: float, shown: str, lo: float, hi: float, tolerance: str,
@@ -149,7 +128,7 @@ def readout_rows(n: int) -> tuple[list[dict], dict]:
 def markdown(rows: list[dict], hits: dict, meta: dict) -> str:
     lines = [DOC_BEGIN, "",
              f"Simulator v{meta['simulator_version']}, {meta['n_per_point']} showers per point, commit "
-             f"{meta['commit']}, {meta['cpu']}; `{meta['command']}`.", "",
+             f"{meta['commit']}, {meta['device']}, 1 process; `{meta['command']}`.", "",
              "| quantity | published value | source | calofm | tolerance | within? |", "|---|---|---|---|---|---|"]
     for r in rows:
         note = f" ({r['note']})" if r["note"] else ""
@@ -173,8 +152,8 @@ def main() -> None:
     rows = calice_rows(args.n) + shower_max_rows(args.n) + containment_rows(args.n)
     readout, hits = readout_rows(args.n)
     rows += readout
-    meta = {"commit": commit(), "cpu": f"{cpu_name()}, 1 process", "simulator_version": SIMULATOR_VERSION,
-            "n_per_point": args.n, "command": "python " + " ".join(sys.argv), "seconds": round(time.perf_counter() - start)}
+    meta = {**provenance(), "simulator_version": SIMULATOR_VERSION, "n_per_point": args.n,
+            "seconds": round(time.perf_counter() - start)}
     for r in rows:
         print(f"{'ok ' if r['within'] else 'OUT'} {r['quantity']:<70} {r['calofm']:<34} published {r['published']}")
     for E, h in hits.items():

@@ -10,10 +10,10 @@ report per-material validation NLL (nats per predicted token) and training throu
 import argparse
 import json
 import os
-import platform
 import tempfile
 
 from calofm.training import TrainConfig, train
+from provenance import provenance
 
 VARIANTS = {
     "sum + voxel-conditioned energy head (default)": {},
@@ -54,7 +54,7 @@ def main() -> None:
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "w") as fh:
-            json.dump({"machine": platform.processor() or platform.machine(), "preset": args.preset,
+            json.dump({**provenance(), "preset": args.preset,
                        "steps": args.steps, "batch_size": args.batch_size, "threads": args.threads,
                        "data": args.data, "results": results}, fh, indent=1)
 

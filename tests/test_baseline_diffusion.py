@@ -101,6 +101,7 @@ def test_refuses_non_cartesian_or_mixed_geometries(tmp_path, tiny_run):
         train_diffusion([files[0], ild], str(tmp_path / "m"), channels=8, steps=1, progress=False)
 
 
+@pytest.mark.slow  # the benchmark measures a matmul peak: seconds here, minutes on a CPU without bf16
 def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
     """The benchmark command end to end on tiny settings (figures are not asserted: timing is not a test)."""
     import json
@@ -130,6 +131,7 @@ def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
     assert all((r["first_call_seconds"] is not None) == r["graph"] for r in res["results"])
 
 
+@pytest.mark.slow  # the benchmark measures a matmul peak: seconds here, minutes on a CPU without bf16
 def test_bench_json_is_written_after_every_row(tiny_run, tmp_path, monkeypatch):
     """A benchmark stopped by a time limit keeps the rows it timed: the JSON is rewritten (atomically)
     after each one, marked incomplete until the end."""

@@ -79,6 +79,17 @@ def test_mmd2_unbiased_by_hand_and_kpd():
     assert abs(same) < 3 * same_err + 1e-3 and shifted > 10 * same_err
 
 
+def test_mmd2_stays_finite_with_an_extreme_outlier():
+    # one generated shower 1e7 standard deviations out: (x.y/d + 1)^3 ~ 1e42 overflows float32
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    y[0] = 1e7
+    k = lambda a, b: (a @ b.T / 4 + 1) ** 3  # noqa: E731
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    exact = ((kxx.sum() - np.trace(kxx)) / (50 * 49) + (kyy.sum() - np.trace(kyy)) / (50 * 49) - 2 * kxy.mean())
+    assert np.isfinite(M.mmd2_unbiased(x, y)) and M.mmd2_unbiased(x, y) == pytest.approx(exact, rel=1e-5)
+
+
 def test_standardize_drops_constant_features():
     ref = np.array([[1.0, 5.0, 2.0], [3.0, 5.0, 4.0]])
     r, g = M.standardize(ref, ref + 1)

@@ -46,6 +46,7 @@ def check_schema(m: dict, n_ref: int, n_gen: int) -> None:
     assert set(m["separation_power"]) == set(m["wasserstein"]) == set(m["noise_floor"]["separation_power"])
 
 
+@pytest.mark.slow  # ~20 s: every figure of the report
 def test_report_folder(files, tmp_path, capsys):
     out = tmp_path / "report"
     out.mkdir()
@@ -99,6 +100,8 @@ def test_several_materials_one_table(files, tmp_path):
 ])
 def test_bad_input_is_refused(files, tmp_path, capsys, case, message):
     ref, gen, out = [files["W1"]], [files["W2"]], tmp_path / "rep"
+    out.mkdir()
+    (out / "metrics.json").write_text("previous")  # an earlier report in the folder must survive
     if case == "geometry":
         gen = [files["ild"]]
     elif case == "empty":
@@ -108,13 +111,17 @@ def test_bad_input_is_refused(files, tmp_path, capsys, case, message):
     elif case == "missing":
         gen = [str(tmp_path / "nope.h5")]
     elif case == "output_is_file":
+        out = tmp_path / "a-file"
         out.write_text("x")
     elif case == "pairing":
         ref, gen = [files["W1"], files["W2"]], [files["Pb"], files["W2"], files["W1"]]
     rc = main(["evaluate", "--reference", *ref, "--generated", *gen, "-o", str(out), "--no-plots", *FAST])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err
-    assert not (out / "metrics.json").exists() if out.is_dir() else True
+    if case == "output_is_file":
+        assert out.read_text() == "x"
+    else:  # nothing written, nothing overwritten
+        assert os.listdir(out) == ["metrics.json"] and (out / "metrics.json").read_text() == "previous"
 
 
 def test_pairing_by_material_and_labels():

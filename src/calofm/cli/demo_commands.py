@@ -7,7 +7,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on the embedded defaults, into one HTML report")
     p.add_argument("-o", "--output", default="demo-report", help="report directory (default demo-report/)")
     p.add_argument("--quick", action="store_true", help="a ~2-minute version with fewer showers")
-    p.add_argument("--n", type=int, default=None, help="showers per sample (default 1000, quick 120)")
+    p.add_argument("--n", type=int, default=None, help="showers per sample (default 500, quick 120)")
     p.add_argument("--model", default="calofm-small", help="shipped model name or model directory")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)

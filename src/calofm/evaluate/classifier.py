@@ -81,21 +81,34 @@ def jsd_from_probabilities(p: np.ndarray, labels: np.ndarray) -> float:
 
 def classifier_test(x_ref: np.ndarray, x_gen: np.ndarray, *, standardize: bool = True, seed: int = 0,
                     max_epochs: int = 30, patience: int = 5, batch_size: int = 512, lr: float = 2e-4,
-                    hidden: int = 512, n_boot: int = 200, bf16: bool = True, threads: int | None = 1,
+                    hidden: int = 512, n_boot: int = 200, bf16: bool | None = None, threads: int | None = 1,
                     progress: bool = True, desc: str = "classifier") -> ClassifierResult:
     """Train reference-vs-generated on 60%, early-stop and calibrate on 20%, measure on 20% (per class).
 
     x_ref (n_ref, D), x_gen (n_gen, D): classifier inputs; the larger sample is subsampled to balance.
     standardize: scale each input column by its training mean and std (for high-level features).
-    bf16: bfloat16 autocast of the matrix products (about 2x faster on CPUs with AVX512-BF16; the
-    loss, the optimizer state and the reported probabilities stay float32).
+    bf16: bfloat16 autocast of the matrix products (about 2x faster on CPUs with AVX512-BF16, 4x slower
+    on AVX2-only CPUs; the loss, the optimizer state and the reported probabilities stay float32).
+    None: bf16 where oneDNN runs it natively (`cpu_runs_bf16`), else float32.
     threads: torch threads while training (restored afterwards); None keeps the current setting.
     One is the default: on 2 cores shared with other work, two OpenMP threads measured 4-10x slower.
     """
+    if bf16 is None:
+        bf16 = cpu_runs_bf16()
     with _torch_threads(threads):
         return _train_and_measure(x_ref, x_gen, standardize=standardize, seed=seed, max_epochs=max_epochs,
                                   patience=patience, batch_size=batch_size, lr=lr, hidden=hidden, n_boot=n_boot,
                                   bf16=bf16, progress=progress, desc=desc)
+
+
+def cpu_runs_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls on this CPU's own instructions (AVX512 or AMX), not emulated on AVX2."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 @contextmanager

@@ -126,7 +126,10 @@ def fpd(ref: np.ndarray, gen: np.ndarray, n_points: int = 10, n_batches: int = 1
 
 def _poly_kernel_mean(a: np.ndarray, b: np.ndarray, d: int, exclude_diagonal: bool) -> float:
     # float32 kernel entries (2x faster), float64 sums: rounding errors average out over m^2 entries
-    k = (a.astype(np.float32) @ b.astype(np.float32).T / np.float32(d) + np.float32(1.0)) ** 3
+    with np.errstate(over="ignore", invalid="ignore"):
+        k = (a.astype(np.float32) @ b.astype(np.float32).T / np.float32(d) + np.float32(1.0)) ** 3
+    if not np.isfinite(k).all():  # a shower with a feature ~1e4 standard deviations out overflows float32
+        k = (a.astype(np.float64) @ b.astype(np.float64).T / d + 1.0) ** 3
     total = k.sum(dtype=np.float64)
     if exclude_diagonal:
         m = len(a)
