@@ -99,12 +99,14 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-def add_stream_arguments(p) -> None:
-    """The streamed-simulation options of `calofm train` and `calofm extend`."""
+def add_stream_arguments(p, particle: bool = True) -> None:
+    """The streamed-simulation options of `calofm train` and `calofm extend` (particle=False: the
+    command has its own --particle)."""
     p.add_argument("--simulate", default=None, metavar="MATERIALS",
                    help="stream fresh showers of these materials (comma-separated, e.g. W,Ta,Cu) from the embedded "
                         "simulator in background processes; alone or beside --data")
-    p.add_argument("--particle", default="gamma", help="streamed particle (default gamma)")
+    if particle:
+        p.add_argument("--particle", default="gamma", help="streamed particle (default gamma)")
     p.add_argument("--energy", default="10:100", help="streamed incident energies in GeV, uniform: E or Emin:Emax")
     p.add_argument("--geometry", default="cpu", help="streamed readout geometry (default cpu)")
     p.add_argument("--workers", type=int, default=None,
