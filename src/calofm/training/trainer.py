@@ -286,8 +286,10 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
         while cfg.steps is None or step < cfg.steps:
             local, file_targets, stream_targets = feed.next(step)
             n_global = file_targets
-            if stream is not None:  # each rank knows only its own streamed showers
+            if stream is not None and info.enabled:  # each rank knows only its own streamed showers
                 n_global += int(all_reduce_sum(torch.tensor([stream_targets], device=device), info).item())
+            else:
+                n_global += stream_targets
             batch = local.batch(np.arange(len(local)), device)
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps or budget.PLACEHOLDER_STEPS, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
