@@ -149,6 +149,13 @@ def _as_is(x):
     return x
 
 
+def _one_thread(worker_id: int) -> None:
+    """A worker is one simulation process: no native thread pools beside it (torch sets its own to 1)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
 class StreamReader:
     """The trainer's end of a stream: `next(step)` returns that step's batch; production statistics."""
 
@@ -156,7 +163,8 @@ class StreamReader:
         self.workers = max(0, int(workers))
         if self.workers:
             loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
-                                                 collate_fn=_as_is, prefetch_factor=prefetch)
+                                                 collate_fn=_as_is, prefetch_factor=prefetch,
+                                                 worker_init_fn=_one_thread)
             self._it = iter(loader)
         else:  # simulate inline, in the training process
             self._it = iter(stream)

@@ -1,10 +1,16 @@
-"""Pre-training loop: AdamW, warm-up + cosine, gradient clipping, bf16 autocast, per-material
-validation, atomic checkpoints, exact resume, JSON-lines log, optional DDP (see distributed.py).
+"""Pre-training loop: AdamW, warm-up + cosine, gradient clipping, autocast in the precision the
+hardware runs natively (model.precision), per-material validation, atomic checkpoints, exact resume,
+JSON-lines log, optional DDP (see distributed.py), optional torch.compile and wall-clock budget.
+
+Data: shower files and/or showers streamed from the simulator (feed.py, stream.py); the log's train
+events carry the stream's production rate (sim_showers_per_s, sim_tokens_per_s) beside the
+trainer's tokens_per_s, and data_wait_s, the time the trainer waited for showers.
 
 Loss = (sum of voxel and energy negative log-likelihoods over all predicted tokens) / (number of
 predicted tokens in the *global* batch) + lb_coef * load-balance + z_coef * router z-loss.
-Normalizing by the global token count (known to every rank, since every rank knows the global
-batch) makes the DDP-averaged gradient equal to the single-process gradient of the same batch.
+Normalizing by the global token count (every rank knows the file part of the global batch; the
+streamed part's count is summed over ranks) makes the DDP-averaged gradient equal to the
+single-process gradient of the same batch.
 """
 
 from __future__ import annotations
