@@ -203,3 +203,24 @@ def test_command_line_streaming(tmp_path, capsys):
     assert "Unobtainium" in capsys.readouterr().err
     assert main(["train", "--simulate", "W", "--energy", "100:10", "-o", str(tmp_path / "y")]) == 2
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+def test_extend_on_streamed_showers(tmp_path):
+    from calofm.extension import load_with_adapters
+    from calofm.extension.train import extend
+
+    base = tmp_path / "base"
+    train(config(base, steps=2, ckpt_every=2, eval_every=2), threads=1, progress=False, log=quiet)
+    kw = dict(steps=2, batch_size=4, warmup=1, progress=False, log=quiet, threads=1, workers=0, max_val=3,
+              n_reference=16, precision="fp32")
+    ta = tmp_path / "ta"
+    training = extend("material", str(base), [], str(ta), stream=StreamSpec.parse("Ta", energy="10:50"), **kw)
+    assert training["simulator_version"] == SIMULATOR_VERSION and training["n_streamed_showers"] == 8
+    assert training["data_summary"]["stream"]["materials"] == ["Ta"] and set(training["validation"]) == {"Ta"}
+    model = load_with_adapters(str(base), [str(ta)])
+    assert "Ta" in model.tokenizer.materials.names() and "Ta/gamma" in model.tokenizer.totals.keys()
+    with pytest.raises(CalofmError, match="not the new particle"):
+        extend("particle", str(base), [], str(tmp_path / "em"), particle="e-",
+               stream=StreamSpec.parse("W", "gamma"), **kw)
+    with pytest.raises(CalofmError, match="no data given"):
+        extend("material", str(base), [], str(tmp_path / "none"), **kw)
