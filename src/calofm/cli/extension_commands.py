@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from calofm.cli.model_commands import add_stream_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("extend", help="add a material or a particle to a trained model, as an adapter")
@@ -10,11 +12,13 @@ def register(sub) -> None:
         e = esub.add_parser(kind, help=f"train an adapter for new {kind}(s); the base model is not modified")
         e.add_argument("--base", required=True, help="base model directory")
         e.add_argument("--adapter", action="append", default=[], help="adapters to apply first (in order)")
-        e.add_argument("--data", action="append", required=True, help="shower file(s) of the new "
+        e.add_argument("--data", action="append", default=[], help="shower file(s) of the new "
                        + ("material(s), one file per material" if kind == "material" else "particle"))
+        add_stream_arguments(e, particle=kind == "material")
         e.add_argument("-o", "--output", required=True, help="adapter directory to write")
         if kind == "particle":
-            e.add_argument("--particle", default=None, help="the new particle (default: from the data file)")
+            e.add_argument("--particle", default=None,
+                           help="the new particle (default: from the data file; with --simulate, the one simulated)")
             e.add_argument("--head-rank", type=int, default=16, help="rank of the output-head correction")
         e.add_argument("--init-from", default=None, help="known material/particle to start from "
                        "(default: the closest material by X0, R_M, E_c, Z; or the first particle)")
@@ -24,7 +28,8 @@ def register(sub) -> None:
         e.add_argument("--batch-size", type=int, default=32)
         e.add_argument("--lr", type=float, default=3e-3)
         e.add_argument("--max-showers", type=int, default=None, help="fine-tune on at most this many showers")
-        e.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+        e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                       help="autocast dtype; auto (default): bf16 where the hardware runs it natively, else fp32")
         e.add_argument("--threads", type=int, default=None)
         e.add_argument("--seed", type=int, default=0)
         e.set_defaults(func=cmd_extend, kind=kind)
@@ -32,10 +37,19 @@ def register(sub) -> None:
 
 
 def cmd_extend(args) -> None:
+    from calofm.errors import CalofmError
     from calofm.extension.train import extend
+    from calofm.training.stream import StreamSpec
 
     data = [p for item in args.data for p in item.split(",") if p]
+    stream = None
+    if args.simulate:
+        particle = args.particle
+        if particle is None:  # extend particle: the new particle is the one to simulate
+            raise CalofmError("--simulate needs --particle (the new particle to simulate)")
+        stream = StreamSpec.parse(args.simulate, particle, args.energy, args.geometry)
     extend(args.kind, args.base, data, args.output, adapters=tuple(args.adapter),
-           particle=getattr(args, "particle", None), init_from=args.init_from, rank=args.rank,
+           particle=args.particle if args.kind == "particle" else None, init_from=args.init_from, rank=args.rank,
            head_rank=getattr(args, "head_rank", 16), alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
-           lr=args.lr, max_showers=args.max_showers, precision=args.precision, seed=args.seed, threads=args.threads)
+           lr=args.lr, max_showers=args.max_showers, precision=args.precision, seed=args.seed, threads=args.threads,
+           stream=stream, workers=args.workers)

@@ -11,24 +11,32 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="pre-train the next-token shower model (DDP-ready: torchrun works)")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
                    help="calofm shower files, one material/particle each (e.g. W.h5 Ta.h5 Cu.h5)")
+    add_stream_arguments(p)
     p.add_argument("--preset", default="small", help="model preset: tiny, small (CPU default), base")
     p.add_argument("-o", "--output", required=True, help="run directory (model, checkpoints, log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start from this model's weights and tokenizer (a model directory or shipped name, "
                         "e.g. calofm-small) instead of a fresh initialization; --preset/--model are then ignored")
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default 3000; with --max-minutes: fitted to the budget after the warm-up)")
+    p.add_argument("--max-minutes", type=float, default=None, metavar="MIN",
+                   help="stop after this much wall time (data preparation included), with a checkpoint that "
+                        "--resume continues; the final evaluation and checkpoint come on top")
     p.add_argument("--batch-size", type=int, default=32, help="global batch size in showers")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast dtype (default bf16)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast dtype; auto (default): bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, "
+                        "AMX, Arm BF16), else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (pays off on a GPU)")
     p.add_argument("--order", choices=["energy", "spatial"], default="energy", help="hit order (default energy)")
     p.add_argument("--max-hits", type=int, default=None,
                    help="hits per shower kept (default: 1.1 x the 99.9th percentile of the data; truncation is counted)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="validation share of each file")
-    p.add_argument("--max-val", type=int, default=1000, help="at most this many validation showers per file")
+    p.add_argument("--max-val", type=int, default=1000, help="at most this many validation showers per file (simulated for each streamed source)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=20)
@@ -91,6 +99,27 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def add_stream_arguments(p, particle: bool = True) -> None:
+    """The streamed-simulation options of `calofm train` and `calofm extend` (particle=False: the
+    command has its own --particle)."""
+    p.add_argument("--simulate", default=None, metavar="MATERIALS",
+                   help="stream fresh showers of these materials (comma-separated, e.g. W,Ta,Cu) from the embedded "
+                        "simulator in background processes; alone or beside --data")
+    if particle:
+        p.add_argument("--particle", default="gamma", help="streamed particle (default gamma)")
+    p.add_argument("--energy", default="10:100", help="streamed incident energies in GeV, uniform: E or Emin:Emax")
+    p.add_argument("--geometry", default="cpu", help="streamed readout geometry (default cpu)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="simulation worker processes (default: one per core but the trainer's, at most 16; 0: inline)")
+
+
+def stream_fields(args) -> dict:
+    """TrainConfig fields of the streamed-simulation options."""
+    materials = tuple(m for m in (args.simulate or "").split(",") if m.strip())
+    return dict(simulate=materials, particle=args.particle, energy=args.energy, geometry=args.geometry,
+                workers=args.workers)
+
+
 def cmd_train(args) -> None:
     from calofm.errors import CalofmError
     from calofm.training import TrainConfig, train
@@ -105,20 +134,25 @@ def cmd_train(args) -> None:
             raise CalofmError("--model must be a JSON object of preset overrides")
     if args.resume:
         cfg = TrainConfig(data=tuple(args.data or ()), out=args.output) if args.data else None
-        summary = train(cfg, resume_dir=args.output, threads=args.threads, progress=not args.no_progress)
+        # this invocation's time budget, workers and compilation; the rest is the run's
+        session = {k: v for k, v in (("max_minutes", args.max_minutes), ("workers", args.workers),
+                                     ("compile", args.compile or None)) if v is not None}
+        summary = train(cfg, resume_dir=args.output, threads=args.threads, progress=not args.no_progress,
+                        session=session)
     else:
-        if not args.data:
-            raise CalofmError("--data is required (unless --resume)")
+        if not args.data and not args.simulate:
+            raise CalofmError("--data and/or --simulate is required (unless --resume)")
         from calofm.model import get_preset
 
         get_preset(args.preset, **overrides)  # fail early on a bad preset or override
+        steps = args.steps if args.steps is not None else (None if args.max_minutes else 3000)
         cfg = TrainConfig(
-            data=tuple(args.data), out=args.output, preset=args.preset, model=overrides, steps=args.steps,
+            data=tuple(args.data or ()), out=args.output, preset=args.preset, model=overrides, steps=steps,
             batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, order=args.order,
             max_hits=args.max_hits, val_fraction=args.val_fraction, max_val=args.max_val, eval_every=args.eval_every,
             ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device,
-            init_from=args.init_from)
+            init_from=args.init_from, max_minutes=args.max_minutes, compile=args.compile, **stream_fields(args))
         summary = train(cfg, threads=args.threads, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s -> {args.output}")

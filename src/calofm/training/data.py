@@ -1,13 +1,19 @@
-"""Training data: shower files -> tokenized corpus -> padded batches.
+"""Training data: shower files and/or simulated samples -> tokenized corpus -> padded batches.
 
 Each file holds one material and one particle (the HDF5 attributes say which). All hits are read
 once into packed arrays (a few bytes per hit), the tokenizer's max_hits is derived from the hit
 counts of all files, and every file is split into train / validation by position (the last showers
 are validation; files are i.i.d. samples, so this is a random split that needs no seed).
+
+With a simulated stream (training/stream.py) the training showers of each step are made on the fly;
+what must exist before the first step is simulated once, in memory, with seeds of its own: a
+validation set per source, and a reference sample per source that fixes max_hits (with the files'
+hit counts) and the shower totals of the streamed classes.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +40,21 @@ class Corpus:
 
     def __len__(self) -> int:
         return len(self.incident_MeV)
+
+    @classmethod
+    def concat(cls, parts: list[Corpus]) -> Corpus:
+        """The showers of all parts, in order (token arrays re-packed)."""
+        if len(parts) == 1:
+            return parts[0]
+        toks = [p.tokens for p in parts]
+        counts = np.concatenate([t.counts for t in toks])
+        tokens = TokenizedShowers(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                                  np.concatenate([t.voxel_tokens for t in toks]),
+                                  np.concatenate([t.energy_tokens for t in toks]))
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts])  # noqa: E731
+        optional = lambda name: None if any(getattr(p, name) is None for p in parts) else cat(name)  # noqa: E731
+        return Corpus(cat("incident_MeV"), cat("material"), cat("particle"), tokens, optional("e_vis_MeV"),
+                      optional("min_hit_MeV"))
 
     def subset(self, idx: np.ndarray) -> Corpus:
         """The showers idx (token arrays re-packed)."""
@@ -135,6 +156,26 @@ def _slice_hits(hits: Hits, rows: slice) -> Hits:
     return Hits(hits.offsets[rows.start:rows.stop + 1] - lo, hits.voxel[lo:hi], hits.energy[lo:hi])
 
 
+@dataclass
+class TrainingData:
+    """What training needs before its first step."""
+
+    tokenizer: ShowerTokenizer
+    train: Corpus | None  # the files' training rows; None without files (streamed showers only)
+    val: dict[str, Corpus]  # validation showers per material (files' last rows, simulated sets)
+    reference: Corpus | None  # simulated reference sample of the streamed classes
+    summary: dict
+
+    def fit_totals(self) -> ShowerTotals:
+        """Hit-count / E_vis laws of every class: from the files' training rows, and for streamed classes
+        from the reference sample (which wins for a class both supply)."""
+        totals = ShowerTotals()
+        for corpus in (self.train, self.reference):
+            if corpus is not None:
+                totals.update(corpus.fit_totals(self.tokenizer))
+        return totals
+
+
 def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = "energy",
                 max_hits: int | None = None, val_fraction: float = 0.05, max_val: int = 1000,
                 log=print) -> tuple[ShowerTokenizer, Corpus, dict[str, Corpus], dict]:
@@ -144,23 +185,44 @@ def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, orde
     (files, hit-count statistics, derived max_hits, truncation and energy-range counts)."""
     if not paths:
         raise CalofmError("no training data given (--data FILE ...)")
-    files, geometry = [], None
+    d = prepare_data(paths, tokenizer, order, max_hits, val_fraction, max_val, log=log)
+    return d.tokenizer, d.train, d.val, d.summary
+
+
+def prepare_data(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = "energy",
+                 max_hits: int | None = None, val_fraction: float = 0.05, max_val: int = 1000, log=print,
+                 stream=None, seed: int = 0, n_reference: int = 2000, workers: int = 1) -> TrainingData:
+    """Files and/or a simulated stream (a training.stream.StreamSpec) -> tokenizer, corpora, summary.
+
+    For the stream, `max_val` validation showers and `n_reference` reference showers per source are
+    simulated here (seeded by `seed`, apart from the training stream's seeds)."""
+    if not paths and stream is None:
+        raise CalofmError("no training data given (--data FILE ... and/or --simulate MATERIALS)")
+    files, geometry = [], stream.readout() if stream is not None else None
     for path in paths:
         data, info = read_file(path)
         if geometry is None:
             geometry = info.geometry
         elif info.geometry.with_absorber(geometry.layers[0].absorber).to_json() != geometry.to_json():
             # the absorber differs between files by design; the readout must not
-            raise CalofmError(f"{path}: geometry {info.geometry.name!r} differs from the first file's "
-                              f"{geometry.name!r} (beyond the absorber); one model serves one readout geometry")
+            raise CalofmError(f"{path}: geometry {info.geometry.name!r} differs from the "
+                              f"{'stream' if stream is not None else 'first file'}'s {geometry.name!r} "
+                              "(beyond the absorber); one model serves one readout geometry")
         files.append(data)
         log(f"read {path}: {len(data.incident_MeV)} {data.particle} showers in {data.material}, "
             f"{int(data.hits.counts.mean())} hits on average")
-    counts = np.concatenate([f.hits.counts for f in files])
+    val_sim, ref_sim = [], []
+    if stream is not None:
+        t0 = time.time()
+        val_sim = stream.sample("validation", max_val, seed, workers)
+        ref_sim = stream.sample("reference", n_reference, seed, workers)
+        log(f"simulated {max_val} validation and {n_reference} reference showers for each of "
+            f"{', '.join('/'.join(s) for s in stream.sources())} in {time.time() - t0:.1f} s")
+    counts = np.concatenate([f.hits.counts for f in files + ref_sim])
     if tokenizer is None:
         unique = lambda xs: list(dict.fromkeys(xs))  # noqa: E731  (first-seen order)
-        tokenizer = ShowerTokenizer.create(geometry, unique(f.material for f in files),
-                                           unique(f.particle for f in files), order=order)
+        tokenizer = ShowerTokenizer.create(geometry, unique(f.material for f in files + ref_sim),
+                                           unique(f.particle for f in files + ref_sim), order=order)
         if max_hits is not None:
             tokenizer.max_hits = int(max_hits)
         else:
@@ -174,10 +236,12 @@ def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, orde
         n_val = min(max_val, int(round(val_fraction * n))) if n > 1 else 0
         train_rows.append(slice(0, n - n_val))
         val_rows.append(slice(n - n_val, n))
-    train, train_stats = _corpus(tokenizer, files, train_rows)
+    train, train_stats = _corpus(tokenizer, files, train_rows) if files else (None, None)
+    reference, ref_stats = _corpus(tokenizer, ref_sim, _all_rows(ref_sim)) if ref_sim else (None, None)
     val = {}
-    for mat in dict.fromkeys(f.material for f in files):
-        sel = [(f, r) for f, r in zip(files, val_rows) if f.material == mat and r.stop > r.start]
+    val_parts = list(zip(files, val_rows)) + list(zip(val_sim, _all_rows(val_sim)))
+    for mat in dict.fromkeys(f.material for f, _ in val_parts):
+        sel = [(f, r) for f, r in val_parts if f.material == mat and r.stop > r.start]
         if sel:
             val[mat], _ = _corpus(tokenizer, [s[0] for s in sel], [s[1] for s in sel])
     summary = {
@@ -189,6 +253,15 @@ def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, orde
                        "p99": float(np.percentile(counts, 99)), "p99.9": float(np.percentile(counts, 99.9)),
                        "max": int(counts.max())},
         "max_hits": tokenizer.max_hits, "max_hits_rule": "ceil(1.10 * p99.9 / 8) * 8" if max_hits is None else "set by user",
-        "train_tokenization": train_stats,
+        # truncation and energy-range counts: of the files' training rows, else of the simulated reference
+        "train_tokenization": train_stats if train_stats is not None else ref_stats,
     }
-    return tokenizer, train, val, summary
+    if stream is not None:
+        summary["stream"] = dict(stream.to_dict(), seed=seed, n_validation_per_source=max_val,
+                                 n_reference_per_source=n_reference, reference_tokenization=ref_stats)
+        summary["simulator_version"] = stream.simulator_version
+    return TrainingData(tokenizer, train, val, reference, summary)
+
+
+def _all_rows(files: list[FileData]) -> list[slice]:
+    return [slice(0, len(f.incident_MeV)) for f in files]
