@@ -47,7 +47,7 @@ def test_round_trip_and_layout(run_dir, tmp_path):
     assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == "step-00000004"
     for root, _, files in os.walk(run_dir):
         for f in files:
-            assert f.endswith((".safetensors", ".json", ".jsonl")) or f == "latest", f
+            assert f.endswith((".safetensors", ".json", ".jsonl")) or f in ("latest", ".lock"), f
             assert not f.startswith(".tmp-")
 
 
@@ -141,3 +141,15 @@ def test_one_writer_per_run_directory(tmp_path):
                 pass
     with run_lock(d):  # released when the first run ended
         pass
+
+
+def test_a_second_training_into_a_running_directory_is_refused(tmp_path, capsys):
+    from calofm.checkpoint import run_lock
+
+    out = tmp_path / "run"
+    with run_lock(str(out)):  # a run in progress (here: this process) holds the directory
+        rc = main(["train", "--simulate", "W", "--preset", "tiny", "-o", str(out), "--steps", "2", "--batch-size", "2",
+                   "--workers", "0", "--max-val", "2", "--threads", "1", "--no-progress"])
+    assert rc == 2
+    assert "another run is writing this directory" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lock"]  # nothing written beside the lock

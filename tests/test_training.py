@@ -136,7 +136,7 @@ def test_command_line_train_generate_info(data, tmp_path, capsys):
                "--eval-every", "4", "--ckpt-every", "2", "--log-every", "2", "--threads", "1", "--no-progress",
                "--model", '{"d_model": 16, "n_heads": 2}'])
     assert rc == 0
-    assert sorted(os.listdir(out)) == ["checkpoints", "log.jsonl", "manifest.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoints", "log.jsonl", "manifest.json", "model.safetensors"]
     events = [json.loads(line) for line in open(out / "log.jsonl")]
     assert {e["event"] for e in events} == {"train", "val"}
     assert set(events[0]["expert_utilization"]) == {"W", "Ta", "Cu"}

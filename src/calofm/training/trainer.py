@@ -15,6 +15,7 @@ single-process gradient of the same batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from calofm.checkpoint import load_checkpoint, load_model, optimizer_from_tensors, save_checkpoint
+from calofm.checkpoint import load_checkpoint, load_model, optimizer_from_tensors, run_lock, save_checkpoint
 from calofm.errors import CalofmError
 from calofm.model import ShowerTransformer, get_preset
 from calofm.model.precision import CHOICES, autocast, describe_precision, resolve_precision
@@ -167,7 +168,9 @@ def train(cfg: TrainConfig | None = None, resume_dir: str | None = None, threads
         torch.set_num_threads(threads)
     info = init_distributed(cfg.device if cfg is not None else "auto")
     try:
-        return _train(cfg, resume_dir, info, progress, stop_after, log, session or {})
+        # one run per run directory: the writing rank holds its lock until the run ends or dies
+        with run_lock(resume_dir or cfg.out) if info.is_main else contextlib.nullcontext():
+            return _train(cfg, resume_dir, info, progress, stop_after, log, session or {})
     finally:
         shutdown(info)
 
