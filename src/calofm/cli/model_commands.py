@@ -69,8 +69,8 @@ def register(sub) -> None:
                    help="torch.compile the decode step (heads, sampler and, with --precision bf16, the attention "
                         "over the KV cache); pays off from a few hundred showers, see docs/speed.md")
     p.add_argument("--graph", action="store_true",
-                   help="decode with the static-shape step captured as a CUDA graph (the default on a GPU, "
-                        "except with --totals; on CPU it runs eagerly and is slower), see docs/speed.md")
+                   help="decode with the static-shape step captured as a CUDA graph (the default on a GPU; "
+                        "on CPU it runs eagerly and is slower), see docs/speed.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -130,21 +130,20 @@ def cmd_generate(args) -> None:
     import torch
 
     from calofm.errors import CalofmError
-    from calofm.extension import load_with_adapters
+    from calofm.generation import DecodeOptions, load
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.n <= 0:
         raise CalofmError(f"--n must be > 0, got {args.n}")
-    model = load_with_adapters(args.model, args.adapter, device=args.device)
+    model = load(args.model, args.adapter, device=args.device)
     t0 = time.time()
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
                    batch_size=args.batch_size, precision=args.precision, output=args.output,
                    progress=not args.no_progress, totals=args.totals,
-                   options=model.decode_options(args.totals, compile=args.compile,
-                                                **({"graph": True} if args.graph else {})))
+                   options=DecodeOptions(compile=args.compile, graph=True if args.graph else None))
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "
@@ -153,13 +152,13 @@ def cmd_generate(args) -> None:
 
 def cmd_fit_totals(args) -> None:
     from calofm.checkpoint import atomic_write_text, read_manifest
-    from calofm.extension import load_with_adapters
     from calofm.extension.adapters import read_adapter_manifest
+    from calofm.generation import load
     from calofm.pretrained import resolve_adapter, resolve_model
     from calofm.training.data import load_corpus
 
     model_dir = resolve_model(args.model)
-    shower_model = load_with_adapters(model_dir, args.adapter)
+    shower_model = load(model_dir, args.adapter)
     # the same train / validation split as training, so the laws come from the training rows only
     _, train_set, _, _ = load_corpus(list(args.data), tokenizer=shower_model.tokenizer, log=lambda *a, **k: None)
     totals = train_set.fit_totals(shower_model.tokenizer)
@@ -173,9 +172,9 @@ def cmd_fit_totals(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from calofm.extension import load_with_adapters
+    from calofm.generation import load
 
-    model = load_with_adapters(args.model, args.adapter)
+    model = load(args.model, args.adapter)
     m = model.manifest
     if args.json:
         print(json.dumps(m, indent=1))
