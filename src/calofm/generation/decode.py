@@ -465,7 +465,9 @@ class _Run:
             long = dict(dtype=torch.long, device=device)
             self.buckets[B0] = (_Rows(torch.empty(B0, model.cfg.d_model, device=device),
                                       torch.empty(B0, dtype=torch.bool, device=device),
-                                      torch.empty((B0, self.max_hits), **long), torch.empty(B0, **long),
+                                      # wider than any window: a compiled step then reads a strict
+                                      # prefix at every window (one at the buffer's width recompiled)
+                                      torch.empty((B0, self.max_hits + 3), **long), torch.empty(B0, **long),
                                       torch.empty(B0, dtype=incident.dtype, device=device), torch.empty(B0, **long),
                                       torch.empty(B0, **long), torch.empty(B0, **long) if self.targeted else None,
                                       None), [(c.k, c.v) for c in self._caches()])
