@@ -1,6 +1,7 @@
 """`calofm bench generate`: generation speed on this machine (showers/s, tokens/s, fraction of the
-measured bf16 matmul peak, memory, cost vs incident energy), the decoder's optimization ablation,
-the diffusion baseline and the embedded simulator for comparison. See docs/speed.md."""
+measured matmul peak in the precision used, memory, cost vs incident energy), the decoder's ablation
+(compaction, torch.compile, bf16, two-stage totals), the diffusion baseline and the embedded simulator
+for comparison. See docs/speed.md."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import replace
 
 
 def register(sub) -> None:
@@ -31,7 +33,9 @@ def register(sub) -> None:
     g.add_argument("--baseline-graph", action="store_true",
                    help="also time the baseline with its U-Net replayed as a CUDA graph (GPU; captured untimed)")
     g.add_argument("--baseline-repeats", type=int, default=1, help="timed repeats per baseline point (median)")
-    g.add_argument("--ablation", action="store_true", help="time each decoder optimization off vs all on")
+    g.add_argument("--ablation", action="store_true",
+                   help="time the eager decoder with compaction off, bf16, (--compile) torch.compile and two-stage "
+                        "totals against its defaults")
     g.add_argument("--ablation-n", type=int, default=100, help="showers (one batch) per ablation point")
     g.add_argument("--compile", action="store_true",
                    help="add torch.compile of the decode step to the ablation (compiled once, untimed; ~1 min on CPU)")
@@ -64,22 +68,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, n: int | None = None, repeats: int = 5) -> float:
-    """Measured bf16 matmul FLOP/s on this device (median of repeats of an n x n x n product; n = 2048 on
-    CPU, 8192 on a GPU, where a smaller product does not fill the chip)."""
+def matmul_peak(device, precision: str, seconds: float = 1.0) -> float:
+    """Measured matmul FLOP/s in `precision` (fp32 or bf16) on this device, in about `seconds`: square
+    products from n = 256 up, doubling while one takes under a tenth of `seconds` (up to 2048 on CPU,
+    8192 on a GPU, where a smaller product does not fill the chip), then repeated at the last size until
+    `seconds` have passed; the best rate. A precision the machine runs slowly (bf16 on a CPU without
+    bf16 instructions: ~100x slower than fp32) stops at a small product instead of taking minutes."""
     import torch
 
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    a @ b
-    _sync(device)
-
-    def run():
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    n_max = 8192 if device.type == "cuda" else 2048
+    start, n, dt, best = time.perf_counter(), 128, 0.0, 0.0
+    while best == 0 or time.perf_counter() - start < seconds:
+        if dt < seconds / 10 and n < n_max:  # a larger product, until one takes a tenth of the time
+            n *= 2
+            a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+            a @ b  # warm-up (kernel choice, first touch)
+            _sync(device)
+        t0 = time.perf_counter()
         a @ b
         _sync(device)
-
-    return 2 * n ** 3 / _median_time(run, repeats)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * n ** 3 / dt)
+    return best
 
 
 def flops_per_position(net, mean_context: float) -> float:
@@ -119,7 +130,8 @@ SETUP_FLAGS = ("compile", "graph", "nocompact")
 
 def parse_setup(name: str):
     """'bf16+graph' -> ('bf16', DecodeOptions(graph=True)): a precision, then any of SETUP_FLAGS
-    (torch.compile, the CUDA-graph step of generation.static_decode, compaction off)."""
+    (torch.compile, the static CUDA-graph step of generation.decode, compaction off); without +graph
+    the eager step, on a GPU too."""
     from calofm.errors import CalofmError
     from calofm.generation.decode import DecodeOptions
 
@@ -148,12 +160,20 @@ def cmd_bench_generate(args) -> None:
     if any(b <= 0 for b in batches):
         raise CalofmError(f"batch sizes must be > 0: {args.batches}")
     print(f"calofm bench generate: {sm!r}")
-    peak = matmul_peak(device)
-    print(f"bf16 matmul peak on {device.type} ({torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    peaks: dict[str, float] = {}
+
+    def peak(precision: str) -> float:
+        """The matmul peak of a precision, measured when first needed."""
+        if precision not in peaks:
+            peaks[precision] = matmul_peak(device, precision)
+            print(f"{precision} matmul peak on {device.type} ({torch.get_num_threads()} threads): "
+                  f"{peaks[precision] / 1e9:.1f} GFLOP/s")
+        return peaks[precision]
 
     compiled_for = set()  # precisions whose compiled decode step exists already
 
     def timed(n, batch, energy=(10.0, 100.0), options=None, precision="fp32", totals=None):
+        flops_peak = peak(precision)
         if options is not None and options.compile and precision not in compiled_for:
             # compile outside the timing (once per process and dtype)
             sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=options,
@@ -175,7 +195,7 @@ def cmd_bench_generate(args) -> None:
         fl = flops_per_position(net, stats["mean_hits"] / 2) * hits / dt
         return {"batch": batch, "n": n, "seconds": dt, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
                 "tokens_per_s": 2 * hits / dt, "positions_per_s": hits / dt, "mean_hits": stats["mean_hits"],
-                "flops_per_s": fl, "flops_fraction": fl / peak, "first_call_seconds": first}
+                "flops_per_s": fl, "flops_fraction": fl / flops_peak, "first_call_seconds": first}
 
     results, energy_scan, ablation, baseline, sim_rate = [], [], None, None, None
 
@@ -188,11 +208,12 @@ def cmd_bench_generate(args) -> None:
                          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
                "torch": torch.__version__, "model": args.model, "adapters": args.adapter,
                "model_params": net.num_parameters(), "material": args.material, "particle": args.particle,
-               "bf16_matmul_peak_flops": peak, "flops_per_position": flops_per_position(net, mean_hits / 2),
+               "matmul_peak_flops": dict(peaks), "flops_per_position": flops_per_position(net, mean_hits / 2),
                "results": results, "energy_scan": energy_scan, "ablation": ablation, "baseline": baseline,
                "simulator_showers_per_s": sim_rate, "peak_memory_MB": _peak_memory_mb(device), "complete": complete,
-               "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured bf16 "
-                        "matmul peak; decoding runs in fp32 unless the row says bf16"}
+               "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured matmul "
+                        "peak of the row's precision (matmul_peak_flops); decoding runs in fp32 unless the row says "
+                        "bf16, the diffusion baseline in bf16"}
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             atomic_write_text(args.json, json.dumps(out, indent=1))
@@ -213,29 +234,25 @@ def cmd_bench_generate(args) -> None:
             results.append(r)
             report(complete=False)
             print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
-                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak"
+                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of {precision} peak"
                   + (f"  (first call {r['n'] / r['first_call_seconds']:.2f} showers/s)" if r["first_call_seconds"] else ""))
     for e in (float(x) for x in args.energies.split(",") if x):
-        r = timed(args.energy_n, args.energy_n, energy=e, options=DecodeOptions())  # fp32 eager, all switches on
+        r = timed(args.energy_n, args.energy_n, energy=e, options=DecodeOptions(graph=False))  # fp32 eager defaults
         energy_scan.append({"energy_GeV": e, "decode": "fp32", **r})
         print(f"{e:6.0f} GeV: {r['ms_per_shower']:8.2f} ms/shower ({r['mean_hits']:.0f} hits)")
 
     if args.ablation:
         n = args.ablation_n
-        # name -> (decoder options, precision, two-stage totals); timed in this order, "all on" first
-        variants = {"all on": (DecodeOptions(), "fp32", None),
-                    "all off": (DecodeOptions(sampler="exp", routing_plan=False).plain(), "fp32", None),
-                    "sliced_attention off": (DecodeOptions(sliced_attention=False), "fp32", None),
-                    "sampler exp (cdf off)": (DecodeOptions(sampler="exp"), "fp32", None),
-                    "compact off": (DecodeOptions(compact=False), "fp32", None),
-                    "fused_qkv off": (DecodeOptions(fused_qkv=False), "fp32", None),
-                    "routing_plan off": (DecodeOptions(routing_plan=False), "fp32", None)}
+        # name -> (decoder options, precision, two-stage totals), the eager step; timed in this order,
+        # the defaults ("all on") first
+        eager = DecodeOptions(graph=False)
+        variants = {"all on": (eager, "fp32", None), "compact off": (replace(eager, compact=False), "fp32", None)}
         if args.compile:
-            variants["all on + torch.compile"] = (DecodeOptions(compile=True), "fp32", None)
-        variants["all on + bf16 autocast"] = (DecodeOptions(), "bf16", None)
+            variants["all on + torch.compile"] = (replace(eager, compile=True), "fp32", None)
+        variants["all on + bf16 autocast"] = (eager, "bf16", None)
         if args.compile:
-            variants["all on + bf16 + torch.compile"] = (DecodeOptions(compile=True), "bf16", None)
-        variants["two-stage (totals on)"] = (DecodeOptions(), "fp32", True)
+            variants["all on + bf16 + torch.compile"] = (replace(eager, compile=True), "bf16", None)
+        variants["two-stage (totals on)"] = (eager, "fp32", True)
         ablation = []
         on = None
         for name, (opt, precision, totals) in variants.items():
@@ -253,7 +270,7 @@ def cmd_bench_generate(args) -> None:
     print(f"simulator: {n_sim / sim_dt:.1f} showers/s")
 
     if args.baseline:
-        baseline = _bench_baseline(args, device, peak)
+        baseline = _bench_baseline(args, device, peak("bf16"))
 
     sim_rate = n_sim / sim_dt
     out = report(complete=True)
@@ -262,7 +279,8 @@ def cmd_bench_generate(args) -> None:
         print(f"wrote {args.json}")
 
 
-def _bench_baseline(args, device, peak) -> list[dict]:
+def _bench_baseline(args, device, peak: float) -> list[dict]:
+    """The diffusion baseline (sampled in bf16 autocast); peak: the bf16 matmul peak."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -295,7 +313,7 @@ def _bench_baseline(args, device, peak) -> list[dict]:
                     _sync(device)
                 dt = _median_time(run, args.baseline_repeats)
                 fl = per_eval * steps * n / dt
-                rows.append({"batch": n, "steps": steps, "graph": graph, "showers_per_s": n / dt,
+                rows.append({"batch": n, "steps": steps, "graph": graph, "precision": "bf16", "showers_per_s": n / dt,
                              "ms_per_shower": 1e3 * dt / n, "tokens_per_s": None, "flops_per_s": fl,
                              "flops_fraction": fl / peak})
                 print(f"diffusion baseline, batch {n}, {steps} steps{' (graph)' if graph else ''}: {n / dt:.2f} "
