@@ -173,7 +173,7 @@ def test_bench_refuses_an_unknown_decode_setup(tmp_path, setup):
 def test_bench_decode_setups_name_precision_then_switches():
     from calofm.cli.bench_commands import parse_setup
 
-    precision, opt = parse_setup("bf16+graph+nocompact")
-    assert precision == "bf16" and opt.graph and not opt.compact and not opt.compile
-    precision, opt = parse_setup("fp32+compile")
-    assert precision == "fp32" and opt.compile and not opt.graph and opt.compact
+    opt = parse_setup("bf16+graph+nocompact")
+    assert opt.precision == "bf16" and opt.graph and not opt.compact and not opt.compile
+    opt = parse_setup("fp32+compile")
+    assert opt.precision == "fp32" and opt.compile and opt.graph is False and opt.compact

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import calofm
+from calofm.errors import CalofmError
 from calofm.generation.decode import DecodeOptions, Decoder, decode
 from calofm.generation.sampler import SamplingConfig, sample
-from calofm.model.precision import autocast
 from calofm.tokenizer import incident_feature
 
 decode_module = importlib.import_module("calofm.generation.decode")  # the package exports a function of that name
@@ -283,6 +283,8 @@ def test_generate_options_plumbing(small):
     assert np.array_equal(fast, plain[1])
     other_seed = small.generate(6, material="Pb", particle="e-", seed=3, batch_size=4)[1]
     assert not np.array_equal(fast, other_seed)
+    with pytest.raises(CalofmError, match="precision"):
+        small.generate(2, options=DecodeOptions("fp16"))
 
 
 def test_sampler_distribution_and_given_uniforms():
@@ -360,9 +362,8 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
     mat = torch.full((B,), tok.material_id("W"))
     for precision in ("fp32", "bf16"):  # bf16: the compiled attention reads the bf16 cache
-        with autocast(torch.device("cpu"), precision):
-            res = decoder.decode(inc, mat, torch.zeros(B, dtype=torch.long), 40, tok.voxel_block, tok.energy_block,
-                                 generator=torch.Generator().manual_seed(3), options=DecodeOptions(compile=True))
+        res = decoder.decode(inc, mat, torch.zeros(B, dtype=torch.long), 40, tok.voxel_block, tok.energy_block,
+                             generator=torch.Generator().manual_seed(3), options=DecodeOptions(precision, compile=True))
         n = res.n_hits
         assert torch.all(n > 0)
         for i in range(B):  # valid, distinct voxels, like the eager path
@@ -422,9 +423,9 @@ def test_bf16_decode_uses_a_bf16_cache_and_gives_valid_showers(small):
     try:
         B = 6
         inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            res = decode(net, inc, torch.full((B,), tok.material_id("W")), torch.zeros(B, dtype=torch.long), 60,
-                         tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3))
+        res = decode(net, inc, torch.full((B,), tok.material_id("W")), torch.zeros(B, dtype=torch.long), 60,
+                     tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3),
+                     options=DecodeOptions("bf16"))
     finally:
         del net.setup_cache
     assert seen == [torch.bfloat16]

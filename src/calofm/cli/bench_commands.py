@@ -129,7 +129,7 @@ SETUP_FLAGS = ("compile", "graph", "nocompact")
 
 
 def parse_setup(name: str):
-    """'bf16+graph' -> ('bf16', DecodeOptions(graph=True)): a precision, then any of SETUP_FLAGS
+    """'bf16+graph' -> DecodeOptions("bf16", graph=True): a precision, then any of SETUP_FLAGS
     (torch.compile, the static CUDA-graph step of generation.decode, compaction off); without +graph
     the eager step, on a GPU too."""
     from calofm.errors import CalofmError
@@ -139,7 +139,7 @@ def parse_setup(name: str):
     if precision not in ("fp32", "bf16") or any(f not in SETUP_FLAGS for f in flags) or len(set(flags)) < len(flags):
         raise CalofmError(f"unknown decode set-up {name!r}: fp32 or bf16, then any of "
                           f"{', '.join('+' + f for f in SETUP_FLAGS)}")
-    return precision, DecodeOptions(compile="compile" in flags, graph="graph" in flags, compact="nocompact" not in flags)
+    return DecodeOptions(precision, compile="compile" in flags, graph="graph" in flags, compact="nocompact" not in flags)
 
 
 def cmd_bench_generate(args) -> None:
@@ -170,22 +170,21 @@ def cmd_bench_generate(args) -> None:
                   f"{peaks[precision] / 1e9:.1f} GFLOP/s")
         return peaks[precision]
 
-    compiled_for = set()  # precisions whose compiled decode step exists already
+    compiled_for = set()  # decode set-ups whose compiled functions exist already
 
-    def timed(n, batch, energy=(10.0, 100.0), options=None, precision="fp32", totals=None):
-        flops_peak = peak(precision)
-        if options is not None and options.compile and precision not in compiled_for:
-            # compile outside the timing (once per process and dtype)
-            sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=options,
-                        precision=precision)
-            compiled_for.add(precision)
+    def timed(n, batch, options, energy=(10.0, 100.0), totals=None):
+        flops_peak = peak(options.precision)
+        if options.compile and options not in compiled_for:
+            # compile outside the timing (once per process, precision and step)
+            sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=options)
+            compiled_for.add(options)
 
         def run():
             sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy, seed=args.seed,
-                        batch_size=batch, options=options, precision=precision, totals=totals)
+                        batch_size=batch, options=options, totals=totals)
             _sync(device)
         first = None
-        if options is not None and options.graph:
+        if options.graph:
             # the graph decoder captures its graphs in its first batch and keeps them for the next
             # (static_decode): the repeats time the kept decoder, the first call is recorded apart
             first = _median_time(run, 1)
@@ -220,13 +219,13 @@ def cmd_bench_generate(args) -> None:
         return out
 
     sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
-    for s, (precision, opt) in setups.items():
+    for s, opt in setups.items():
         for b in batches:
             n = args.n or (8 if b == 1 else b)
-            r = {"decode": s, "precision": precision, "compile": opt.compile, "graph": opt.graph,
+            r = {"decode": s, "precision": opt.precision, "compile": opt.compile, "graph": opt.graph,
                  "compact": opt.compact}
             try:
-                r.update(timed(n, b, options=opt, precision=precision))
+                r.update(timed(n, b, opt))
             except RuntimeError as err:  # one failing set-up must not lose the others
                 results.append({**r, "batch": b, "error": f"{type(err).__name__}: {err}"[:500]})
                 print(f"{s:18s} batch {b:5d}: failed: {results[-1]['error']}")
@@ -234,31 +233,31 @@ def cmd_bench_generate(args) -> None:
             results.append(r)
             report(complete=False)
             print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
-                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of {precision} peak"
+                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of {opt.precision} peak"
                   + (f"  (first call {r['n'] / r['first_call_seconds']:.2f} showers/s)" if r["first_call_seconds"] else ""))
     for e in (float(x) for x in args.energies.split(",") if x):
-        r = timed(args.energy_n, args.energy_n, energy=e, options=DecodeOptions(graph=False))  # fp32 eager defaults
+        r = timed(args.energy_n, args.energy_n, DecodeOptions(graph=False), energy=e)  # fp32 eager defaults
         energy_scan.append({"energy_GeV": e, "decode": "fp32", **r})
         print(f"{e:6.0f} GeV: {r['ms_per_shower']:8.2f} ms/shower ({r['mean_hits']:.0f} hits)")
 
     if args.ablation:
         n = args.ablation_n
-        # name -> (decoder options, precision, two-stage totals), the eager step; timed in this order,
-        # the defaults ("all on") first
+        # name -> (decoder options, two-stage totals), the eager step; timed in this order, the defaults
+        # ("all on") first
         eager = DecodeOptions(graph=False)
-        variants = {"all on": (eager, "fp32", None), "compact off": (replace(eager, compact=False), "fp32", None)}
+        variants = {"all on": (eager, None), "compact off": (replace(eager, compact=False), None)}
         if args.compile:
-            variants["all on + torch.compile"] = (replace(eager, compile=True), "fp32", None)
-        variants["all on + bf16 autocast"] = (eager, "bf16", None)
+            variants["all on + torch.compile"] = (replace(eager, compile=True), None)
+        variants["all on + bf16 autocast"] = (replace(eager, precision="bf16"), None)
         if args.compile:
-            variants["all on + bf16 + torch.compile"] = (replace(eager, compile=True), "bf16", None)
-        variants["two-stage (totals on)"] = (eager, "fp32", True)
+            variants["all on + bf16 + torch.compile"] = (replace(eager, precision="bf16", compile=True), None)
+        variants["two-stage (totals on)"] = (eager, True)
         ablation = []
         on = None
-        for name, (opt, precision, totals) in variants.items():
-            r = timed(n, n, options=opt, precision=precision, totals=totals)
+        for name, (opt, totals) in variants.items():
+            r = timed(n, n, opt, totals=totals)
             on = on or r["seconds"]
-            ablation.append({"variant": name, "options": vars(opt), "precision": precision, **r,
+            ablation.append({"variant": name, "options": vars(opt), "precision": opt.precision, **r,
                              "slowdown_vs_all_on": r["seconds"] / on})
             print(f"ablation {name:29s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f} time vs all on")
 

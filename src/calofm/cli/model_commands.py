@@ -141,9 +141,9 @@ def cmd_generate(args) -> None:
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
-                   batch_size=args.batch_size, precision=args.precision, output=args.output,
+                   batch_size=args.batch_size, output=args.output,
                    progress=not args.no_progress, totals=args.totals,
-                   options=DecodeOptions(compile=args.compile, graph=True if args.graph else None))
+                   options=DecodeOptions(args.precision, compile=args.compile, graph=True if args.graph else None))
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from calofm import __version__
 from calofm.checkpoint import load_model
@@ -24,7 +25,6 @@ from calofm.extension.adapters import apply_adapter
 from calofm.generation.decode import DecodeOptions, Decoder
 from calofm.generation.sampler import SamplingConfig, head_samplings
 from calofm.model import ShowerTransformer
-from calofm.model.precision import autocast
 from calofm.pretrained import DEFAULT_MODEL, resolve_adapter, resolve_model
 from calofm.simulation.runner import parse_energy, sample_energies
 from calofm.tokenizer import ShowerTokenizer, canonical_particle, incident_feature
@@ -63,17 +63,16 @@ class ShowerModel:
     def generate(self, n: int, material: str = "W", particle: str = "gamma", energy_GeV=(10.0, 100.0),
                  spectrum: str = "uniform", seed: int = 0, incident_MeV: np.ndarray | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p_voxel: float | None = None, min_p_energy: float | None = None,
-                 batch_size: int = 256,
-                 precision: str = "fp32", output: str | None = None, progress: bool = False,
-                 options: DecodeOptions | None = None, totals: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 min_p_voxel: float | None = None, min_p_energy: float | None = None, batch_size: int = 256,
+                 output: str | None = None, progress: bool = False, options: DecodeOptions | None = None,
+                 totals: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Generate n showers: (incident energies (n,) MeV, cell energies (n, n_voxels) MeV), float32.
 
         Incident energies are drawn like `calofm simulate` does (energy_GeV 'E' or (Emin, Emax),
         spectrum 'uniform' or 'log') unless given explicitly. Cell energies are decoded log-uniformly
         within their bins. With `output`, the showers are also written to that HDF5 file. `options`:
-        calofm.generation.decode.DecodeOptions (default: compaction on, no torch.compile, the static
-        CUDA-graph step on a CUDA device).
+        how to decode, calofm.generation.DecodeOptions (default: fp32, compaction, no torch.compile, the
+        static CUDA-graph step on a CUDA device).
         temperature, top_k, top_p apply to both heads; min_p_voxel / min_p_energy drop each head's
         tokens less probable than that fraction of its most probable one (None: sampler.DEFAULT_MIN_P,
         chosen by a fidelity study; 0 turns it off, the sampling of calofm before it). The output file
@@ -106,21 +105,16 @@ class ShowerModel:
             target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV, np.random.default_rng([seed, 2]))
             target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
         showers, n_capped, n_hits = [], 0, 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}",
-                       dynamic_ncols=True)
+        bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}", dynamic_ncols=True,
+                   disable=not progress)
         for lo in range(0, len(incident_MeV), batch_size):
             e = incident_MeV[lo:lo + batch_size]
             b = len(e)
-            with autocast(self.device, precision):
-                res = self.decoder.decode(
-                    torch.from_numpy(incident_feature(e)).to(self.device), torch.full((b,), mat_id, device=self.device),
-                    torch.full((b,), par_id, device=self.device), self.tokenizer.max_hits, self.tokenizer.voxel_block,
-                    self.tokenizer.energy_block, sampling, gen, options,
-                    torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None, energy_sampling)
+            res = self.decoder.decode(
+                torch.from_numpy(incident_feature(e)).to(self.device), torch.full((b,), mat_id, device=self.device),
+                torch.full((b,), par_id, device=self.device), self.tokenizer.max_hits, self.tokenizer.voxel_block,
+                self.tokenizer.energy_block, sampling, gen, options,
+                torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None, energy_sampling)
             batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
                                                  mode="uniform", rng=rng)
             if totals:
@@ -128,10 +122,8 @@ class ShowerModel:
             showers.append(batch)
             n_capped += int(res.capped.sum())
             n_hits += int(res.n_hits.sum())
-            if bar is not None:
-                bar.update(b)
-        if bar is not None:
-            bar.close()
+            bar.update(b)
+        bar.close()
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
                            "max_hits": self.tokenizer.max_hits,

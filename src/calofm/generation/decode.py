@@ -1,60 +1,44 @@
 """Batched autoregressive decoding: one step, run eagerly (CPU) or as a captured static step (CUDA).
 
-All showers of a batch advance together, one position per step; each stops at its own EOS (after
-which it is fed PAD and its outputs are ignored), and decoding ends when all have stopped or max_hits
-is reached (then EOS is forced and the shower counted as capped). A step (`_Run._voxel`, `_Run._advance`):
-    voxel  ~ p(v | past), with PAD/BOS, tokens outside the model's voxel block and the voxels the shower
-             already hit masked out (a voxel is hit at most once); with target_hits (two-stage totals)
-             EOS is masked before a shower's target and forced at it;
-    energy ~ p(e | v, past), restricted to the energy-bin block;
-    then the transformer runs the new position over the KV cache.
-The step's random numbers are one uniform per row and head (the sampler's inverse CDF), drawn for the
-whole original batch and read by the rows still in flight, so no shower's draws depend on which others
-are still running. Masking writes -inf from each shower's hit list (`_fill_entries`) and fills the
-few columns outside the blocks, instead of a dense (B, V) mask (a masked_fill over 1000 x 4503
-logits took 8 ms per step on the 2-core CPU, the fill from the hit lists well under 1 ms).
+All showers of a batch advance together, one position per step, each until its own EOS (then fed PAD,
+its outputs ignored) or max_hits (EOS forced, the shower counted as capped). A step (_Run._voxel, then
+_Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel block and the voxels
+the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms per step at batch 1000
+on the 2-core CPU, the fill from the hit lists well under 1 ms); with target_hits (two-stage totals)
+EOS is masked before a shower's target and forced at it. Then energy ~ p(e | v, past), restricted to
+the energy-bin block, and the transformer runs the new position over the KV cache. Each head draws one
+uniform per row of the original batch (the sampler's inverse CDF), read by the rows still in flight,
+so no shower's draws depend on which others are still running.
 
-Two ways to run the step (`DecodeOptions.graph`), with the same showers for a given seed (bit for bit
-in fp32 on CPU within one batch, tests/test_fast_decode.py):
-- eager (the default on CPU, and its fastest): a KV cache only as wide as the filled prefix (sliced,
-  see model.kv_cache), "all finished?" read after every voxel draw, and compaction: once
-  COMPACT_FRACTION of the rows in flight have finished (and COMPACT_MIN_ROWS would be left), they
-  leave the batch and the cache rows, so they stop costing compute. The MoE of a mixed-material batch
-  runs only the showers in flight (its routing plan is remade when one finishes);
-- static (the default on a CUDA device): every buffer is allocated once and the position is a device
-  tensor, so the whole step can be captured once as a CUDA graph and replayed with one launch per
-  position (gpt-fast's recipe: on a GPU the eager step is a few hundred small kernels, each cheaper to
-  run than to launch). "All finished?" is read every CHECK_EVERY steps (the extra steps feed finished
-  showers PAD and write nothing); compaction moves the running showers into buckets of the next power
-  of two (at least GRAPH_MIN_ROWS rows, one graph each; fillers write into a sink row); attention reads
-  the cache in windows of GRAPH_WINDOW slots covering the filled ones (one graph per window and
-  bucket). Its uniforms are drawn outside the graph, as the eager loop draws them, but also in the
-  steps after the last shower finished, so the generator's state after a batch (and with it the next
-  batch of a multi-batch generate()) differs. On CPU the same step runs eagerly, for the tests.
-
-`Decoder` (one per ShowerModel) keeps what is worth keeping between calls: the compiled functions,
-and the static run of the last one-material batch (its buffers, the caches of every bucket, the held
-vocabulary matrices and the graphs, which share one memory pool: about twice the full static cache of
-the batch). The next static call with the same material, sampling, options, precision, weights and
-mode (a parameter changed in place, or an adapter added, makes another run) and at most as many
-showers refills the buffers and replays the graphs; the spare rows of a smaller batch start finished.
-`Decoder.close()` releases all of it. Between calls the model holds no decoding state.
-
-With `compile`: eager, torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's
-chunk sums and, for a bf16 cache, of the attention over the cache (model.attention.attend_over_cache);
-static, of the whole step (the cache window an argument), whose graph then captures tens of fused
-kernels instead of a few hundred. It costs a compilation per process, precision and material (about
-a minute on the 2-core CPU; on the H100 each new row count of the static step compiled once more,
-10-20 s), and fused kernels round differently in the last bit: the showers are equally distributed,
-not bit-identical to the uncompiled ones.
-Precision: under bf16 autocast the KV cache is kept in bf16 (half the bytes per step) and the sampler
-reads the bf16 logits, accumulating in fp32.
+Two ways to run the step (DecodeOptions.graph), with the same showers for a seed (bit for bit in fp32
+on CPU within one batch, tests/test_fast_decode.py):
+- eager (the default on CPU, and its fastest): a KV cache as wide as the filled prefix (sliced, see
+  model.kv_cache), "all finished?" read at every step, and compaction: finished showers leave the batch
+  and the cache rows. A mixed-material batch runs the MoE on the showers in flight only;
+- static (the default on CUDA): every buffer allocated once and the position a device tensor, so the
+  step is captured once as a CUDA graph and replayed with one launch per position (gpt-fast's recipe:
+  on a GPU the eager step is a few hundred small kernels, each cheaper to run than to launch).
+  "All finished?" is read every CHECK_EVERY steps; compaction moves the running showers into buckets
+  of powers of two (one graph each; fillers write into a sink row); attention reads the cache in
+  windows of GRAPH_WINDOW slots (one graph per window and bucket). The uniforms are drawn outside the
+  graph, also in the steps after the last shower finished, so the generator's state after a batch
+  (the next batch of a multi-batch generate()) differs from eager. On CPU it runs eagerly, for tests.
+A Decoder (one per ShowerModel) keeps its compiled functions and the static run of the last
+one-material batch (buffers, caches of every bucket, held matrices, graphs: about twice the full static
+cache of that batch), reused by the next static batch with the same material, settings, precision and
+weights and at most as many showers (the spare rows start finished), until close(). Between calls the
+model holds no decoding state.
+`compile`: torch.compile (inductor, dynamic shapes) of the heads, the sampler's chunk sums and, for a
+bf16 cache, the attention over it (eager), or of the whole step (static). About a minute per process,
+precision and material on the 2-core CPU (on the H100 each new row count of the static step compiled
+once more, 10-20 s); fused kernels round differently in the last bit, so the showers are equally
+distributed, not bit-identical. Under bf16 autocast the KV cache is kept in bf16.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -62,35 +46,38 @@ from calofm.generation.sampler import SamplingConfig, chunk_sums, sample
 from calofm.model import ShowerTransformer
 from calofm.model.attention import attend_over_cache
 from calofm.model.moe import RoutingPlan, routing_plan
+from calofm.model.precision import autocast
 from calofm.model.sync import capture
 from calofm.tokenizer import EOS, PAD, Block
 
-# Eager: compact once this fraction of the rows in flight has finished (10 % and 5 % measured within
-# noise of 25 % on the 2-core CPU, docs/speed.md).
+# Eager: compact once this fraction of the rows in flight has finished (10 % and 5 %: within noise of
+# 25 % on the 2-core CPU).
 COMPACT_FRACTION = 0.25
-# Eager compaction never leaves fewer rows than this: the CPU sgemm kernels round a row differently
-# when given 1-3 rows than when given 4 or more (observed with this CPU's BLAS on one thread, for every
-# layer shape of calofm-small; GPU BLAS picks kernels by row count too, with no such floor known), so a
-# smaller compacted batch could flip a token against the uncompacted decode.
+# Eager compaction leaves at least this many rows: this CPU's sgemm rounds a row differently when given
+# 1-3 rows than 4 or more (every layer shape of calofm-small, one thread), so a smaller compacted batch
+# could flip a token against the uncompacted decode.
 COMPACT_MIN_ROWS = 4
-# Static: steps between reads of "all finished?". Each read is a host sync that drains the GPU's queue;
-# 8 costs at most 7 idle steps per batch (of ~180 for a 50 GeV shower) and a sync every 8 replays.
+# Static: steps between reads of "all finished?" (each a host sync that drains the GPU's queue): at
+# most 7 idle steps per batch, of ~180 for a 50 GeV shower.
 CHECK_EVERY = 8
-# Static: compaction buckets never hold fewer rows. Every new bucket costs a capture per cache window
-# (and with compile a compilation on the H100), while below a few dozen rows a GPU step costs the same
-# whatever the rows.
+# Static: compaction buckets never hold fewer rows: each new bucket costs a capture per window (and with
+# compile a compilation on the H100), while under a few dozen rows a GPU step costs the same.
 GRAPH_MIN_ROWS = 32
-# Static: attention reads the cache in windows of this many slots, one graph per window: 64 slots make
-# 6 graphs per bucket for calofm-small's 354 slots, and the mean read is about half the cache instead
-# of all of it (at batch 10 000 the bf16 cache is 7 GB, and reading all of it bounds the step). 0: all.
+# Static: attention reads the cache in windows of this many slots (0: all), one graph each: 6 graphs per
+# bucket for calofm-small's 354 slots, and about half the cache read on average (at batch 10 000 the
+# bf16 cache is 7 GB: reading all of it every step bounds the step).
 GRAPH_WINDOW = 64
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
+    precision: str = "fp32"  # "bf16": bf16 autocast (fp32: the caller's autocast, if any)
     compact: bool = True  # drop finished showers (eager), or move the running ones into smaller buckets (static)
     compile: bool = False  # torch.compile (see the module docstring); off by default: a compilation per process
     graph: bool | None = None  # the static step (a CUDA graph on a GPU); None: on a CUDA device
+
+    def __post_init__(self):
+        autocast(torch.device("cpu"), self.precision)  # refuses an unknown precision
 
 
 @dataclass
@@ -99,9 +86,6 @@ class DecodeResult:
     energy_tokens: torch.Tensor  # (B, max_hits)
     n_hits: torch.Tensor  # (B,)
     capped: torch.Tensor  # (B,) bool: reached max_hits without choosing EOS
-
-
-_ROW_TENSORS = ("h", "done", "hits", "orig", "incident", "material", "particle", "target")
 
 
 @dataclass
@@ -119,7 +103,7 @@ class _Rows:
     plan: RoutingPlan | None
 
     def tensors(self) -> list[torch.Tensor | None]:
-        return [getattr(self, name) for name in _ROW_TENSORS]
+        return [getattr(self, f.name) for f in fields(self) if f.name != "plan"]
 
     def select(self, keep: torch.Tensor) -> _Rows:
         """Eager compaction: rows `keep` only (the plan is remade by the loop where it must be)."""
@@ -138,13 +122,12 @@ class _Rows:
         dst.plan = self.plan if self.plan.one_material else routing_plan(dst.material)
 
 
-def _allowed(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tensor:
-    """(V,) True for the tokens sampling may choose."""
+def _off(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tensor:
+    """The token columns sampling may never choose (specials, other blocks; few for a one-block model)."""
     ok = torch.zeros(n_tokens, dtype=torch.bool, device=device)
     ok[block.offset:block.offset + block.size] = True
-    if with_eos:
-        ok[EOS] = True
-    return ok
+    ok[EOS] = with_eos
+    return (~ok).nonzero().squeeze(1)
 
 
 def _fill_entries(x: torch.Tensor, columns: torch.Tensor, value: float) -> None:
@@ -222,11 +205,16 @@ class Decoder:
         values above max_hits are capped. The random stream is the same with or without it."""
         opt = options or DecodeOptions()
         device = incident.device
+        with autocast(device, opt.precision):
+            return self._decode(incident, material, particle, max_hits, voxel_block, energy_block, sampling,
+                                generator, opt, target_hits, energy_sampling)
+
+    def _decode(self, incident, material, particle, max_hits, voxel_block, energy_block, sampling, generator, opt,
+                target_hits, energy_sampling) -> DecodeResult:
+        device = incident.device
         static = opt.graph if opt.graph is not None else device.type == "cuda"
-        # token columns sampling may never choose (specials, other blocks); few for a one-block model
-        voxel_off = (~_allowed(self.model.cfg.n_voxel_tokens, voxel_block, True, device)).nonzero().squeeze(1)
-        energy_off = (~_allowed(self.model.cfg.n_energy_tokens, energy_block, False, device)).nonzero().squeeze(1)
-        settings = dict(max_hits=max_hits, voxel_off=voxel_off, energy_off=energy_off, sampling=sampling,
+        settings = dict(max_hits=max_hits, voxel_off=_off(self.model.cfg.n_voxel_tokens, voxel_block, True, device),
+                        energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device), sampling=sampling,
                         energy_sampling=energy_sampling or sampling, opt=opt, static=static,
                         targeted=target_hits is not None, cache_dtype=_cache_dtype(device))
         target = None if target_hits is None else target_hits.to(device=device, dtype=torch.long)
