@@ -205,31 +205,22 @@ class Decoder:
         values above max_hits are capped. The random stream is the same with or without it."""
         opt = options or DecodeOptions()
         device = incident.device
-        with autocast(device, opt.precision):
-            return self._decode(incident, material, particle, max_hits, voxel_block, energy_block, sampling,
-                                generator, opt, target_hits, energy_sampling)
-
-    def _decode(self, incident, material, particle, max_hits, voxel_block, energy_block, sampling, generator, opt,
-                target_hits, energy_sampling) -> DecodeResult:
-        device = incident.device
         static = opt.graph if opt.graph is not None else device.type == "cuda"
-        settings = dict(max_hits=max_hits, voxel_off=_off(self.model.cfg.n_voxel_tokens, voxel_block, True, device),
-                        energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device), sampling=sampling,
-                        energy_sampling=energy_sampling or sampling, opt=opt, static=static,
-                        targeted=target_hits is not None, cache_dtype=_cache_dtype(device))
         target = None if target_hits is None else target_hits.to(device=device, dtype=torch.long)
-        try:
-            if not static:
-                return _Run(self, len(incident), **settings).eager(incident, material, particle, target, generator)
-            run = self._static_run(incident, material, settings)
+        with autocast(device, opt.precision):
+            settings = dict(max_hits=max_hits, voxel_off=_off(self.model.cfg.n_voxel_tokens, voxel_block, True, device),
+                            energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device),
+                            sampling=sampling, energy_sampling=energy_sampling or sampling, opt=opt, static=static,
+                            targeted=target is not None, cache_dtype=_cache_dtype(device))
+            run = self._static_run(incident, material, settings) if static else _Run(self, len(incident), **settings)
             try:
-                return run.static(incident, material, particle, target, generator)
+                return (run.static if static else run.eager)(incident, material, particle, target, generator)
             except BaseException:
                 if self.kept is run:  # whatever failed (a capture, memory) must not be kept
                     self.kept = None
                 raise
-        finally:
-            self.model.install_cache(None)
+            finally:
+                self.model.install_cache(None)  # the model holds nothing between decodes
 
     def _static_run(self, incident: torch.Tensor, material: torch.Tensor, settings: dict) -> _Run:
         """The kept run if what its graphs bake in (settings; device and precision; the model's weights and
@@ -246,12 +237,11 @@ class Decoder:
         kept = self.kept
         if kept is not None and one_material and kept.key == key and len(material) <= kept.B0:
             return kept
-        if one_material:
-            self.kept = None  # free the old run's buffers and graphs before allocating new ones
-        run = _Run(self, len(incident), key=key, **settings)
-        if one_material:
-            self.kept = run
-        return run
+        if not one_material:
+            return _Run(self, len(incident), key=key, **settings)
+        self.kept = None  # free the old run's buffers and graphs before allocating new ones
+        self.kept = _Run(self, len(incident), key=key, **settings)
+        return self.kept
 
 
 class _Run:
@@ -326,21 +316,25 @@ class _Run:
         out_v, out_e = self.out_voxel[:B].clone(), self.out_energy[:B].clone()  # the buffers are the next batch's
         return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), self.capped[:B].clone())
 
-    def _start(self, rows: _Rows) -> None:
-        """Clear the outputs; `rows` become the rows in flight, routed by one plan over all of them."""
+    def _start(self, incident, material, particle, target, hits_width: int) -> _Rows:
+        """Clear the outputs -> the rows of a batch of B <= B0 showers, padded to B0 rows with finished
+        copies of the first that write into the sink row; h is left for the prefill."""
         self.out_voxel.fill_(PAD)
         self.out_energy.fill_(PAD)
         self.capped.zero_()
+        B, B0, device = len(incident), self.B0, incident.device
+        pad = lambda x: None if x is None else torch.cat([x, x[:1].expand(B0 - B)])  # noqa: E731
+        orig = torch.arange(B0, device=device).masked_fill_(torch.arange(B0, device=device) >= B, B0)
+        rows = _Rows(torch.zeros(B0, self.model.cfg.d_model, device=device), orig == B0,
+                     torch.full((B0, hits_width), PAD, dtype=torch.long, device=device), orig, pad(incident),
+                     pad(material), pad(particle), pad(target), None)
         rows.plan = routing_plan(rows.material)
-        self.rows = rows
+        return rows
 
     # --- eager -----------------------------------------------------------------------------------
     def eager(self, incident, material, particle, target, generator) -> DecodeResult:
-        model, B0, device = self.model, self.B0, incident.device
-        long = dict(dtype=torch.long, device=device)
-        rows = _Rows(None, torch.zeros(B0, dtype=torch.bool, device=device), torch.full((B0, self.max_hits), PAD, **long),
-                     torch.arange(B0, device=device), incident, material, particle, target, None)
-        self._start(rows)
+        model, B0 = self.model, self.B0
+        rows = self.rows = self._start(incident, material, particle, target, self.max_hits)
         attend = self.decoder.compiled("attend") if self.opt.compile else None
         model.setup_cache(B0, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=True, attend=attend)
         rows.h = model.prefill(incident, material, particle, rows.plan)
@@ -444,34 +438,23 @@ class _Run:
     def static(self, incident, material, particle, target, generator) -> DecodeResult:
         """A batch of B <= B0 rows through the static step."""
         model, device, B0, B = self.model, incident.device, self.B0, incident.shape[0]
+        # hits wider than any window: a compiled step then reads a strict prefix at every window (one at
+        # the buffer's width recompiled)
+        new = self._start(incident, material, particle, target, self.max_hits + 3)
         if self.state is None:  # the first call: the model's caches and held matrices, the top bucket
             # one slot more than a window ever reads, where the model has room: then every window is a
             # strided view of the buffer, none the whole (contiguous) buffer, which a compiled step would
             # treat apart (a recompilation at the last window)
             self.state = model.setup_cache(B0, max_len=min(self.max_hits + 3, model.cfg.max_seq_len),
                                            dtype=self.cache_dtype, sliced=False)
-            long = dict(dtype=torch.long, device=device)
-            self.buckets[B0] = (_Rows(torch.empty(B0, model.cfg.d_model, device=device),
-                                      torch.empty(B0, dtype=torch.bool, device=device),
-                                      # wider than any window: a compiled step then reads a strict
-                                      # prefix at every window (one at the buffer's width recompiled)
-                                      torch.empty((B0, self.max_hits + 3), **long), torch.empty(B0, **long),
-                                      torch.empty(B0, dtype=incident.dtype, device=device), torch.empty(B0, **long),
-                                      torch.empty(B0, **long), torch.empty(B0, **long) if self.targeted else None,
-                                      None), [(c.k, c.v) for c in self._caches()])
+            self.buckets[B0] = (new.empty_like(B0), [(c.k, c.v) for c in self._caches()])
         model.install_cache(self.state)
         self._use(B0)
         r = self.rows
-        for buf, value in ((r.incident, incident), (r.material, material), (r.particle, particle), (r.target, target)):
+        for buf, value in zip(r.tensors(), new.tensors()):
             if buf is not None:
-                buf[:B].copy_(value)
-                buf[B:].copy_(value[:1].expand(B0 - B))  # spare rows: copies of the first, finished from the start
-        r.done.zero_()
-        r.done[B:] = True
-        r.hits.fill_(PAD)
-        torch.arange(B0, device=device, out=r.orig)
-        r.orig[B:] = B0  # the spare rows write into the sink row
-        self._start(r)
+                buf.copy_(value)
+        r.plan = new.plan
         for cache in self._caches():
             cache.window = self._window(None)
         r.h.copy_(model.prefill(r.incident, r.material, r.particle, r.plan))
