@@ -186,7 +186,7 @@ def cmd_bench_generate(args) -> None:
         first = None
         if options.graph:
             # the graph decoder captures its graphs in its first batch and keeps them for the next
-            # (static_decode): the repeats time the kept decoder, the first call is recorded apart
+            # (generation.decode): the repeats time the kept run, the first call is recorded apart
             first = _median_time(run, 1)
         dt = _median_time(run, args.repeats)
         stats = sm.last_stats

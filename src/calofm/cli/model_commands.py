@@ -41,7 +41,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate showers with a trained model")
-    p.add_argument("--model", required=True, help="model directory (written by calofm train)")
+    p.add_argument("--model", required=True, help="shipped model name (calofm-small) or model directory")
     p.add_argument("--material", default="W")
     p.add_argument("--particle", default="gamma")
     p.add_argument("--n", type=int, default=1000, help="number of showers")
