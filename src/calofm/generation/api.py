@@ -75,7 +75,7 @@ class ShowerModel:
         static CUDA-graph step on a CUDA device).
         temperature, top_k, top_p apply to both heads; min_p_voxel / min_p_energy drop each head's
         tokens less probable than that fraction of its most probable one (None: sampler.DEFAULT_MIN_P,
-        chosen by a fidelity study; 0 turns it off, the sampling of calofm before it). The output file
+        chosen by a fidelity study; 0 turns it off). The output file
         records the voxel head's settings as `sampling`, the energy head's as `energy_sampling`.
         `totals`: two-stage generation (calofm.tokenizer.totals) - draw each shower's hit count and
         visible energy first, hold the decoder to that count and rescale the hits to that energy.
@@ -126,8 +126,7 @@ class ShowerModel:
         bar.close()
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
-                           "max_hits": self.tokenizer.max_hits,
-                           "totals": bool(totals)}
+                           "max_hits": self.tokenizer.max_hits, "totals": bool(totals)}
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling, energy_sampling)
         return incident_MeV, showers
