@@ -253,7 +253,7 @@ class _Run:
                  targeted: bool, cache_dtype: torch.dtype | None, key: tuple = ()):
         self.decoder, self.model, self.B0, self.max_hits = decoder, decoder.model, B0, max_hits
         self.voxel_off, self.energy_off, self.sampling, self.energy_sampling = voxel_off, energy_off, sampling, energy_sampling
-        self.opt, self.targeted, self.cache_dtype, self.key = opt, targeted, cache_dtype, key
+        self.opt, self.cache_dtype, self.key = opt, cache_dtype, key  # targeted: in the key (buffers hold targets)
         device = voxel_off.device
         # the heads and the sampler's chunk sums; compiled one by one only in the eager loop (the static
         # step compiles as a whole)
