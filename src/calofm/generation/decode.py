@@ -176,11 +176,13 @@ class Decoder:
         self._compiled: dict[str, object] = {}
 
     def close(self) -> None:
-        """Release the kept static run (buffers, caches of every bucket, held matrices, graphs) and the
-        compiled functions; the next decode starts afresh."""
+        """Release the kept static run (buffers, caches of every bucket, held matrices, graphs and their
+        memory pool) and the compiled functions; the next decode starts afresh."""
         self.kept = None
         self._compiled.clear()
         self.model.install_cache(None)
+        if self.model.ln_f.weight.is_cuda:
+            torch.cuda.empty_cache()  # the freed memory back to the device, not only to torch's allocator
 
     def compiled(self, name: str):
         """torch.compile (dynamic shapes: the batch shrinks on compaction) of one of the decode's
