@@ -18,8 +18,9 @@ import time
 from calofm.data.showers import inspect_file
 from calofm.evaluate.compare import Options
 from calofm.evaluate.report import evaluate_files
-from calofm.extension.adapters import closest_material, load_with_adapters
+from calofm.extension.adapters import closest_material
 from calofm.extension.train import extend
+from calofm.generation import load
 from provenance import provenance
 
 KEYS = ("classifier_auc_low", "classifier_auc_high", "fpd", "kpd")
@@ -33,7 +34,7 @@ def evaluate(reference: str, generated: str, outdir: str, seed: int) -> dict:
 
 def generate(model_dir: str, adapters: list[str], material: str, particle: str, n: int, path: str, seed: int,
              no_min_p: bool = False) -> float:
-    sm = load_with_adapters(model_dir, adapters)
+    sm = load(model_dir, adapters)
     t = time.perf_counter()
     cut = 0.0 if no_min_p else None  # None: generate's default min-p
     sm.generate(n, material=material, particle=particle, energy_GeV=(10, 100), seed=seed, output=path,
@@ -101,12 +102,12 @@ def main() -> None:
         rows.append(upper_row(args, material, particle))
         result["rows"], result["upper"] = rows, args.upper
         result.update(provenance())
-        result.setdefault("base_sha256", load_with_adapters(args.base).manifest["weights"]["sha256"])
+        result.setdefault("base_sha256", load(args.base).manifest["weights"]["sha256"])
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
         write_table(rows, args.json)
         return
-    base = load_with_adapters(args.base, args.adapter)
+    base = load(args.base, args.adapter)
     rows = []
 
     # lower reference: zero-shot with what the base already has

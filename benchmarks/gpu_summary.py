@@ -55,7 +55,7 @@ def main() -> None:
            for k, v in metrics.items()}
     diff = {k: {"auc_low": v["auc_low"], "auc_high": v["auc_high"]} for k, v in load(args.diffusion_auc)["rows"].items()
             if k.startswith("diffusion")}
-    out = {**provenance(bench["device"]), "torch": bench["torch"], "bf16_matmul_peak_flops": bench["bf16_matmul_peak_flops"],
+    out = {**provenance(bench["device"]), "torch": bench["torch"], "matmul_peak_flops": bench["matmul_peak_flops"],
            "model": bench["model"], "model_params": bench["model_params"],
            "showers_per_s": speeds,
            "flops_fraction": {r["decode"] + f" @ {r['batch']}": round(r["flops_fraction"], 5) for r in rows},

@@ -1,11 +1,11 @@
-"""GPU check of the CUDA-graph decoder (generation/static_decode.py) against the eager one, same seed.
+"""GPU check of the static CUDA-graph step (generation/decode.py) against the eager one, same seed.
 
-On CPU, tests/test_fast_decode.py shows the static step gives the plain decoder's showers bit for bit;
+On CPU, tests/test_fast_decode.py shows the static step gives the eager step's showers bit for bit;
 this script asks the same on a GPU, where the step is captured and replayed: the fraction of showers
 whose tokens are identical (cuBLAS may pick other kernels for other row counts, so a few may differ in
 the last bit and then diverge), the mean hit counts of both, and one decode's time each. The same for
 the compiled step (graph + compile), and for each a second call, which must replay the graphs the
-first captured (captures_second = 0) and give the same showers again.
+first captured and the decoder kept (captures_second = 0) and give the same showers again.
 
     python benchmarks/graph_check.py --device cuda --json graph_check.json
 """
@@ -16,15 +16,15 @@ import argparse
 import json
 import time
 import traceback
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 import calofm
 from calofm.checkpoint import atomic_write_text
-from calofm.generation.decode import DecodeOptions, decode
+from calofm.generation.decode import DecodeOptions
 from calofm.generation.sampler import head_samplings
-from calofm.model.precision import autocast
 from calofm.tokenizer import incident_feature
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--setups", default="graph,graph_compile", help="comma-separated, of graph and graph_compile")
     args = ap.parse_args()
     sm = calofm.load("calofm-small", device=args.device)
-    net, tok, dev = sm.model, sm.tokenizer, sm.device
+    tok, dev = sm.tokenizer, sm.device
     B = args.batch
     inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32))).to(dev)
     mat = torch.full((B,), tok.material_id("W"), device=dev)
@@ -48,14 +48,13 @@ def main() -> None:
     voxel_sampling, energy_sampling = head_samplings()  # generate()'s defaults
 
     def run(opt, precision):
-        with autocast(dev, precision):
-            t0 = time.perf_counter()
-            res = decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block,
-                         voxel_sampling, torch.Generator(device=dev).manual_seed(5), opt,
-                         energy_sampling=energy_sampling)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return res, time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = sm.decoder.decode(inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block, voxel_sampling,
+                                torch.Generator(device=dev).manual_seed(5), replace(opt, precision=precision),
+                                energy_sampling=energy_sampling)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return res, time.perf_counter() - t0
 
     def compare(res, ref) -> dict:
         same = (res.voxel_tokens == ref.voxel_tokens).all(1) & (res.energy_tokens == ref.energy_tokens).all(1)
@@ -71,26 +70,29 @@ def main() -> None:
     # the plain graph step for both precisions first, then the compiled one (its compilation is the
     # slow part): a time limit hit while compiling keeps the first results, written after each step
     setups = {"graph": DecodeOptions(graph=True), "graph_compile": DecodeOptions(graph=True, compile=True)}
+    eager = DecodeOptions(graph=False)
     for name in args.setups.split(","):
         opt = setups[name]
         for precision in args.precisions.split(","):
             row = out.setdefault(precision, {})
             try:
                 if precision not in refs:
-                    run(DecodeOptions(), precision)  # warm-up
-                    refs[precision], row["seconds_eager"] = run(DecodeOptions(), precision)
+                    run(eager, precision)  # warm-up
+                    refs[precision], row["seconds_eager"] = run(eager, precision)
                     row["mean_hits_eager"] = float(refs[precision].n_hits.float().mean())
-                # the first call captures (and compiles); the second replays the decoder kept on the model
+                # the first call captures (and compiles); the second replays the run the decoder kept
                 _, row[f"seconds_{name}_first"] = run(opt, precision)
-                captures = net.static_decoder.captures
+                kept = sm.decoder.kept
+                captures = kept.captures
                 res, row[f"seconds_{name}"] = run(opt, precision)
                 row[name] = {**compare(res, refs[precision]), "captures_first": captures,
-                             "captures_second": net.static_decoder.captures - captures}
+                             "captures_second": kept.captures - captures, "kept": sm.decoder.kept is kept}
             except Exception as err:  # report and go on: the other set-ups may still work
                 traceback.print_exc()
                 row[f"error_{name}"] = f"{type(err).__name__}: {err}"
             print(precision, name, row, flush=True)
             write()
+    sm.close()  # the kept run's caches and graphs
 
 
 if __name__ == "__main__":

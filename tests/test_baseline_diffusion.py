@@ -119,13 +119,20 @@ def test_bench_generate_command_writes_the_promised_keys(tiny_run, tmp_path):
     assert [(r["decode"], r["batch"]) for r in res["results"]] == [("fp32", 1), ("fp32", 3), ("bf16+graph", 1),
                                                                    ("bf16+graph", 3)]
     assert [r["graph"] for r in res["results"]] == [False, False, True, True]
+    # each row's FLOP/s against the matmul peak of its own precision (fp32 decode, bf16+graph, the bf16
+    # baseline), so no row's fraction depends on how fast this CPU runs bf16
+    assert set(res["matmul_peak_flops"]) == {"fp32", "bf16"} and min(res["matmul_peak_flops"].values()) > 0
     for r in res["results"] + res["baseline"]:
         assert {"batch", "showers_per_s", "ms_per_shower", "tokens_per_s", "flops_fraction"} <= set(r)
-        assert r["showers_per_s"] > 0 and 0 < r["flops_fraction"] < 1
+        assert r["showers_per_s"] > 0 and r["flops_per_s"] > 0
+        assert r["flops_fraction"] == pytest.approx(r["flops_per_s"] / res["matmul_peak_flops"][r["precision"]])
+        if r["precision"] == "fp32":  # a small model's decode is far from fp32 matmul speed
+            assert r["flops_fraction"] < 1
     # --baseline-graph: each point eager and replayed (on CPU the replay runs eagerly)
     assert [(r["batch"], r["steps"], r["graph"]) for r in res["baseline"]] == [(2, 3, False), (2, 3, True),
                                                                              (2, 2, False), (2, 2, True)]
-    assert {a["variant"] for a in res["ablation"]} >= {"all on", "all off", "two-stage (totals on)"}
+    assert {a["variant"] for a in res["ablation"]} == {"all on", "compact off", "all on + bf16 autocast",
+                                                      "two-stage (totals on)"}
     assert res["complete"] and not (tmp_path / "bench.json.tmp").exists()
     # graph set-ups time their first call (captures) apart from the repeats
     assert all((r["first_call_seconds"] is not None) == r["graph"] for r in res["results"])
@@ -168,7 +175,7 @@ def test_bench_refuses_an_unknown_decode_setup(tmp_path, setup):
 def test_bench_decode_setups_name_precision_then_switches():
     from calofm.cli.bench_commands import parse_setup
 
-    precision, opt = parse_setup("bf16+graph+nocompact")
-    assert precision == "bf16" and opt.graph and not opt.compact and not opt.compile
-    precision, opt = parse_setup("fp32+compile")
-    assert precision == "fp32" and opt.compile and not opt.graph and opt.compact
+    opt = parse_setup("bf16+graph+nocompact")
+    assert opt.precision == "bf16" and opt.graph and not opt.compact and not opt.compile
+    opt = parse_setup("fp32+compile")
+    assert opt.precision == "fp32" and opt.compile and opt.graph is False and opt.compact

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from calofm.errors import CalofmError
-from calofm.extension import closest_material, load_with_adapters
+from calofm.extension import closest_material
+from calofm.generation import load
 from calofm.extension.train import extend
 from calofm.training import TrainConfig, train
 from calofm.training.data import load_corpus
@@ -65,13 +66,13 @@ def logits_on(shower_model, files):
 @pytest.mark.parametrize("adapters", [["pb"], ["em"], ["pb", "pb_em"], ["pb", "em"]])
 def test_known_showers_are_bit_identical_after_extension(setup, adapters):
     known = [setup["files"]["W", "gamma"], setup["files"]["Cu", "gamma"]]
-    before = logits_on(load_with_adapters(setup["base"]), known)
-    after = logits_on(load_with_adapters(setup["base"], [setup[a] for a in adapters]), known)
+    before = logits_on(load(setup["base"]), known)
+    after = logits_on(load(setup["base"], [setup[a] for a in adapters]), known)
     for b, a in zip(before, after):
         assert torch.equal(b, a)
     if adapters == ["pb", "pb_em"]:  # and the Pb photons are untouched by the e- adapter trained on top
-        pb_before = logits_on(load_with_adapters(setup["base"], [setup["pb"]]), [setup["files"]["Pb", "gamma"]])
-        pb_after = logits_on(load_with_adapters(setup["base"], [setup["pb"], setup["pb_em"]]),
+        pb_before = logits_on(load(setup["base"], [setup["pb"]]), [setup["files"]["Pb", "gamma"]])
+        pb_after = logits_on(load(setup["base"], [setup["pb"], setup["pb_em"]]),
                              [setup["files"]["Pb", "gamma"]])
         for b, a in zip(pb_before, pb_after):
             assert torch.equal(b, a)
@@ -81,18 +82,18 @@ def test_known_showers_are_bit_identical_after_extension(setup, adapters):
 def test_generation_with_the_same_seed_is_identical(setup, tmp_path):
     outputs = []
     for adapters in ([], [setup["pb"], setup["pb_em"]]):
-        sm = load_with_adapters(setup["base"], adapters)
+        sm = load(setup["base"], adapters)
         for material in ("W", "Cu"):
             outputs.append(sm.generate(6, material=material, particle="gamma", seed=5)[1])
     assert np.array_equal(outputs[0], outputs[2]) and np.array_equal(outputs[1], outputs[3])
 
 
 def test_extended_model_generates_new_material_and_particle(setup):
-    sm = load_with_adapters(setup["base"], [setup["pb"], setup["pb_em"]])
+    sm = load(setup["base"], [setup["pb"], setup["pb_em"]])
     assert sm.materials == ["W", "Cu", "Pb"] and sm.particles == ["gamma", "e-"]
     # each adapter brings the hit-count / E_vis laws of its new classes, fitted on its own data
     assert {"Pb/gamma", "Pb/e-"} <= set(sm.tokenizer.totals.keys())
-    assert "Pb/gamma" not in load_with_adapters(setup["base"]).tokenizer.totals
+    assert "Pb/gamma" not in load(setup["base"]).tokenizer.totals
     for material, particle in (("Pb", "gamma"), ("Pb", "e-"), ("W", "e-")):
         incident, showers = sm.generate(4, material=material, particle=particle, seed=1)
         assert showers.shape == (4, sm.geometry.n_voxels) and np.all(showers >= 0)
@@ -125,14 +126,14 @@ def test_bad_extensions_are_refused_and_leave_the_base_untouched(setup, tmp_path
     with pytest.raises(CalofmError, match="differs from the model"):
         extend("material", base, [ild], str(tmp_path / "y"), **kw)
     with pytest.raises(CalofmError, match="requires|trained on top"):
-        load_with_adapters(base, [setup["pb_em"]])  # needs the Pb adapter first
+        load(base, [setup["pb_em"]])  # needs the Pb adapter first
     # an adapter for another base model
     other = str(tmp_path / "other")
     train(TrainConfig(data=(f["W", "gamma"],), out=other, preset="tiny", steps=2, batch_size=4, warmup=1,
                       eval_every=2, ckpt_every=2, log_every=2, max_val=2, device="cpu"),
           threads=1, progress=False, log=quiet)
     with pytest.raises(CalofmError, match="another base model"):
-        load_with_adapters(other, [setup["em"]])
+        load(other, [setup["em"]])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert dir_digest(base) == setup["base_digest"]
 

@@ -1,38 +1,51 @@
-"""Fast decoding: the speed switches (sliced attention, compaction, fused QKV) never change a shower,
-for a given seed, sampler and MoE routing; both samplers draw from the right distribution."""
+"""Fast decoding: the ways to run the decode step (eager with its sliced cache and compaction, or the
+static step of a CUDA graph, with every tuning constant) never change a shower for a given seed; the
+sampler draws from the right distribution."""
+
+import importlib
 
 import numpy as np
 import pytest
 import torch
 
 import calofm
-from calofm.generation.decode import DecodeOptions, decode
+from calofm.errors import CalofmError
+from calofm.generation.decode import DecodeOptions, Decoder, decode
 from calofm.generation.sampler import SamplingConfig, sample
-from calofm.model.precision import autocast
 from calofm.tokenizer import incident_feature
 
+decode_module = importlib.import_module("calofm.generation.decode")  # the package exports a function of that name
 
 @pytest.fixture(scope="module")
 def small():
     return calofm.load("calofm-small", adapters=["Pb", "e-"])
 
 
-SWITCHES = [dict(), dict(sliced_attention=False), dict(compact=False), dict(fused_qkv=False),
-            dict(compact_fraction=1.0), dict(compact_fraction=0.05)]
-# the static-shape step of static_decode (a CUDA graph on GPU, eager here): buckets down to 4 rows,
-# no compaction with the whole cache read, a host check every step with 16-slot windows
-GRAPH_SWITCHES = [dict(graph=True, graph_min_rows=4), dict(graph=True, compact=False, graph_window=0),
-                  dict(graph=True, check_every=1, graph_min_rows=4, graph_window=16, fused_qkv=False)]
+def constants(monkeypatch, **values):
+    """Set the decoder's tuning constants (COMPACT_FRACTION, GRAPH_MIN_ROWS, ...) for one test."""
+    for name, value in values.items():
+        assert hasattr(decode_module, name)
+        monkeypatch.setattr(decode_module, name, value)
+
+
+PLAIN = DecodeOptions(compact=False, graph=False)  # the reference: eager, every row to the end
+# (options, tuning constants): eager with compaction at three fractions; the static step (a CUDA graph
+# on GPU, eager here, over an unsliced cache) with buckets down to 4 rows, without compaction and with
+# the whole cache read, and with a host check every step and 16-slot windows
+WAYS = [(DecodeOptions(), {}), (DecodeOptions(), dict(COMPACT_FRACTION=1.0)), (DecodeOptions(), dict(COMPACT_FRACTION=0.05)),
+        (DecodeOptions(graph=True), dict(GRAPH_MIN_ROWS=4)),
+        (DecodeOptions(graph=True, compact=False), dict(GRAPH_WINDOW=0)),
+        (DecodeOptions(graph=True), dict(CHECK_EVERY=1, GRAPH_MIN_ROWS=4, GRAPH_WINDOW=16))]
 
 
 MIN_P = (SamplingConfig(min_p=3e-3), SamplingConfig(min_p=1e-2))  # (voxel, energy)
 
 
-@pytest.mark.parametrize("sampler,mats,min_p", [("cdf", ["W", "Cu", "Pb", "Ta"], None),
-                                                ("exp", ["W", "Cu", "Pb", "Ta"], None),
-                                                ("cdf", ["Pb"], None),  # one material: the MoE plan keeps finished rows
-                                                ("cdf", ["W", "Pb"], MIN_P)])
-def test_switches_give_identical_tokens(small, sampler, mats, min_p):
+@pytest.mark.parametrize("mats,min_p", [(["W", "Cu", "Pb", "Ta"], None),
+                                        # one material: the MoE plan keeps finished rows
+                                        pytest.param(["Pb"], None, marks=pytest.mark.slow),
+                                        pytest.param(["W", "Pb"], MIN_P, marks=pytest.mark.slow)])
+def test_ways_to_run_the_step_give_identical_tokens(small, monkeypatch, mats, min_p):
     torch.set_num_threads(1)
     net, tok = small.model, small.tokenizer
     B = 12
@@ -46,18 +59,20 @@ def test_switches_give_identical_tokens(small, sampler, mats, min_p):
         return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block, voxel_sampling,
                       generator=torch.Generator().manual_seed(7), options=opt, energy_sampling=energy_sampling)
 
-    ref = run(DecodeOptions(sampler=sampler).plain())
+    ref = run(PLAIN)
     assert len(set(ref.n_hits.tolist())) > 1  # showers finish at different steps: compaction happens
-    for sw in SWITCHES + (GRAPH_SWITCHES if sampler == "cdf" else []):
-        res = run(DecodeOptions(sampler=sampler, **sw))
-        assert torch.equal(res.voxel_tokens, ref.voxel_tokens), sw
-        assert torch.equal(res.energy_tokens, ref.energy_tokens), sw
-        assert torch.equal(res.capped, ref.capped) and torch.equal(res.n_hits, ref.n_hits), sw
+    for opt, values in WAYS:
+        with monkeypatch.context() as m:
+            constants(m, **values)
+            res = run(opt)
+        assert torch.equal(res.voxel_tokens, ref.voxel_tokens), (opt, values)
+        assert torch.equal(res.energy_tokens, ref.energy_tokens), (opt, values)
+        assert torch.equal(res.capped, ref.capped) and torch.equal(res.n_hits, ref.n_hits), (opt, values)
     # a length cap with compaction: capped showers are reported at their original rows
-    opts = [DecodeOptions(sampler=sampler).plain(), DecodeOptions(sampler=sampler)]
-    opts += [DecodeOptions(graph=True, graph_min_rows=4, check_every=3)] if sampler == "cdf" else []
+    constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=3)
     capped = [decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block,
-                     generator=torch.Generator().manual_seed(7), options=o) for o in opts]
+                     generator=torch.Generator().manual_seed(7), options=o)
+              for o in (PLAIN, DecodeOptions(), DecodeOptions(graph=True))]
     assert capped[0].capped.any()
     for other in capped[1:]:
         assert torch.equal(capped[0].voxel_tokens, other.voxel_tokens)
@@ -65,13 +80,11 @@ def test_switches_give_identical_tokens(small, sampler, mats, min_p):
 
 
 def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
-    """The static decoder moves the running showers into ever smaller buckets (powers of two, not
-    below graph_min_rows), copying their cache rows; the showers stay those of the plain decoder."""
-    from calofm.generation.static_decode import StaticDecoder
-
+    """The static step moves the running showers into ever smaller buckets (powers of two, not below
+    GRAPH_MIN_ROWS), copying their cache rows; the showers stay those of the plain decoder."""
     net, tok = small.model, small.tokenizer
     sizes = []
-    compact = StaticDecoder._compact
+    compact = decode_module._Run._compact
 
     def spy(self, n_live):
         before = len(self.rows.done)
@@ -79,7 +92,8 @@ def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
         if len(self.rows.done) != before:
             sizes.append((n_live, len(self.rows.done), self.model.blocks[0].attn.kv_cache.k.shape[0]))
 
-    monkeypatch.setattr(StaticDecoder, "_compact", spy)
+    monkeypatch.setattr(decode_module._Run, "_compact", spy)
+    constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=4)
     B = 40
     inc = torch.from_numpy(incident_feature(np.geomspace(1e3, 1e5, B).astype(np.float32)))  # 1-100 GeV: lengths spread
     mat, par = torch.full((B,), tok.material_id("Ta")), torch.full((B,), tok.particle_id("gamma"))
@@ -88,144 +102,161 @@ def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
         return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block,
                       generator=torch.Generator().manual_seed(11), options=opt)
 
-    res = run(DecodeOptions(graph=True, graph_min_rows=4, check_every=4))
+    res = run(DecodeOptions(graph=True))
     assert len(sizes) >= 2, sizes
     for n_live, rows, cache_rows in sizes:
         assert cache_rows == rows and rows >= max(4, n_live) and rows & (rows - 1) == 0 and rows < 2 * max(n_live, 4)
     assert [b for _, b, _ in sizes] == sorted({b for _, b, _ in sizes}, reverse=True)  # shrinking only
-    ref = run(DecodeOptions().plain())
+    ref = run(PLAIN)
     assert torch.equal(res.voxel_tokens, ref.voxel_tokens) and torch.equal(res.energy_tokens, ref.energy_tokens)
 
 
-def test_graph_decoder_is_kept_for_the_next_batch(small):
-    """A one-material batch leaves its decoder (buffers, the caches of every bucket; on a GPU the graphs)
-    on the model. The next batch of that size or smaller (a last, partial batch: its spare rows start
-    finished) refills it and still gets the plain decoder's showers; changed weights make a new
-    decoder, a mixed-material batch one that is not kept."""
-    from calofm.generation.static_decode import release
-
+def test_static_run_is_kept_for_the_next_batch_until_close(small, monkeypatch):
+    """A one-material batch leaves its static run (buffers, the caches of every bucket; on a GPU the
+    graphs) in the decoder, not on the model. The next batch of that size or smaller (a last, partial
+    batch: its spare rows start finished) refills it and still gets the plain decoder's showers;
+    changed weights make a new run, a mixed-material batch one that is not kept; close() drops it."""
     net, tok = small.model, small.tokenizer
+    constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=4)
+    decoder = Decoder(net)
     B = 16
     par = torch.full((B,), tok.particle_id("gamma"))
-    opt = DecodeOptions(graph=True, graph_min_rows=4, check_every=4)
+    opt = DecodeOptions(graph=True)
 
     def run(energies, seed, options, material=torch.full((B,), tok.material_id("W")), n=B):
         inc = torch.from_numpy(incident_feature(np.geomspace(*energies, n).astype(np.float32)))
-        return decode(net, inc, material[:n], par[:n], tok.max_hits, tok.voxel_block, tok.energy_block,
-                      generator=torch.Generator().manual_seed(seed), options=options)
+        return decoder.decode(inc, material[:n], par[:n], tok.max_hits, tok.voxel_block, tok.energy_block,
+                              generator=torch.Generator().manual_seed(seed), options=options)
 
     batches = [((1e3, 1e5), 1), ((2e4, 5e4), 2)]
     first = run(*batches[0], opt)
-    dec = net.static_decoder
-    assert dec is not None and len(dec.buckets) >= 2  # compacted at least once: its bucket is kept
-    buffers = {size: b.rows.h.data_ptr() for size, b in dec.buckets.items()}
+    kept = decoder.kept
+    assert kept is not None and len(kept.buckets) >= 2  # compacted at least once: its bucket is kept
+    assert all(a.kv_cache is None for a in net.attentions()) and all(t.held is None for t in net.block_tables())
+    buffers = {size: rows.h.data_ptr() for size, (rows, _) in kept.buckets.items()}
     second = run(*batches[1], opt)
-    assert net.static_decoder is dec
-    assert all(dec.buckets[size].rows.h.data_ptr() == ptr for size, ptr in buffers.items())
+    assert decoder.kept is kept
+    assert all(kept.buckets[size][0].h.data_ptr() == ptr for size, ptr in buffers.items())
     assert not torch.equal(first.voxel_tokens, second.voxel_tokens)
     partial = run((1e4, 1e5), 3, opt, n=11)
-    assert net.static_decoder is dec and partial.voxel_tokens.shape[0] == 11
+    assert decoder.kept is kept and partial.voxel_tokens.shape[0] == 11
     for res, batch, n in zip((first, second, partial), batches + [((1e4, 1e5), 3)], (B, B, 11)):
         # the first result was not overwritten by the later batches
-        ref = run(*batch, DecodeOptions().plain(), n=n)
+        ref = run(*batch, PLAIN, n=n)
         assert torch.equal(res.voxel_tokens, ref.voxel_tokens) and torch.equal(res.energy_tokens, ref.energy_tokens)
         assert torch.equal(res.n_hits, ref.n_hits) and torch.equal(res.capped, ref.capped)
     with torch.no_grad():
         net.ln_f.weight.mul_(1.0)  # an in-place update: the held matrices and graphs could be stale
     run(*batches[1], opt)
-    kept = net.static_decoder
-    assert kept is not dec and kept is not None
+    assert decoder.kept is not kept and decoder.kept is not None
+    kept = decoder.kept
     mixed = torch.tensor([tok.material_id("W" if i % 2 else "Pb") for i in range(B)])
     run(*batches[1], opt, material=mixed)
-    assert net.static_decoder is kept  # the mixed batch's decoder (its MoE plan is its own) is not kept
-    release(net)
-    assert net.static_decoder is None
+    assert decoder.kept is kept  # the mixed batch's run (its MoE plan is its own) is not kept
+    decoder.close()
+    assert decoder.kept is None
 
 
-def test_compiled_graph_step(small):
+@pytest.mark.slow
+def test_compiled_graph_step(small, monkeypatch):
     """With compile, the whole static step goes through torch.compile, once for all buckets and cache
     windows. Fused kernels may round differently in the last bit, after which a shower can take another
     path: the showers are compared row by row, most must be the eager step's."""
     import torch._dynamo
 
-    from calofm.generation import static_decode
-
     net, tok = small.model, small.tokenizer
+    constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=4, GRAPH_WINDOW=32)
     B = 16
     inc = torch.from_numpy(incident_feature(np.geomspace(1e3, 2e4, B).astype(np.float32)))  # most finish
     mat, par = torch.full((B,), tok.material_id("Ta")), torch.full((B,), tok.particle_id("gamma"))
+    decoder = Decoder(net)
 
     def run(compile):
-        return decode(net, inc, mat, par, 96, tok.voxel_block, tok.energy_block,
-                      generator=torch.Generator().manual_seed(5),
-                      options=DecodeOptions(graph=True, graph_min_rows=4, check_every=4, graph_window=32,
-                                            compile=compile))
+        return decoder.decode(inc, mat, par, 96, tok.voxel_block, tok.energy_block,
+                              generator=torch.Generator().manual_seed(5),
+                              options=DecodeOptions(graph=True, compile=compile))
 
     eager = run(False)
     torch._dynamo.reset()
-    static_decode._compiled_step = None
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     compiled = run(True)
-    assert sorted(net.static_decoder.buckets) == [4, 8, 16]  # compacted twice
+    assert sorted(decoder.kept.buckets) == [4, 8, 16]  # compacted twice
     assert torch._dynamo.utils.counters["frames"]["ok"] - frames == 1  # for four windows (32, 64, 96, 98) and three buckets
     same = (compiled.voxel_tokens == eager.voxel_tokens).all(dim=1) & (compiled.energy_tokens == eager.energy_tokens).all(dim=1)
     assert int(same.sum()) >= B - 2, same
     assert compiled.capped.sum() > 0 and torch.equal(compiled.n_hits > 0, eager.n_hits > 0)  # some reach the last window
+    decoder.close()
 
 
 def test_graph_step_reads_nothing_back_from_the_device(small, monkeypatch):
     """A CUDA graph's capture fails at any host read; on CPU the step runs eagerly, so reads are caught
     here by making every read inside the step raise (adapters on some rows: LoRA gates; two materials)."""
-    from calofm.model.sync import host_reads_allowed
+    inside = []
+    step = decode_module._Run.step
+
+    def guarded_step(self, window):
+        inside.append(window)
+        try:
+            return step(self, window)
+        finally:
+            inside.remove(window)
 
     def forbid(name):
         original = getattr(torch.Tensor, name)
 
         def guarded(self, *args, **kwargs):
-            assert host_reads_allowed(), f"host read ({name}) inside the graph step"
+            assert not inside, f"host read ({name}) inside the graph step"
             return original(self, *args, **kwargs)
         monkeypatch.setattr(torch.Tensor, name, guarded)
 
+    steps = []
+    monkeypatch.setattr(decode_module._Run, "step", lambda self, window: (steps.append(window), guarded_step(self, window)))
     for name in ("__bool__", "item", "tolist", "nonzero", "__int__", "__float__", "unique"):
         forbid(name)
+    constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=2)
     net, tok = small.model, small.tokenizer
     B = 8
     inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
     mat = torch.tensor([tok.material_id("W" if i % 2 else "Pb") for i in range(B)])
     par = torch.tensor([tok.particle_id("e-" if i % 3 == 0 else "gamma") for i in range(B)])
     res = decode(net, inc, mat, par, 24, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(1),
-                 options=DecodeOptions(graph=True, graph_min_rows=4, check_every=2))
-    assert int((res.n_hits > 0).sum()) == B
+                 options=DecodeOptions(graph=True))
+    assert int((res.n_hits > 0).sum()) == B and len(steps) >= 12
 
 
-def test_graph_decoder_refuses_what_it_cannot_capture(small):
+def test_both_ways_hold_showers_to_their_target_hits(small, monkeypatch):
+    """Two-stage totals in both ways of running the step: exactly target_hits hits (capped at max_hits),
+    the same tokens, and nothing left on the model."""
     net, tok = small.model, small.tokenizer
-    with pytest.raises(ValueError, match="cdf sampler"):
-        DecodeOptions(graph=True, sampler="exp")
-    with pytest.raises(ValueError, match=">= 1"):
-        DecodeOptions(graph=True, check_every=0)
-    B = 4
-    inc = torch.from_numpy(incident_feature(np.full(B, 2e4, dtype=np.float32)))
-    with pytest.raises(ValueError, match="totals"):
-        decode(net, inc, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), 10, tok.voxel_block,
-               tok.energy_block, options=DecodeOptions(graph=True), target_hits=torch.full((B,), 5))
+    constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=3)
+    B = 10
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
+    mat, par = torch.full((B,), tok.material_id("W")), torch.full((B,), tok.particle_id("gamma"))
+    target = torch.tensor([5, 90, 17, 30, 1, 60, 45, 8, 70, 300])
+    res = [decode(net, inc, mat, par, 80, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(4),
+                  options=o, target_hits=target) for o in (PLAIN, DecodeOptions(), DecodeOptions(graph=True))]
+    assert torch.equal(res[0].n_hits, target.clamp(max=80))
+    assert torch.equal(res[0].capped, target > 80)
+    for other in res[1:]:
+        assert torch.equal(other.voxel_tokens, res[0].voxel_tokens) and torch.equal(other.energy_tokens, res[0].energy_tokens)
+        assert torch.equal(other.capped, res[0].capped)
     assert net.blocks[0].attn.kv_cache is None  # nothing left set up
 
 
-def test_generate_graph_flag_and_its_limits(small, tmp_path):
-    """--graph decodes on CPU too (eagerly); with --totals it is one clear error and no file."""
+def test_generate_graph_flag(small, tmp_path, monkeypatch):
+    """--graph decodes on CPU too (eagerly), with --totals as well; one batch gives the eager showers."""
     from calofm.cli.main import main
 
-    out = tmp_path / "g.h5"
-    assert main(["generate", "--model", "calofm-small", "--n", "3", "--graph", "--no-progress", "-o", str(out)]) == 0
-    assert out.exists()
-    bad = tmp_path / "bad.h5"
-    assert main(["generate", "--model", "calofm-small", "--n", "3", "--graph", "--totals", "--no-progress",
-                 "-o", str(bad)]) == 2
-    assert not bad.exists()
-    plain = small.generate(5, material="W", seed=4, batch_size=5, options=DecodeOptions().plain())[1]
-    graph = small.generate(5, material="W", seed=4, batch_size=5, options=DecodeOptions(graph=True, graph_min_rows=4))[1]
+    for extra in ([], ["--totals"]):
+        out = tmp_path / f"g{len(extra)}.h5"
+        assert main(["generate", "--model", "calofm-small", "--n", "3", "--graph", "--no-progress", "-o", str(out)]
+                    + extra) == 0
+        assert out.exists()
+    constants(monkeypatch, GRAPH_MIN_ROWS=4)
+    plain = small.generate(5, material="W", seed=4, batch_size=5, options=PLAIN)[1]
+    graph = small.generate(5, material="W", seed=4, batch_size=5, options=DecodeOptions(graph=True))[1]
     assert np.array_equal(plain, graph)  # one batch: the same showers
+    small.close()
 
 
 def test_compaction_keeps_at_least_the_minimum_rows(small, monkeypatch):
@@ -236,55 +267,43 @@ def test_compaction_keeps_at_least_the_minimum_rows(small, monkeypatch):
     kept = []
     select = type(net).select_cache_rows
     monkeypatch.setattr(type(net), "select_cache_rows", lambda self, rows: (kept.append(len(rows)), select(self, rows)))
+    constants(monkeypatch, COMPACT_FRACTION=0.05)
     B = 10
     inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
     decode(net, inc, torch.full((B,), tok.material_id("W")), torch.full((B,), tok.particle_id("gamma")),
-           tok.max_hits, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3),
-           options=DecodeOptions(compact_fraction=0.05))
+           tok.max_hits, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3))
     assert len(kept) >= 3 and min(kept) >= COMPACT_MIN_ROWS  # compacted often, never below the floor
 
 
 def test_generate_options_plumbing(small):
+    """generate's defaults (eager on CPU, compaction) over several batches give the plain decoder's showers."""
     torch.set_num_threads(1)
     fast = small.generate(6, material="Pb", particle="e-", seed=2, batch_size=4)[1]
-    plain = small.generate(6, material="Pb", particle="e-", seed=2, batch_size=4, options=DecodeOptions().plain())
+    plain = small.generate(6, material="Pb", particle="e-", seed=2, batch_size=4, options=PLAIN)
     assert np.array_equal(fast, plain[1])
-    exp = small.generate(6, material="Pb", particle="e-", seed=2, batch_size=4, options=DecodeOptions(sampler="exp"))
-    assert exp[1].shape == fast.shape
-    with pytest.raises(ValueError):
-        DecodeOptions(sampler="gumbel")
+    other_seed = small.generate(6, material="Pb", particle="e-", seed=3, batch_size=4)[1]
+    assert not np.array_equal(fast, other_seed)
+    with pytest.raises(CalofmError, match="precision"):
+        small.generate(2, options=DecodeOptions("fp16"))
 
 
-def test_fused_qkv_only_for_plain_linears(small):
-    net = small.model
-    net.setup_cache(2, 8, fused_qkv=True)
-    try:
-        fused = [a.qkv_weight is not None for b in net.blocks for a in b.attentions()]
-    finally:
-        net.clear_cache()
-    wrapped = [type(a.q_proj) is not torch.nn.Linear for b in net.blocks for a in b.attentions()]
-    assert fused == [not w for w in wrapped]
-    assert all(a.qkv_weight is None for b in net.blocks for a in b.attentions())
-    assert not any("qkv" in k for k in net.state_dict())  # the state dict keeps q/k/v_proj
-
-
-@pytest.mark.parametrize("method", ["cdf", "exp"])
-def test_samplers_distribution_and_row_selection(method):
+def test_sampler_distribution_and_given_uniforms():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, float("-inf"), 0.5, -1.0, float("-inf")]]).repeat(20000, 1)
-    draws = sample(logits, SamplingConfig(), g, method)
+    draws = sample(logits, SamplingConfig(), g)
     assert not torch.any((draws == 2) | (draws == 5))  # masked tokens are never drawn
     freq = torch.bincount(draws, minlength=6).double() / len(draws)
     assert torch.allclose(freq, logits[0].softmax(-1).double(), atol=0.015)
-    # rows of a bigger batch draw exactly what they would draw in the full batch
-    full = sample(logits[:10], SamplingConfig(), torch.Generator().manual_seed(3), method)
+    # the uniforms a decoder draws itself (torch.rand's stream) give what the generator gives, row by row
+    full = sample(logits[:10], SamplingConfig(), torch.Generator().manual_seed(3))
+    u = torch.empty(11, 1).uniform_(0, 1, generator=torch.Generator().manual_seed(3))  # as the decoder draws
+    assert torch.equal(sample(logits[:10], SamplingConfig(), u=u[:10]), full)
     rows = torch.tensor([1, 4, 9])
-    part = sample(logits[rows], SamplingConfig(), torch.Generator().manual_seed(3), method, rows, 10)
-    assert torch.equal(part, full[rows])
+    assert torch.equal(sample(logits[rows], SamplingConfig(), u=u[rows]), full[rows])
 
 
-@pytest.mark.parametrize("method,dtype", [("cdf", torch.float32), ("cdf", torch.bfloat16), ("exp", torch.float32)])
-def test_min_p_drops_the_tokens_below_its_fraction_of_the_mode(method, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_min_p_drops_the_tokens_below_its_fraction_of_the_mode(dtype):
     """Tokens with p < min_p * p_max are never drawn, the others keep their relative frequencies. The
     cdf sampler must cut in both of its levels: a chunk holding only cut tokens (with more mass than
     all kept ones together) must get no weight, and inside a chosen chunk a cut token placed before a
@@ -300,7 +319,7 @@ def test_min_p_drops_the_tokens_below_its_fraction_of_the_mode(method, dtype):
     row = row.to(dtype)  # bf16: the logits of a bf16 decode (rounding keeps every ratio on its side of 0.3)
     cfg = SamplingConfig(min_p=0.3)
     kept = [i for i, r in ratio.items() if r >= 0.3]
-    draws = sample(row.repeat(40000, 1), cfg, torch.Generator().manual_seed(2), method)
+    draws = sample(row.repeat(40000, 1), cfg, torch.Generator().manual_seed(2))
     assert set(draws.unique().tolist()) <= set(kept)
     want = torch.tensor([ratio[i] for i in kept], dtype=torch.float64)
     freq = torch.bincount(draws, minlength=V).double()[kept] / len(draws)
@@ -313,17 +332,18 @@ def test_min_p_drops_the_tokens_below_its_fraction_of_the_mode(method, dtype):
     assert float(m) == float(row.float().max()) and torch.allclose(sums[0], expect, rtol=1e-6, atol=0)
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager_numerically_and_decodes(small):
     """torch.compile of the heads, the sampler's weights and the cached attention: same values up to
     rounding (fused kernels may differ in the last bit, so tokens are compared by distribution, not
     identity)."""
-    from calofm.generation.decode import _compiled
     from calofm.generation.sampler import chunk_sums
-    from calofm.model.attention import attend_over_cache, compiled_attend_over_cache
+    from calofm.model.attention import attend_over_cache
 
     torch.set_num_threads(1)
     net, tok = small.model, small.tokenizer
-    voxel_logits, energy_logits, cdf_fn = _compiled(net)
+    decoder = Decoder(net)
+    voxel_logits, energy_logits, cdf_fn = (decoder.compiled(f) for f in ("voxel_logits", "energy_logits", "chunk_sums"))
     h = torch.randn(5, net.cfg.d_model)
     v = torch.full((5,), tok.voxel_block.offset + 7)
     assert torch.allclose(voxel_logits(h), net.voxel_logits(h), atol=1e-4)
@@ -337,14 +357,13 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     mask = torch.arange(40)[None] < 33  # (1, S): the last slots are not filled yet
     want = (q @ k.transpose(-1, -2) / 32 ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
     assert torch.allclose(attend_over_cache(q, k, v, mask), want, atol=1e-5)
-    assert torch.allclose(compiled_attend_over_cache()(q, k, v, mask), want, atol=1e-5)
+    assert torch.allclose(decoder.compiled("attend")(q, k, v, mask), want, atol=1e-5)
     B = 6
     inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
     mat = torch.full((B,), tok.material_id("W"))
     for precision in ("fp32", "bf16"):  # bf16: the compiled attention reads the bf16 cache
-        with autocast(torch.device("cpu"), precision):
-            res = decode(net, inc, mat, torch.zeros(B, dtype=torch.long), 40, tok.voxel_block, tok.energy_block,
-                         generator=torch.Generator().manual_seed(3), options=DecodeOptions(compile=True))
+        res = decoder.decode(inc, mat, torch.zeros(B, dtype=torch.long), 40, tok.voxel_block, tok.energy_block,
+                             generator=torch.Generator().manual_seed(3), options=DecodeOptions(precision, compile=True))
         n = res.n_hits
         assert torch.all(n > 0)
         for i in range(B):  # valid, distinct voxels, like the eager path
@@ -364,7 +383,7 @@ def test_two_level_cdf_sampler_over_a_large_masked_vocabulary(dtype):
     row = torch.full((V,), float("-inf"))
     allowed = torch.tensor([3, CHUNK - 1, CHUNK, 3 * CHUNK + 5, V - 1])  # chunk 2 and 4 fully masked
     row[allowed] = torch.tensor([1.0, 0.0, 2.0, -30.0, 0.5])
-    draws = sample(row.repeat(40000, 1).to(dtype), SamplingConfig(), g, "cdf")
+    draws = sample(row.repeat(40000, 1).to(dtype), SamplingConfig(), g)
     assert set(draws.unique().tolist()) <= set(allowed.tolist())
     freq = torch.bincount(draws, minlength=V).double()[allowed] / len(draws)
     assert torch.allclose(freq, row[allowed].softmax(-1).double(), atol=0.01)
@@ -385,7 +404,7 @@ def test_cdf_sampler_stays_inside_a_chunk_whose_recomputed_weights_underflow():
         m, sums = chunk_sums(x, log_min_p)
         return m, torch.zeros_like(sums).index_fill_(1, torch.tensor([2]), 1.0)
 
-    tokens = sample(logits, SamplingConfig(), torch.Generator().manual_seed(0), "cdf", cdf_fn=disagreeing)
+    tokens = sample(logits, SamplingConfig(), torch.Generator().manual_seed(0), cdf_fn=disagreeing)
     assert bool(torch.all(torch.isfinite(row[tokens])))
     assert bool(torch.all((tokens >= 2 * CHUNK) & (tokens < 3 * CHUNK)))
 
@@ -404,9 +423,9 @@ def test_bf16_decode_uses_a_bf16_cache_and_gives_valid_showers(small):
     try:
         B = 6
         inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            res = decode(net, inc, torch.full((B,), tok.material_id("W")), torch.zeros(B, dtype=torch.long), 60,
-                         tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3))
+        res = decode(net, inc, torch.full((B,), tok.material_id("W")), torch.zeros(B, dtype=torch.long), 60,
+                     tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3),
+                     options=DecodeOptions("bf16"))
     finally:
         del net.setup_cache
     assert seen == [torch.bfloat16]

@@ -49,7 +49,7 @@ def test_kv_cached_logits_match_uncached(combine):
             ht, _ = model.hidden(b["vox_in"][:, t:t + 1], b["en_in"][:, t:t + 1], b["incident"], b["material"],
                                  b["particle"], start=t)
             steps.append(ht)
-        model.clear_cache()
+        model.install_cache(None)
     hc = torch.cat(steps, dim=1)
     valid = b["valid"]  # padding positions differ (skipped by the MoE) and are never used
     dv = (model.voxel_logits(hc) - ref_v)[valid].abs().max().item()
@@ -138,7 +138,7 @@ def test_decode_holds_vocabulary_matrices_in_the_compute_dtype():
             assert torch.equal(model.voxel_emb.held, torch.cat(list(model.voxel_emb.tables)))
             held = model.voxel_logits(h)
         finally:
-            model.clear_cache()
+            model.install_cache(None)
     assert torch.equal(held, ref)  # autocast rounds the fp32 tables to bf16 the same way
     assert all(t.held is None for t in model.block_tables())
     assert not any("held" in k for k in model.state_dict())

@@ -206,7 +206,7 @@ def test_command_line_streaming(tmp_path, capsys):
 
 
 def test_extend_on_streamed_showers(tmp_path):
-    from calofm.extension import load_with_adapters
+    from calofm.generation import load
     from calofm.extension.train import extend
 
     base = tmp_path / "base"
@@ -217,7 +217,7 @@ def test_extend_on_streamed_showers(tmp_path):
     training = extend("material", str(base), [], str(ta), stream=StreamSpec.parse("Ta", energy="10:50"), **kw)
     assert training["simulator_version"] == SIMULATOR_VERSION and training["n_streamed_showers"] == 8
     assert training["data_summary"]["stream"]["materials"] == ["Ta"] and set(training["validation"]) == {"Ta"}
-    model = load_with_adapters(str(base), [str(ta)])
+    model = load(str(base), [str(ta)])
     assert "Ta" in model.tokenizer.materials.names() and "Ta/gamma" in model.tokenizer.totals.keys()
     with pytest.raises(CalofmError, match="not the new particle"):
         extend("particle", str(base), [], str(tmp_path / "em"), particle="e-",

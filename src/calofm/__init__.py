@@ -8,12 +8,14 @@ with the command line in cli.
 __version__ = "0.1.0"
 
 
-def load(name_or_path: str = "calofm-small", adapters=(), device: str = "cpu"):
-    """Load a model: a shipped one by name ("calofm-small") or a model directory, plus adapters.
+def __getattr__(name: str):
+    """`calofm.load` is calofm.generation.api.load, imported on first use (`import calofm` stays light):
 
-        model = calofm.load("calofm-small", adapters=["Pb", "e-"])
+        model = calofm.load("calofm-small", adapters=["Pb", "e-"])   # a shipped model, or a directory
         incident_MeV, showers = model.generate(1000, material="Pb", particle="e-", energy_GeV=(10, 100))
     """
-    from calofm.pretrained import load as _load
+    if name == "load":
+        from calofm.generation.api import load
 
-    return _load(name_or_path, adapters, device)
+        return load
+    raise AttributeError(f"module 'calofm' has no attribute {name!r}")

@@ -235,6 +235,20 @@ def run_lock(run_dir: str):
 
 
 # --- training checkpoints ----------------------------------------------------------------------
+def export_model(run_dir: str, destination: str, dtype: str = "bf16") -> dict:
+    """Copy a trained model into a shippable directory (src/calofm/weights/<name>/), weights rounded to
+    bf16 (half the bytes). The exported weights load into an fp32 model as usual; adapters must be
+    trained against the exported model (its weight hash is what they name as their base)."""
+    model, tokenizer, manifest = load_model(run_dir)
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    elif dtype != "fp32":
+        raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
+    training = dict(manifest.get("training", {}), exported_from=os.path.abspath(run_dir),
+                    source_sha256=manifest["weights"]["sha256"], stored_dtype=dtype)
+    return save_model(destination, model, tokenizer, training)
+
+
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten an optimizer state dict: tensors by 'state.<param>.<key>', the rest as JSON."""
     sd = optimizer.state_dict()

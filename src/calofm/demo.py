@@ -46,7 +46,7 @@ def run_demo(output: str = "demo-report", quick: bool = False, n: int | None = N
              model: str = "calofm-small", batch_size: int = 500, threads: int | None = None, log=print) -> dict:
     from calofm.evaluate.compare import Options
     from calofm.evaluate.report import evaluate_files
-    from calofm.pretrained import load
+    from calofm.generation import load
     from calofm.simulation import simulate_to_file
 
     if threads:

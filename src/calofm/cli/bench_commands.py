@@ -1,6 +1,7 @@
 """`calofm bench generate`: generation speed on this machine (showers/s, tokens/s, fraction of the
-measured bf16 matmul peak, memory, cost vs incident energy), the decoder's optimization ablation,
-the diffusion baseline and the embedded simulator for comparison. See docs/speed.md."""
+measured matmul peak in the precision used, memory, cost vs incident energy), the decoder's ablation
+(compaction, torch.compile, bf16, two-stage totals), the diffusion baseline and the embedded simulator
+for comparison. See docs/speed.md."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import replace
 
 
 def register(sub) -> None:
@@ -31,7 +33,9 @@ def register(sub) -> None:
     g.add_argument("--baseline-graph", action="store_true",
                    help="also time the baseline with its U-Net replayed as a CUDA graph (GPU; captured untimed)")
     g.add_argument("--baseline-repeats", type=int, default=1, help="timed repeats per baseline point (median)")
-    g.add_argument("--ablation", action="store_true", help="time each decoder optimization off vs all on")
+    g.add_argument("--ablation", action="store_true",
+                   help="time the eager decoder with compaction off, bf16, (--compile) torch.compile and two-stage "
+                        "totals against its defaults")
     g.add_argument("--ablation-n", type=int, default=100, help="showers (one batch) per ablation point")
     g.add_argument("--compile", action="store_true",
                    help="add torch.compile of the decode step to the ablation (compiled once, untimed; ~1 min on CPU)")
@@ -64,22 +68,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device, n: int | None = None, repeats: int = 5) -> float:
-    """Measured bf16 matmul FLOP/s on this device (median of repeats of an n x n x n product; n = 2048 on
-    CPU, 8192 on a GPU, where a smaller product does not fill the chip)."""
+def matmul_peak(device, precision: str, seconds: float = 1.0) -> float:
+    """Measured matmul FLOP/s in `precision` (fp32 or bf16) on this device, in about `seconds`: square
+    products from n = 256 up, doubling while one takes under a tenth of `seconds` (up to 2048 on CPU,
+    8192 on a GPU, where a smaller product does not fill the chip), then repeated at the last size until
+    `seconds` have passed; the best rate. A precision the machine runs slowly (bf16 on a CPU without
+    bf16 instructions: ~100x slower than fp32) stops at a small product instead of taking minutes."""
     import torch
 
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    a @ b
-    _sync(device)
-
-    def run():
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    n_max = 8192 if device.type == "cuda" else 2048
+    start, n, dt, best = time.perf_counter(), 128, 0.0, 0.0
+    while best == 0 or time.perf_counter() - start < seconds:
+        if dt < seconds / 10 and n < n_max:  # a larger product, until one takes a tenth of the time
+            n *= 2
+            a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+            a @ b  # warm-up (kernel choice, first touch)
+            _sync(device)
+        t0 = time.perf_counter()
         a @ b
         _sync(device)
-
-    return 2 * n ** 3 / _median_time(run, repeats)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * n ** 3 / dt)
+    return best
 
 
 def flops_per_position(net, mean_context: float) -> float:
@@ -118,8 +129,9 @@ SETUP_FLAGS = ("compile", "graph", "nocompact")
 
 
 def parse_setup(name: str):
-    """'bf16+graph' -> ('bf16', DecodeOptions(graph=True)): a precision, then any of SETUP_FLAGS
-    (torch.compile, the CUDA-graph step of generation.static_decode, compaction off)."""
+    """'bf16+graph' -> DecodeOptions("bf16", graph=True): a precision, then any of SETUP_FLAGS
+    (torch.compile, the static CUDA-graph step of generation.decode, compaction off); without +graph
+    the eager step, on a GPU too."""
     from calofm.errors import CalofmError
     from calofm.generation.decode import DecodeOptions
 
@@ -127,7 +139,7 @@ def parse_setup(name: str):
     if precision not in ("fp32", "bf16") or any(f not in SETUP_FLAGS for f in flags) or len(set(flags)) < len(flags):
         raise CalofmError(f"unknown decode set-up {name!r}: fp32 or bf16, then any of "
                           f"{', '.join('+' + f for f in SETUP_FLAGS)}")
-    return precision, DecodeOptions(compile="compile" in flags, graph="graph" in flags, compact="nocompact" not in flags)
+    return DecodeOptions(precision, compile="compile" in flags, graph="graph" in flags, compact="nocompact" not in flags)
 
 
 def cmd_bench_generate(args) -> None:
@@ -148,26 +160,33 @@ def cmd_bench_generate(args) -> None:
     if any(b <= 0 for b in batches):
         raise CalofmError(f"batch sizes must be > 0: {args.batches}")
     print(f"calofm bench generate: {sm!r}")
-    peak = matmul_peak(device)
-    print(f"bf16 matmul peak on {device.type} ({torch.get_num_threads()} threads): {peak / 1e9:.1f} GFLOP/s")
+    peaks: dict[str, float] = {}
 
-    compiled_for = set()  # precisions whose compiled decode step exists already
+    def peak(precision: str) -> float:
+        """The matmul peak of a precision, measured when first needed."""
+        if precision not in peaks:
+            peaks[precision] = matmul_peak(device, precision)
+            print(f"{precision} matmul peak on {device.type} ({torch.get_num_threads()} threads): "
+                  f"{peaks[precision] / 1e9:.1f} GFLOP/s")
+        return peaks[precision]
 
-    def timed(n, batch, energy=(10.0, 100.0), options=None, precision="fp32", totals=None):
-        if options is not None and options.compile and precision not in compiled_for:
-            # compile outside the timing (once per process and dtype)
-            sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=options,
-                        precision=precision)
-            compiled_for.add(precision)
+    compiled_for = set()  # decode set-ups whose compiled functions exist already
+
+    def timed(n, batch, options, energy=(10.0, 100.0), totals=None):
+        flops_peak = peak(options.precision)
+        if options.compile and options not in compiled_for:
+            # compile outside the timing (once per process, precision and step)
+            sm.generate(4, material=args.material, particle=args.particle, seed=args.seed, options=options)
+            compiled_for.add(options)
 
         def run():
             sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy, seed=args.seed,
-                        batch_size=batch, options=options, precision=precision, totals=totals)
+                        batch_size=batch, options=options, totals=totals)
             _sync(device)
         first = None
-        if options is not None and options.graph:
+        if options.graph:
             # the graph decoder captures its graphs in its first batch and keeps them for the next
-            # (static_decode): the repeats time the kept decoder, the first call is recorded apart
+            # (generation.decode): the repeats time the kept run, the first call is recorded apart
             first = _median_time(run, 1)
         dt = _median_time(run, args.repeats)
         stats = sm.last_stats
@@ -175,7 +194,7 @@ def cmd_bench_generate(args) -> None:
         fl = flops_per_position(net, stats["mean_hits"] / 2) * hits / dt
         return {"batch": batch, "n": n, "seconds": dt, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
                 "tokens_per_s": 2 * hits / dt, "positions_per_s": hits / dt, "mean_hits": stats["mean_hits"],
-                "flops_per_s": fl, "flops_fraction": fl / peak, "first_call_seconds": first}
+                "flops_per_s": fl, "flops_fraction": fl / flops_peak, "first_call_seconds": first}
 
     results, energy_scan, ablation, baseline, sim_rate = [], [], None, None, None
 
@@ -188,24 +207,25 @@ def cmd_bench_generate(args) -> None:
                          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
                "torch": torch.__version__, "model": args.model, "adapters": args.adapter,
                "model_params": net.num_parameters(), "material": args.material, "particle": args.particle,
-               "bf16_matmul_peak_flops": peak, "flops_per_position": flops_per_position(net, mean_hits / 2),
+               "matmul_peak_flops": dict(peaks), "flops_per_position": flops_per_position(net, mean_hits / 2),
                "results": results, "energy_scan": energy_scan, "ablation": ablation, "baseline": baseline,
                "simulator_showers_per_s": sim_rate, "peak_memory_MB": _peak_memory_mb(device), "complete": complete,
-               "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured bf16 "
-                        "matmul peak; decoding runs in fp32 unless the row says bf16"}
+               "notes": "tokens = 2 per hit (voxel + energy); flops_fraction = model FLOP/s over the measured matmul "
+                        "peak of the row's precision (matmul_peak_flops); decoding runs in fp32 unless the row says "
+                        "bf16, the diffusion baseline in bf16"}
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             atomic_write_text(args.json, json.dumps(out, indent=1))
         return out
 
     sm.generate(2, material=args.material, particle=args.particle, seed=args.seed)  # warm-up
-    for s, (precision, opt) in setups.items():
+    for s, opt in setups.items():
         for b in batches:
             n = args.n or (8 if b == 1 else b)
-            r = {"decode": s, "precision": precision, "compile": opt.compile, "graph": opt.graph,
+            r = {"decode": s, "precision": opt.precision, "compile": opt.compile, "graph": opt.graph,
                  "compact": opt.compact}
             try:
-                r.update(timed(n, b, options=opt, precision=precision))
+                r.update(timed(n, b, opt))
             except RuntimeError as err:  # one failing set-up must not lose the others
                 results.append({**r, "batch": b, "error": f"{type(err).__name__}: {err}"[:500]})
                 print(f"{s:18s} batch {b:5d}: failed: {results[-1]['error']}")
@@ -213,35 +233,31 @@ def cmd_bench_generate(args) -> None:
             results.append(r)
             report(complete=False)
             print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
-                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of bf16 peak"
+                  f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of {opt.precision} peak"
                   + (f"  (first call {r['n'] / r['first_call_seconds']:.2f} showers/s)" if r["first_call_seconds"] else ""))
     for e in (float(x) for x in args.energies.split(",") if x):
-        r = timed(args.energy_n, args.energy_n, energy=e, options=DecodeOptions())  # fp32 eager, all switches on
+        r = timed(args.energy_n, args.energy_n, DecodeOptions(graph=False), energy=e)  # fp32 eager defaults
         energy_scan.append({"energy_GeV": e, "decode": "fp32", **r})
         print(f"{e:6.0f} GeV: {r['ms_per_shower']:8.2f} ms/shower ({r['mean_hits']:.0f} hits)")
 
     if args.ablation:
         n = args.ablation_n
-        # name -> (decoder options, precision, two-stage totals); timed in this order, "all on" first
-        variants = {"all on": (DecodeOptions(), "fp32", None),
-                    "all off": (DecodeOptions(sampler="exp", routing_plan=False).plain(), "fp32", None),
-                    "sliced_attention off": (DecodeOptions(sliced_attention=False), "fp32", None),
-                    "sampler exp (cdf off)": (DecodeOptions(sampler="exp"), "fp32", None),
-                    "compact off": (DecodeOptions(compact=False), "fp32", None),
-                    "fused_qkv off": (DecodeOptions(fused_qkv=False), "fp32", None),
-                    "routing_plan off": (DecodeOptions(routing_plan=False), "fp32", None)}
+        # name -> (decoder options, two-stage totals), the eager step; timed in this order, the defaults
+        # ("all on") first
+        eager = DecodeOptions(graph=False)
+        variants = {"all on": (eager, None), "compact off": (replace(eager, compact=False), None)}
         if args.compile:
-            variants["all on + torch.compile"] = (DecodeOptions(compile=True), "fp32", None)
-        variants["all on + bf16 autocast"] = (DecodeOptions(), "bf16", None)
+            variants["all on + torch.compile"] = (replace(eager, compile=True), None)
+        variants["all on + bf16 autocast"] = (replace(eager, precision="bf16"), None)
         if args.compile:
-            variants["all on + bf16 + torch.compile"] = (DecodeOptions(compile=True), "bf16", None)
-        variants["two-stage (totals on)"] = (DecodeOptions(), "fp32", True)
+            variants["all on + bf16 + torch.compile"] = (replace(eager, precision="bf16", compile=True), None)
+        variants["two-stage (totals on)"] = (eager, True)
         ablation = []
         on = None
-        for name, (opt, precision, totals) in variants.items():
-            r = timed(n, n, options=opt, precision=precision, totals=totals)
+        for name, (opt, totals) in variants.items():
+            r = timed(n, n, opt, totals=totals)
             on = on or r["seconds"]
-            ablation.append({"variant": name, "options": vars(opt), "precision": precision, **r,
+            ablation.append({"variant": name, "options": vars(opt), "precision": opt.precision, **r,
                              "slowdown_vs_all_on": r["seconds"] / on})
             print(f"ablation {name:29s}: {r['showers_per_s']:7.2f} showers/s  x{r['seconds'] / on:.2f} time vs all on")
 
@@ -253,7 +269,7 @@ def cmd_bench_generate(args) -> None:
     print(f"simulator: {n_sim / sim_dt:.1f} showers/s")
 
     if args.baseline:
-        baseline = _bench_baseline(args, device, peak)
+        baseline = _bench_baseline(args, device, peak("bf16"))
 
     sim_rate = n_sim / sim_dt
     out = report(complete=True)
@@ -262,7 +278,8 @@ def cmd_bench_generate(args) -> None:
         print(f"wrote {args.json}")
 
 
-def _bench_baseline(args, device, peak) -> list[dict]:
+def _bench_baseline(args, device, peak: float) -> list[dict]:
+    """The diffusion baseline (sampled in bf16 autocast); peak: the bf16 matmul peak."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -295,7 +312,7 @@ def _bench_baseline(args, device, peak) -> list[dict]:
                     _sync(device)
                 dt = _median_time(run, args.baseline_repeats)
                 fl = per_eval * steps * n / dt
-                rows.append({"batch": n, "steps": steps, "graph": graph, "showers_per_s": n / dt,
+                rows.append({"batch": n, "steps": steps, "graph": graph, "precision": "bf16", "showers_per_s": n / dt,
                              "ms_per_shower": 1e3 * dt / n, "tokens_per_s": None, "flops_per_s": fl,
                              "flops_fraction": fl / peak})
                 print(f"diffusion baseline, batch {n}, {steps} steps{' (graph)' if graph else ''}: {n / dt:.2f} "

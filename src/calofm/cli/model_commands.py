@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate showers with a trained model")
-    p.add_argument("--model", required=True, help="model directory (written by calofm train)")
+    p.add_argument("--model", required=True, help="shipped model name (calofm-small) or model directory")
     p.add_argument("--material", default="W")
     p.add_argument("--particle", default="gamma")
     p.add_argument("--n", type=int, default=1000, help="number of showers")
@@ -64,7 +64,9 @@ def register(sub) -> None:
                         "(0: off; default: calofm.generation.sampler.DEFAULT_MIN_P, see docs/model.md)")
     p.add_argument("--min-p-energy", type=float, default=None, help="the same for the energy bins")
     p.add_argument("--batch-size", type=int, default=256, help="showers decoded together")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="fp32")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32",
+                   help="decode dtype (default fp32, the bit-reproducible reference); auto: bf16 on CUDA and on "
+                        "CPUs with native bf16, else fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("-o", "--output", default="generated.h5", help="output HDF5 file (CaloChallenge layout)")
@@ -77,8 +79,8 @@ def register(sub) -> None:
                    help="torch.compile the decode step (heads, sampler and, with --precision bf16, the attention "
                         "over the KV cache); pays off from a few hundred showers, see docs/speed.md")
     p.add_argument("--graph", action="store_true",
-                   help="decode with the static-shape step captured as a CUDA graph (the default on a GPU, "
-                        "except with --totals; on CPU it runs eagerly and is slower), see docs/speed.md")
+                   help="decode with the static-shape step captured as a CUDA graph (the default on a GPU; "
+                        "on CPU it runs eagerly and is slower), see docs/speed.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -164,21 +166,22 @@ def cmd_generate(args) -> None:
     import torch
 
     from calofm.errors import CalofmError
-    from calofm.extension import load_with_adapters
+    from calofm.generation import DecodeOptions, load
+    from calofm.model.precision import resolve_precision
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.n <= 0:
         raise CalofmError(f"--n must be > 0, got {args.n}")
-    model = load_with_adapters(args.model, args.adapter, device=args.device)
+    model = load(args.model, args.adapter, device=args.device)
     t0 = time.time()
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
-                   batch_size=args.batch_size, precision=args.precision, output=args.output,
+                   batch_size=args.batch_size, output=args.output,
                    progress=not args.no_progress, totals=args.totals,
-                   options=model.decode_options(args.totals, compile=args.compile,
-                                                **({"graph": True} if args.graph else {})))
+                   options=DecodeOptions(resolve_precision(args.precision, model.device), compile=args.compile,
+                                         graph=True if args.graph else None))
     s = model.last_stats
     print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
           f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "
@@ -187,13 +190,13 @@ def cmd_generate(args) -> None:
 
 def cmd_fit_totals(args) -> None:
     from calofm.checkpoint import atomic_write_text, read_manifest
-    from calofm.extension import load_with_adapters
     from calofm.extension.adapters import read_adapter_manifest
+    from calofm.generation import load
     from calofm.pretrained import resolve_adapter, resolve_model
     from calofm.training.data import load_corpus
 
     model_dir = resolve_model(args.model)
-    shower_model = load_with_adapters(model_dir, args.adapter)
+    shower_model = load(model_dir, args.adapter)
     # the same train / validation split as training, so the laws come from the training rows only
     _, train_set, _, _ = load_corpus(list(args.data), tokenizer=shower_model.tokenizer, log=lambda *a, **k: None)
     totals = train_set.fit_totals(shower_model.tokenizer)
@@ -207,9 +210,9 @@ def cmd_fit_totals(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from calofm.extension import load_with_adapters
+    from calofm.generation import load
 
-    model = load_with_adapters(args.model, args.adapter)
+    model = load(args.model, args.adapter)
     m = model.manifest
     if args.json:
         print(json.dumps(m, indent=1))

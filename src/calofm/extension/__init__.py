@@ -1,5 +1,5 @@
 """Growing a trained model: new materials as expert groups, new particles as gated LoRA adapters."""
 
-from calofm.extension.adapters import AdapterSpec, apply_adapter, closest_material, load_with_adapters
+from calofm.extension.adapters import AdapterSpec, apply_adapter, closest_material
 
-__all__ = ["AdapterSpec", "apply_adapter", "closest_material", "load_with_adapters"]
+__all__ = ["AdapterSpec", "apply_adapter", "closest_material"]

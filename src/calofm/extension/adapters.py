@@ -85,12 +85,6 @@ class LowRankExpertGroup(ExpertGroup):
         return mlp.fc2(h) + self.delta2[e](h).to(x.dtype)
 
 
-def _ensure_context(model) -> dict:
-    if not hasattr(model, "context"):
-        raise CalofmError("this model class does not expose its batch context; cannot attach adapters")
-    return model.context
-
-
 def _append_row(tables, source_row: int) -> nn.Parameter:
     """Append a one-token block to a BlockEmbedding, initialized from an existing row; returns it."""
     tables.append_block(1)
@@ -123,7 +117,7 @@ def attach(shower_model, spec: AdapterSpec) -> dict[str, nn.Parameter]:
         src = tok.particle_id(spec.init_from[name])
         tok.particles.append(f"particle:{name}", names=[name])
         params[f"{name}.embedding"] = _append_row(model.particle_emb, src)
-        gate = ShowerGate(_ensure_context(model), "particle", (tok.particle_id(name),))
+        gate = ShowerGate("particle", (tok.particle_id(name),))
         for i, block in enumerate(model.blocks):
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 wrapped = GatedLoRALinear(getattr(block.attn, proj), spec.rank, spec.alpha, gate)
@@ -223,20 +217,6 @@ def apply_adapter(shower_model, directory: str) -> dict:
     shower_model.adapter_sha256 = applied_sha256(shower_model) + [manifest["weights"]["sha256"]]
     shower_model.adapter_manifests = getattr(shower_model, "adapter_manifests", []) + [manifest]
     return manifest
-
-
-def load_with_adapters(path: str, adapters: list[str] | tuple[str, ...] = (), device: str = "cpu"):
-    """Load a model directory (or a shipped model by name) and apply adapter directories (or the
-    names of its shipped adapters) in order."""
-    from calofm.generation.api import load
-    from calofm.pretrained import resolve_adapter, resolve_model
-
-    path = resolve_model(path)
-    shower_model = load(path, device=device)
-    for directory in adapters:
-        apply_adapter(shower_model, resolve_adapter(path, directory))
-    shower_model.model.eval()
-    return shower_model
 
 
 def check_new_names(shower_model, kind: str, names: list[str]) -> list[str]:

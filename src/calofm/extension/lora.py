@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from calofm.model.sync import host_reads_allowed
+from calofm.model.attention import Showers
 
 
 class LowRank(nn.Module):
@@ -34,34 +34,36 @@ class LowRank(nn.Module):
 
 
 class ShowerGate:
-    """Which showers of the current batch an adapter acts on.
+    """Which showers of a batch an adapter acts on: those whose `key` id ('material' or 'particle') is
+    one of `ids`. The model hands every gated layer the batch's ids (model.attention.Showers)."""
 
-    The model stores the batch's per-shower ids in `model.context` ({'material': (B,), 'particle':
-    (B,)}) at the start of every forward pass; the gate turns them into a (B,) bool mask."""
+    def __init__(self, key: str, ids: tuple[int, ...]):
+        self.key, self.ids = key, tuple(ids)
 
-    def __init__(self, context: dict, key: str, ids: tuple[int, ...]):
-        self.context, self.key, self.ids = context, key, tuple(ids)
-
-    def mask(self) -> torch.Tensor:
-        ids = self.context[self.key]
+    def mask(self, showers: Showers) -> torch.Tensor:
+        """(B,) bool: the gated showers; None when none is, in a batch that may be read back (a
+        static step, inside a CUDA graph, computes the adapter for every row and selects)."""
+        ids = getattr(showers, self.key)
         m = ids == self.ids[0]
         for i in self.ids[1:]:
             m = m | (ids == i)
-        return m
+        return m if showers.static or bool(m.any()) else None
 
 
 class GatedLoRALinear(nn.Module):
     """A frozen nn.Linear plus a LowRank delta on the gated showers' rows; x (B, T, d_in)."""
+
+    per_shower = True  # called as layer(x, showers) (model.attention.per_shower)
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, gate: ShowerGate):
         super().__init__()
         self.base, self.gate = base, gate
         self.lora = LowRank(base.in_features, base.out_features, rank, alpha).to(base.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, showers: Showers) -> torch.Tensor:
         y = self.base(x)
-        m = self.gate.mask()
-        if host_reads_allowed() and not bool(m.any()):  # skip when no shower is gated
+        m = self.gate.mask(showers)
+        if m is None:  # no shower is gated
             return y
         return torch.where(m.view(-1, *([1] * (y.dim() - 1))), y + self.lora(x).to(y.dtype), y)
 
@@ -69,6 +71,8 @@ class GatedLoRALinear(nn.Module):
 class GatedResidual(nn.Module):
     """module(x) + gate * LowRank(module(x)): a low-rank correction of everything downstream of
     `module`. Wrapped around the final LayerNorm it corrects both output heads: W (1 + BA) h."""
+
+    per_shower = True
 
     def __init__(self, module: nn.Module, dim: int, rank: int, alpha: float, gate: ShowerGate):
         super().__init__()
@@ -80,9 +84,9 @@ class GatedResidual(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, showers: Showers) -> torch.Tensor:
         y = self.module(x)
-        m = self.gate.mask()
-        if host_reads_allowed() and not bool(m.any()):  # skip when no shower is gated
+        m = self.gate.mask(showers)
+        if m is None:  # no shower is gated
             return y
         return torch.where(m.view(-1, *([1] * (y.dim() - 1))), y + self.lora(y).to(y.dtype), y)

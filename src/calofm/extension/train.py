@@ -18,9 +18,10 @@ from tqdm import tqdm
 from calofm.data.showers import inspect_file
 from calofm.errors import CalofmError
 from calofm.extension.adapters import (
-    AdapterSpec, applied_sha256, attach, base_sha256, check_new_names, closest_material, load_with_adapters,
+    AdapterSpec, applied_sha256, attach, base_sha256, check_new_names, closest_material,
     save_adapter,
 )
+from calofm.generation.api import load
 from calofm.model.precision import autocast, describe_precision, resolve_precision
 from calofm.training.data import prepare_data
 from calofm.training.distributed import DistInfo
@@ -55,7 +56,7 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
     torch.manual_seed(seed)
     if not data and stream is None:
         raise CalofmError("no data given (--data FILE ... and/or --simulate MATERIALS)")
-    shower_model = load_with_adapters(base, adapters)
+    shower_model = load(base, adapters)
     infos = []
     for path in data:
         _check_geometry(shower_model, path)

@@ -1,38 +1,48 @@
 """Python API, mirroring the command line:
 
     import calofm
+    model = calofm.load("calofm-small", adapters=["Pb", "e-"])   # a shipped model by name, or a directory
     model = calofm.load("runs/base")                    # verifies the weight hash
     incident_MeV, showers = model.generate(1000, material="W", particle="gamma",
                                            energy_GeV=(10, 100), seed=1)
     model.generate(10000, material="Ta", output="gen.h5")  # same HDF5 layout as `calofm simulate`
+    model.close()                                       # releases the decoder's caches (and CUDA graphs)
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from calofm import __version__
 from calofm.checkpoint import load_model
 from calofm.data.showers import ShowerWriter
 from calofm.detector.geometry import Geometry
+from calofm.device import pick_device
 from calofm.errors import CalofmError
-from calofm.generation.decode import DecodeOptions, decode
+from calofm.extension.adapters import apply_adapter
+from calofm.generation.decode import DecodeOptions, Decoder
 from calofm.generation.sampler import SamplingConfig, head_samplings
 from calofm.model import ShowerTransformer
-from calofm.model.precision import autocast
+from calofm.pretrained import DEFAULT_MODEL, resolve_adapter, resolve_model
 from calofm.simulation.runner import parse_energy, sample_energies
 from calofm.tokenizer import ShowerTokenizer, canonical_particle, incident_feature
 from calofm.tokenizer.totals import class_key, rescale_to_total
-from calofm.training.distributed import pick_device
 
 
 class ShowerModel:
-    """A trained model with its tokenizer and manifest."""
+    """A trained model with its tokenizer and manifest, and the decoder that generates with it."""
 
     def __init__(self, model: ShowerTransformer, tokenizer: ShowerTokenizer, manifest: dict, path: str | None = None):
         self.model, self.tokenizer, self.manifest, self.path = model.eval(), tokenizer, manifest, path
+        self.decoder = Decoder(model)
         self.last_stats: dict = {}
+
+    def close(self) -> None:
+        """Release what the decoder keeps between calls (on a GPU: the static step's caches and graphs,
+        about twice the KV cache of the largest batch); generate() works again after."""
+        self.decoder.close()
 
     @property
     def materials(self) -> list[str]:
@@ -53,20 +63,19 @@ class ShowerModel:
     def generate(self, n: int, material: str = "W", particle: str = "gamma", energy_GeV=(10.0, 100.0),
                  spectrum: str = "uniform", seed: int = 0, incident_MeV: np.ndarray | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p_voxel: float | None = None, min_p_energy: float | None = None,
-                 batch_size: int = 256,
-                 precision: str = "fp32", output: str | None = None, progress: bool = False,
-                 options: DecodeOptions | None = None, totals: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 min_p_voxel: float | None = None, min_p_energy: float | None = None, batch_size: int = 256,
+                 output: str | None = None, progress: bool = False, options: DecodeOptions | None = None,
+                 totals: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Generate n showers: (incident energies (n,) MeV, cell energies (n, n_voxels) MeV), float32.
 
         Incident energies are drawn like `calofm simulate` does (energy_GeV 'E' or (Emin, Emax),
         spectrum 'uniform' or 'log') unless given explicitly. Cell energies are decoded log-uniformly
         within their bins. With `output`, the showers are also written to that HDF5 file. `options`:
-        the decoder's speed switches (default: all on, see calofm.generation.decode.DecodeOptions; on a
-        CUDA device also the CUDA-graph step of calofm.generation.static_decode, except with totals).
+        how to decode, calofm.generation.DecodeOptions (default: fp32, compaction, no torch.compile, the
+        static CUDA-graph step on a CUDA device).
         temperature, top_k, top_p apply to both heads; min_p_voxel / min_p_energy drop each head's
         tokens less probable than that fraction of its most probable one (None: sampler.DEFAULT_MIN_P,
-        chosen by a fidelity study; 0 turns it off, the sampling of calofm before it). The output file
+        chosen by a fidelity study; 0 turns it off). The output file
         records the voxel head's settings as `sampling`, the energy head's as `energy_sampling`.
         `totals`: two-stage generation (calofm.tokenizer.totals) - draw each shower's hit count and
         visible energy first, hold the decoder to that count and rescale the hits to that energy.
@@ -90,31 +99,22 @@ class ShowerModel:
             sampling, energy_sampling = head_samplings(temperature, top_k, top_p, min_p_voxel, min_p_energy)
         except ValueError as err:
             raise CalofmError(str(err)) from None
-        options = options or self.decode_options(totals)
-        if options.graph and totals:
-            raise CalofmError("graph decoding does not support two-stage totals (totals=True, --totals)")
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         rng = np.random.default_rng([seed, 1])
         if totals:
             target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV, np.random.default_rng([seed, 2]))
             target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
         showers, n_capped, n_hits = [], 0, 0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}",
-                       dynamic_ncols=True)
+        bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}", dynamic_ncols=True,
+                   disable=not progress)
         for lo in range(0, len(incident_MeV), batch_size):
             e = incident_MeV[lo:lo + batch_size]
             b = len(e)
-            with autocast(self.device, precision):
-                res = decode(self.model, torch.from_numpy(incident_feature(e)).to(self.device),
-                             torch.full((b,), mat_id, device=self.device), torch.full((b,), par_id, device=self.device),
-                             self.tokenizer.max_hits, self.tokenizer.voxel_block, self.tokenizer.energy_block,
-                             sampling, gen, options,
-                             torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None,
-                             energy_sampling)
+            res = self.decoder.decode(
+                torch.from_numpy(incident_feature(e)).to(self.device), torch.full((b,), mat_id, device=self.device),
+                torch.full((b,), par_id, device=self.device), self.tokenizer.max_hits, self.tokenizer.voxel_block,
+                self.tokenizer.energy_block, sampling, gen, options,
+                torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None, energy_sampling)
             batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
                                                  mode="uniform", rng=rng)
             if totals:
@@ -122,24 +122,14 @@ class ShowerModel:
             showers.append(batch)
             n_capped += int(res.capped.sum())
             n_hits += int(res.n_hits.sum())
-            if bar is not None:
-                bar.update(b)
-        if bar is not None:
-            bar.close()
+            bar.update(b)
+        bar.close()
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
-                           "max_hits": self.tokenizer.max_hits,
-                           "totals": bool(totals)}
+                           "max_hits": self.tokenizer.max_hits, "totals": bool(totals)}
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling, energy_sampling)
         return incident_MeV, showers
-
-    def decode_options(self, totals: bool = False, **switches) -> DecodeOptions:
-        """The decoder's switches `generate` uses unless given: all on, and on a CUDA device the captured
-        step of static_decode (~5x faster at batch 100-1000 on an H100, docs/speed.md), which two-stage
-        totals cannot use; `switches` override any of them."""
-        switches.setdefault("graph", self.device.type == "cuda" and not totals)
-        return DecodeOptions(**switches)
 
     def write(self, path: str, incident_MeV, showers, material: str, particle: str, seed: int,
               sampling: SamplingConfig | None = None, energy_sampling: SamplingConfig | None = None) -> None:
@@ -157,7 +147,14 @@ class ShowerModel:
                 f"{self.materials}, particles {self.particles}, geometry {self.geometry.name!r})")
 
 
-def load(path: str, device: str = "cpu") -> ShowerModel:
-    """Load a model directory (or a training run directory) written by `calofm train`."""
+def load(name_or_path: str = DEFAULT_MODEL, adapters: list[str] | tuple[str, ...] = (), device: str = "cpu") -> ShowerModel:
+    """A shipped model by name (calofm.pretrained) or a model directory written by `calofm train` (or its
+    run directory), after checking its weight hash, with adapter directories (or the names of the
+    model's shipped adapters) applied in order."""
+    path = resolve_model(name_or_path)
     model, tokenizer, manifest = load_model(path, pick_device(device))
-    return ShowerModel(model, tokenizer, manifest, path)
+    shower_model = ShowerModel(model, tokenizer, manifest, path)
+    for adapter in adapters:
+        apply_adapter(shower_model, resolve_adapter(path, adapter))
+    shower_model.model.eval()
+    return shower_model

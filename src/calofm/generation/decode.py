@@ -1,97 +1,83 @@
-"""Batched autoregressive decoding with the static KV cache.
+"""Batched autoregressive decoding: one step, run eagerly (CPU) or as a captured static step (CUDA).
 
-All sequences of a batch advance together, one position per step; each stops at its own EOS (after
-which it is fed PAD, and its outputs are ignored) and the loop ends when all have stopped or max_hits is
-reached (then EOS is forced and the shower counted as capped). At each step:
-    voxel  ~ p(v | past), with PAD/BOS, voxels outside the model's geometry block and voxels already
-             used by this shower masked out (a voxel is hit at most once);
-    energy ~ p(e | v, past), restricted to the energy-bin block.
+All showers of a batch advance together, one position per step, each until its own EOS (then fed PAD,
+its outputs ignored) or max_hits (EOS forced, the shower counted as capped). A step (_Run._voxel, then
+_Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel block and the voxels
+the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms per step at batch 1000
+on the 2-core CPU, the fill from the hit lists well under 1 ms); with target_hits (two-stage totals)
+EOS is masked before a shower's target and forced at it. Then energy ~ p(e | v, past), restricted to
+the energy-bin block, and the transformer runs the new position over the KV cache. Each head draws one
+uniform per row of the original batch (the sampler's inverse CDF), read by the rows still in flight,
+so no shower's draws depend on which others are still running.
 
-Speed switches (DecodeOptions; see docs/speed.md for what each gains). With a given seed the showers
-do not depend on sliced_attention / compact / fused_qkv (tests/test_fast_decode.py); the sampler
-changes which random numbers are drawn and routing_plan the last bits of the MoE output, so they give
-other (equally distributed) showers:
-- sliced_attention: a KV cache only as wide as the filled prefix (rounded up to 16 slots, contiguous,
-  see model.kv_cache.KVCache) instead of the masked full static cache (keep it off for static
-  shapes, e.g. CUDA graphs);
-- sampler: "cdf" (inverse CDF, one uniform per row) or "exp" (exponential race, one Exp(1) per
-  vocabulary entry);
-- compact: once a fraction `compact_fraction` of the batch has finished, drop the finished showers
-  from the batch and from the cache rows, so they stop costing compute. Random numbers are drawn
-  for the original batch and indexed, so every shower sees the same draws as without compaction;
-- routing_plan: the MoE finds its rows once (a model.moe.RoutingPlan) instead of by a nonzero per
-  group, layer and step, runs every expert of the group on those rows (gated, see model.moe) and
-  computes no auxiliary loss. A one-material batch runs all its rows, finished ones (fed PAD)
-  included, with one plan for the whole decode; a mixed batch runs the showers still in flight, its
-  plan remade when one finishes;
-- fused_qkv: one (3d, d) projection for q, k, v, built at decode time from the separate weights
-  (the state dict is unchanged; projections wrapped by a LoRA adapter keep the separate path);
-- graph: the step over static buffers of static_decode, captured once as a CUDA graph on a GPU and
-  replayed (on CPU it runs eagerly, for tests); compaction there moves the running showers into
-  power-of-two buckets. Gives the same showers as the plain decoder for a single batch;
-- compile: torch.compile (inductor, dynamic shapes) of the two heads, of the sampler's chunk sums
-  and, for a bf16 cache, of the attention over the KV cache (one fused pass over the cache instead
-  of two batched matmuls, see model.attention.attend_over_cache); with graph, of the whole step. Off by default: it costs a
-  compilation per process (about a minute on the 2-core CPU), and fused kernels round differently in
-  the last bit, so the showers are equally distributed but not bit-identical to the eager path.
-Precision: under bf16 autocast (`generate(precision="bf16")`) the KV cache is kept in bf16 (half the
-bytes per step) and attention reads it through attend_over_cache; the sampler reads the bf16 logits
-and accumulates in fp32 (an fp32 copy of the (B, V) logits cost a pass over memory per head and step).
-Masking: the voxels a shower already hit are written to -inf from its hit list (B x t entries per
-step, see _fill_entries) and the tokens outside the blocks by a fill of those few columns, instead of
-a dense (B, V) mask (a masked_fill over 1000 x 4503 logits took 8 ms per step on the 2-core CPU, the
-fill from the hit lists well under 1 ms).
+Two ways to run the step (DecodeOptions.graph), with the same showers for a seed (bit for bit in fp32
+on CPU within one batch, tests/test_fast_decode.py):
+- eager (the default on CPU, and its fastest): a KV cache as wide as the filled prefix (sliced, see
+  model.kv_cache), "all finished?" read at every step, and compaction: finished showers leave the batch
+  and the cache rows. A mixed-material batch runs the MoE on the showers in flight only;
+- static (the default on CUDA): every buffer allocated once and the position a device tensor, so the
+  step is captured once as a CUDA graph and replayed with one launch per position (gpt-fast's recipe:
+  on a GPU the eager step is a few hundred small kernels, each cheaper to run than to launch).
+  "All finished?" is read every CHECK_EVERY steps; compaction moves the running showers into buckets
+  of powers of two (one graph each; fillers write into a sink row); attention reads the cache in
+  windows of GRAPH_WINDOW slots (one graph per window and bucket). The uniforms are drawn outside the
+  graph, also in the steps after the last shower finished, so the generator's state after a batch
+  (the next batch of a multi-batch generate()) differs from eager. On CPU it runs eagerly, for tests.
+A Decoder (one per ShowerModel) keeps its compiled functions and the static run of the last
+one-material batch (buffers, caches of every bucket, held matrices, graphs: about twice the full static
+cache of that batch), reused by the next static batch with the same material, settings, precision and
+weights and at most as many showers (the spare rows start finished), until close(). Between calls the
+model holds no decoding state.
+`compile`: torch.compile (inductor, dynamic shapes) of the heads, the sampler's chunk sums and, for a
+bf16 cache, the attention over it (eager), or of the whole step (static). About a minute per process,
+precision and material on the 2-core CPU (on the H100 each new row count of the static step compiled
+once more, 10-20 s); fused kernels round differently in the last bit, so the showers are equally
+distributed, not bit-identical. Under bf16 autocast the KV cache is kept in bf16.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import contextlib
+from dataclasses import dataclass, fields
 
 import torch
 
-from calofm.generation.sampler import SAMPLERS, SamplingConfig, sample
+from calofm.generation.sampler import SamplingConfig, chunk_sums, sample
 from calofm.model import ShowerTransformer
-from calofm.model.moe import routing_plan
-from calofm.tokenizer import BOS, EOS, PAD, Block
+from calofm.model.attention import attend_over_cache
+from calofm.model.moe import RoutingPlan, routing_plan
+from calofm.model.precision import autocast
+from calofm.model.sync import capture
+from calofm.tokenizer import EOS, PAD, Block
 
-
-# compaction never leaves fewer rows than this: the CPU sgemm kernels round a row differently when
-# given 1-3 rows than when given 4 or more (observed with this CPU's BLAS on one thread, for every
-# layer shape of calofm-small; GPU BLAS picks kernels by row count too, with no such floor known), so
-# a smaller compacted batch could flip a token against the uncompacted decode
+# Eager: compact once this fraction of the rows in flight has finished (10 % and 5 %: within noise of
+# 25 % on the 2-core CPU).
+COMPACT_FRACTION = 0.25
+# Eager compaction leaves at least this many rows: this CPU's sgemm rounds a row differently when given
+# 1-3 rows than 4 or more (every layer shape of calofm-small, one thread), so a smaller compacted batch
+# could flip a token against the uncompacted decode.
 COMPACT_MIN_ROWS = 4
+# Static: steps between reads of "all finished?" (each a host sync that drains the GPU's queue): at
+# most 7 idle steps per batch, of ~180 for a 50 GeV shower.
+CHECK_EVERY = 8
+# Static: compaction buckets never hold fewer rows: each new bucket costs a capture per window (and with
+# compile a compilation on the H100), while under a few dozen rows a GPU step costs the same.
+GRAPH_MIN_ROWS = 32
+# Static: attention reads the cache in windows of this many slots (0: all), one graph each: 6 graphs per
+# bucket for calofm-small's 354 slots, and about half the cache read on average (at batch 10 000 the
+# bf16 cache is 7 GB: reading all of it every step bounds the step).
+GRAPH_WINDOW = 64
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    sliced_attention: bool = True
-    sampler: str = "cdf"  # "cdf" | "exp"
-    compact: bool = True
-    compact_fraction: float = 0.25  # compact once this fraction of the current batch has finished
-    fused_qkv: bool = True
-    routing_plan: bool = True
-    compile: bool = False
-    graph: bool = False  # static-shape step, a CUDA graph on GPU (see static_decode; always routing_plan, unsliced)
-    check_every: int = 8  # graph: steps between reads of "all finished?" (host syncs)
-    graph_min_rows: int = 32  # graph: compaction buckets never smaller than this
-    graph_window: int = 64  # graph: attention reads the cache in windows of this many slots (0: all)
+    precision: str = "fp32"  # "bf16": bf16 autocast (fp32: the caller's autocast, if any)
+    compact: bool = True  # drop finished showers (eager), or move the running ones into smaller buckets (static)
+    compile: bool = False  # torch.compile (see the module docstring); off by default: a compilation per process
+    graph: bool | None = None  # the static step (a CUDA graph on a GPU); None: on a CUDA device
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r} ({', '.join(SAMPLERS)})")
-        if not 0 < self.compact_fraction <= 1:
-            raise ValueError(f"compact_fraction must be in (0, 1], got {self.compact_fraction}")
-        if self.graph and self.sampler != "cdf":
-            raise ValueError("graph decoding draws its uniforms outside the graph: it needs the cdf sampler")
-        if self.check_every < 1 or self.graph_min_rows < 1 or self.graph_window < 0:
-            raise ValueError("check_every and graph_min_rows must be >= 1, graph_window >= 0")
-
-    def plain(self) -> DecodeOptions:
-        """The same sampler and MoE routing with every other optimization off (the reference the fast
-        path must match bit for bit). The routing is kept: the plan runs the experts over other row
-        subsets, and the CPU matmul kernels round a row differently depending on how many rows they
-        get, so it changes the last bits (tests/test_model.py compares the two MoE paths)."""
-        return replace(self, sliced_attention=False, compact=False, fused_qkv=False, compile=False, graph=False)
+        autocast(torch.device("cpu"), self.precision)  # refuses an unknown precision
 
 
 @dataclass
@@ -102,35 +88,46 @@ class DecodeResult:
     capped: torch.Tensor  # (B,) bool: reached max_hits without choosing EOS
 
 
-def _allowed(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tensor:
-    """(V,) True for the tokens sampling may choose."""
+@dataclass
+class _Rows:
+    """The rows in flight; static: buffers whose shapes are fixed for a bucket (B rows)."""
+
+    h: torch.Tensor | None  # (B, d) hidden state at the last position
+    done: torch.Tensor  # (B,) bool: chose EOS (or is a filler row)
+    hits: torch.Tensor  # (B, max_hits) the voxels hit so far, PAD after
+    orig: torch.Tensor  # (B,) row of the original batch; B0 (the sink row) for static fillers
+    incident: torch.Tensor  # (B,)
+    material: torch.Tensor  # (B,)
+    particle: torch.Tensor  # (B,)
+    target: torch.Tensor | None  # (B,) hit count to hold each shower to (two-stage totals)
+    plan: RoutingPlan | None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in fields(self) if f.name != "plan"]
+
+    def select(self, keep: torch.Tensor) -> _Rows:
+        """Eager compaction: rows `keep` only (the plan is remade by the loop where it must be)."""
+        return _Rows(*(None if x is None else x[keep] for x in self.tensors()), plan=self.plan)
+
+    def empty_like(self, size: int) -> _Rows:
+        return _Rows(*(None if x is None else torch.empty((size,) + x.shape[1:], dtype=x.dtype, device=x.device)
+                       for x in self.tensors()), plan=None)
+
+    def take_into(self, dst: _Rows, src: torch.Tensor, orig: torch.Tensor) -> None:
+        """Static compaction: dst's buffers <- rows src of these (orig given), in place: a graph reads dst's."""
+        for mine, theirs in zip(self.tensors(), dst.tensors()):
+            if mine is not None and theirs is not dst.orig:
+                torch.index_select(mine, 0, src, out=theirs)
+        dst.orig.copy_(orig)
+        dst.plan = self.plan if self.plan.one_material else routing_plan(dst.material)
+
+
+def _off(n_tokens: int, block: Block, with_eos: bool, device) -> torch.Tensor:
+    """The token columns sampling may never choose (specials, other blocks; few for a one-block model)."""
     ok = torch.zeros(n_tokens, dtype=torch.bool, device=device)
     ok[block.offset:block.offset + block.size] = True
-    if with_eos:
-        ok[EOS] = True
-    return ok
-
-
-def _compiled(model: ShowerTransformer) -> tuple:
-    """Compiled heads and sampler weights, kept on the model (compilation is the slow part)."""
-    from calofm.generation.sampler import chunk_sums
-    from calofm.model.attention import allow_recompiles
-
-    if getattr(model, "_compiled_decode", None) is None:
-        allow_recompiles()
-        compile_ = lambda fn: torch.compile(fn, dynamic=True)  # noqa: E731  (the batch shrinks on compaction)
-        model._compiled_decode = (compile_(model.voxel_logits), compile_(model.energy_logits),
-                                  compile_(chunk_sums))
-    return model._compiled_decode
-
-
-def prefill(model: ShowerTransformer, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
-            plan) -> torch.Tensor:
-    """Run [COND, BOS] through the set-up cache -> the hidden state (B, d) the first draw reads."""
-    start = torch.full((incident.shape[0], 2), PAD, dtype=torch.long, device=incident.device)
-    start[:, 1] = BOS
-    h, _ = model.hidden(start, start, incident, material, particle, start=0, plan=plan)
-    return h[:, -1]
+    ok[EOS] = with_eos
+    return (~ok).nonzero().squeeze(1)
 
 
 def _fill_entries(x: torch.Tensor, columns: torch.Tensor, value: float) -> None:
@@ -147,97 +144,346 @@ def _cache_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-@torch.no_grad()
-def decode(model: ShowerTransformer, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
-           max_hits: int, voxel_block: Block, energy_block: Block, sampling: SamplingConfig = SamplingConfig(),
-           generator: torch.Generator | None = None, options: DecodeOptions | None = None,
-           target_hits: torch.Tensor | None = None, energy_sampling: SamplingConfig | None = None) -> DecodeResult:
-    """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens.
+def _weights_version(model: ShowerTransformer) -> tuple:
+    """Changes when a parameter is replaced or updated in place (optimizer steps bump _version), or an
+    adapter adds parameters: a kept run's held matrices and graphs are then stale."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
-    sampling: how voxels are drawn, and energies too unless energy_sampling is given.
-    target_hits (B,): hold shower i to exactly target_hits[i] hits (EOS masked before, forced there);
-    values above max_hits are capped. The random stream is the same with or without it."""
-    opt = options or DecodeOptions()
-    B0, device = incident.shape[0], incident.device
-    # token columns sampling may never choose (specials, other blocks); few for a one-block model
-    voxel_off = (~_allowed(model.cfg.n_voxel_tokens, voxel_block, True, device)).nonzero().squeeze(1)
-    energy_off = (~_allowed(model.cfg.n_energy_tokens, energy_block, False, device)).nonzero().squeeze(1)
-    energy_sampling = energy_sampling or sampling
-    if opt.graph:
-        if target_hits is not None:
-            raise ValueError("graph decoding does not support two-stage totals (target_hits)")
-        from calofm.generation.static_decode import static_decoder
 
-        dec = static_decoder(model, incident, material, voxel_off=voxel_off, energy_off=energy_off,
-                             max_hits=max_hits, sampling=sampling, energy_sampling=energy_sampling, options=opt,
-                             cache_dtype=_cache_dtype(device))
-        try:
-            out_v, out_e, capped = dec.run(incident, material, particle, generator)
-        finally:
-            model.clear_cache()
-        return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), capped)
+def allow_recompiles(limit: int = 64) -> None:
+    """Decoding meets a handful of graph variants per function (batch 1 and >1, prefill and step,
+    fp32 and bf16): more than dynamo's default of 8, past which it silently runs eager."""
+    import torch._dynamo
 
-    B = B0  # rows in flight (fewer than B0 after compaction)
-    orig: torch.Tensor | None = None  # (B,) original row of each row in flight; None = identity
-    hit_voxels = torch.full((B, max_hits), PAD, dtype=torch.long, device=device)  # per row in flight
-    out_v = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
-    out_e = torch.full((B0, max_hits), PAD, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    capped = torch.zeros(B0, dtype=torch.bool, device=device)
-    voxel_logits, energy_logits, cdf_fn = model.voxel_logits, model.energy_logits, None
-    if opt.compile:
-        voxel_logits, energy_logits, cdf_fn = _compiled(model)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
 
-    def draw(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-        return sample(logits, cfg, generator, opt.sampler, orig, B0, cdf_fn)
 
-    plan = routing_plan(material) if opt.routing_plan else None
-    plan_at = (B, 0)  # (rows in flight, finished among them) when the plan was made
-    try:  # setup_cache inside: clear_cache also undoes a partial set-up (held matrices, caches)
-        model.setup_cache(B, max_len=max_hits + 2, dtype=_cache_dtype(device), sliced=opt.sliced_attention,
-                          fused_qkv=opt.fused_qkv, compiled_attention=opt.compile)
-        h = prefill(model, incident, material, particle, plan)
-        for t in range(max_hits + 1):
-            if t == max_hits:  # EOS forced
-                capped[slice(None) if orig is None else orig] = ~done
+def _no_autocast_cache(device: torch.device):
+    """Autocast without its cache of cast weights: a graph must not read casts that the cache frees
+    when autocast exits (the PyTorch docs on CUDA graphs ask for cache_enabled=False)."""
+    if device.type != "cuda" or not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+
+
+class Decoder:
+    """Decodes batches with one model; keeps the compiled functions and the static run of the last
+    one-material batch until close() (see the module docstring)."""
+
+    def __init__(self, model: ShowerTransformer):
+        self.model = model
+        self.kept: _Run | None = None
+        self._compiled: dict[str, object] = {}
+
+    def close(self) -> None:
+        """Release the kept static run (buffers, caches of every bucket, held matrices, graphs and their
+        memory pool) and the compiled functions; the next decode starts afresh."""
+        self.kept = None
+        self._compiled.clear()
+        self.model.install_cache(None)
+        if self.model.ln_f.weight.is_cuda:
+            torch.cuda.empty_cache()  # the freed memory back to the device, not only to torch's allocator
+
+    def compiled(self, name: str):
+        """torch.compile (dynamic shapes: the batch shrinks on compaction) of one of the decode's
+        functions, made once per decoder."""
+        if name not in self._compiled:
+            allow_recompiles()
+            fn = {"voxel_logits": self.model.voxel_logits, "energy_logits": self.model.energy_logits,
+                  "chunk_sums": chunk_sums, "attend": attend_over_cache,
+                  "step": lambda run, window: run._step(window)}[name]
+            self._compiled[name] = torch.compile(fn, dynamic=True)
+        return self._compiled[name]
+
+    @torch.no_grad()
+    def decode(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor, max_hits: int,
+               voxel_block: Block, energy_block: Block, sampling: SamplingConfig = SamplingConfig(),
+               generator: torch.Generator | None = None, options: DecodeOptions | None = None,
+               target_hits: torch.Tensor | None = None, energy_sampling: SamplingConfig | None = None) -> DecodeResult:
+        """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens.
+
+        sampling: how voxels are drawn, and energies too unless energy_sampling is given.
+        target_hits (B,): hold shower i to exactly target_hits[i] hits (EOS masked before, forced there);
+        values above max_hits are capped. The random stream is the same with or without it."""
+        opt = options or DecodeOptions()
+        device = incident.device
+        static = opt.graph if opt.graph is not None else device.type == "cuda"
+        target = None if target_hits is None else target_hits.to(device=device, dtype=torch.long)
+        with autocast(device, opt.precision):
+            settings = dict(max_hits=max_hits, voxel_off=_off(self.model.cfg.n_voxel_tokens, voxel_block, True, device),
+                            energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device),
+                            sampling=sampling, energy_sampling=energy_sampling or sampling, opt=opt, static=static,
+                            targeted=target is not None, cache_dtype=_cache_dtype(device))
+            run = self._static_run(incident, material, settings) if static else _Run(self, len(incident), **settings)
+            try:
+                return (run.static if static else run.eager)(incident, material, particle, target, generator)
+            except BaseException:
+                if self.kept is run:  # whatever failed (a capture, memory) must not be kept
+                    self.kept = None
+                raise
+            finally:
+                self.model.install_cache(None)  # the model holds nothing between decodes
+
+    def _static_run(self, incident: torch.Tensor, material: torch.Tensor, settings: dict) -> _Run:
+        """The kept run if what its graphs bake in (settings; device and precision; the model's weights and
+        mode; the batch's material) still matches and it has at least as many rows as this batch, else a
+        new one, kept if the batch is of one material (a mixed batch routes its MoE by index lists of its
+        own)."""
+        ids = material.unique()
+        one_material = len(ids) == 1
+        device = incident.device
+        autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (tuple((k, tuple(v.tolist()) if isinstance(v, torch.Tensor) else v) for k, v in sorted(settings.items())),
+               str(device), incident.dtype, autocast_dtype, _weights_version(self.model), self.model.training,
+               int(ids[0]) if one_material else None)
+        kept = self.kept
+        if kept is not None and one_material and kept.key == key and len(material) <= kept.B0:
+            return kept
+        if not one_material:
+            return _Run(self, len(incident), key=key, **settings)
+        self.kept = None  # free the old run's buffers and graphs before allocating new ones
+        self.kept = _Run(self, len(incident), key=key, **settings)
+        return self.kept
+
+
+class _Run:
+    """A decode's state (the rows in flight, outputs, uniforms; static: buckets, caches, graphs) and its
+    step, run eagerly (`eager`) or as a static step (`static`)."""
+
+    def __init__(self, decoder: Decoder, B0: int, max_hits: int, voxel_off: torch.Tensor, energy_off: torch.Tensor,
+                 sampling: SamplingConfig, energy_sampling: SamplingConfig, opt: DecodeOptions, static: bool,
+                 targeted: bool, cache_dtype: torch.dtype | None, key: tuple = ()):
+        self.decoder, self.model, self.B0, self.max_hits = decoder, decoder.model, B0, max_hits
+        self.voxel_off, self.energy_off, self.sampling, self.energy_sampling = voxel_off, energy_off, sampling, energy_sampling
+        self.opt, self.cache_dtype, self.key = opt, cache_dtype, key  # targeted: in the key (buffers hold targets)
+        device = voxel_off.device
+        # the heads and the sampler's chunk sums; compiled one by one only in the eager loop (the static
+        # step compiles as a whole)
+        compiled = opt.compile and not static
+        self.voxel_logits = decoder.compiled("voxel_logits") if compiled else self.model.voxel_logits
+        self.energy_logits = decoder.compiled("energy_logits") if compiled else self.model.energy_logits
+        self.cdf_fn = decoder.compiled("chunk_sums") if compiled else None
+        # one row more than the batch: the sink row B0 takes the static fillers' writes (and reads a fixed uniform)
+        self.u_voxel, self.u_energy = (torch.full((B0 + 1, 1), 0.5, device=device) for _ in range(2))
+        self.out_voxel, self.out_energy = (torch.empty((B0 + 1, max_hits), dtype=torch.long, device=device)
+                                           for _ in range(2))
+        self.capped = torch.zeros(B0 + 1, dtype=torch.bool, device=device)
+        self.t = torch.zeros(1, dtype=torch.long, device=device)  # static: the step, on the device
+        self.rows: _Rows | None = None
+        self.state = None  # static: the model's caches and held matrices (ShowerTransformer.setup_cache)
+        self.buckets: dict[int, tuple[_Rows, list]] = {}  # static: rows -> (buffers, (keys, values) per cache)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # static: (bucket rows, window) -> step
+        self.pool = None  # one memory pool for all the graphs: a step leaves nothing behind in it
+        self.captures = 0  # graphs captured
+
+    # --- the step --------------------------------------------------------------------------------
+    def _voxel(self, t, n_read: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the next voxel of every row at step t (an int, or the device counter) -> (v, is_hit) (B,).
+        n_read: the columns of rows.hits that may hold a hit (t, or a static step's cache window)."""
+        r = self.rows
+        logits = self.voxel_logits(r.h).index_fill_(1, self.voxel_off, float("-inf"))
+        if n_read:  # a voxel is hit at most once (PAD entries land on the PAD column, off anyway)
+            _fill_entries(logits, r.hits[:, :n_read], float("-inf"))
+        if r.target is not None:
+            stop = t >= r.target  # (B,)
+            logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
+        v = sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
+        if r.target is not None:
+            v = torch.where(stop, EOS, v)
+        is_hit = ~r.done & (v != EOS)
+        v = torch.where(r.done, PAD, v)
+        r.done.logical_or_(v == EOS)
+        return v, is_hit
+
+    def _advance(self, t, v: torch.Tensor, is_hit: torch.Tensor) -> torch.Tensor:
+        """Draw the energies, write the step's tokens, run the new position -> v_in (B,), the voxels fed
+        (PAD for finished rows and fillers); the caller records them in rows.hits."""
+        r = self.rows
+        e = sample(self.energy_logits(r.h, v).index_fill_(1, self.energy_off, float("-inf")), self.energy_sampling,
+                   cdf_fn=self.cdf_fn, u=self.u_energy[r.orig])
+        v_in, e_in = torch.where(is_hit, v, PAD), torch.where(is_hit, e, PAD)
+        self.out_voxel[r.orig, t] = v_in  # static fillers write PAD into the sink row
+        self.out_energy[r.orig, t] = e_in
+        h, _ = self.model.hidden(v_in[:, None], e_in[:, None], r.incident, r.material, r.particle, start=t + 2,
+                                 valid=is_hit[:, None], plan=r.plan)
+        r.h.copy_(h[:, -1])
+        return v_in
+
+    def _draw(self, u: torch.Tensor, cfg: SamplingConfig, n: int, generator) -> None:
+        """The uniforms of one head for the n rows of the original batch (greedy draws none)."""
+        if cfg.temperature > 0:
+            u[:n].uniform_(0, 1, generator=generator)  # what torch.rand((n, 1)) draws
+
+    def _result(self, B: int) -> DecodeResult:
+        out_v, out_e = self.out_voxel[:B].clone(), self.out_energy[:B].clone()  # the buffers are the next batch's
+        return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), self.capped[:B].clone())
+
+    def _start(self, incident, material, particle, target, hits_width: int) -> _Rows:
+        """Clear the outputs -> the rows of a batch of B <= B0 showers, padded to B0 rows with finished
+        copies of the first that write into the sink row; h is left for the prefill."""
+        self.out_voxel.fill_(PAD)
+        self.out_energy.fill_(PAD)
+        self.capped.zero_()
+        B, B0, device = len(incident), self.B0, incident.device
+        pad = lambda x: None if x is None else torch.cat([x, x[:1].expand(B0 - B)])  # noqa: E731
+        orig = torch.arange(B0, device=device).masked_fill_(torch.arange(B0, device=device) >= B, B0)
+        rows = _Rows(torch.zeros(B0, self.model.cfg.d_model, device=device), orig == B0,
+                     torch.full((B0, hits_width), PAD, dtype=torch.long, device=device), orig, pad(incident),
+                     pad(material), pad(particle), pad(target), None)
+        rows.plan = routing_plan(rows.material)
+        return rows
+
+    # --- eager -----------------------------------------------------------------------------------
+    def eager(self, incident, material, particle, target, generator) -> DecodeResult:
+        model, B0 = self.model, self.B0
+        rows = self.rows = self._start(incident, material, particle, target, self.max_hits)
+        attend = self.decoder.compiled("attend") if self.opt.compile else None
+        model.setup_cache(B0, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=True, attend=attend)
+        rows.h = model.prefill(incident, material, particle, rows.plan)
+        plan_at = (B0, 0)  # (rows in flight, finished among them) when the plan was made
+        for t in range(self.max_hits + 1):
+            r = self.rows
+            if t == self.max_hits:  # EOS forced
+                self.capped[r.orig] = ~r.done
                 break
-            logits = voxel_logits(h).index_fill_(1, voxel_off, float("-inf"))
-            if t > 0:  # a voxel is hit at most once (PAD entries land on the PAD column, off anyway)
-                _fill_entries(logits, hit_voxels[:, :t], float("-inf"))
-            if target_hits is not None:
-                stop = t >= (target_hits if orig is None else target_hits[orig])  # (B,)
-                logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
-            v = draw(logits, sampling)
-            if target_hits is not None:
-                v = torch.where(stop, EOS, v)
-            is_hit = ~done & (v != EOS)
-            v = torch.where(done, PAD, v)
-            done = done | (v == EOS)
-            n_done = int(done.sum())  # the one host sync per step
+            self._draw(self.u_voxel, self.sampling, B0, generator)
+            v, is_hit = self._voxel(t, t)
+            B, n_done = len(r.done), int(r.done.sum())  # the one host sync per step
             if n_done == B:
                 break
-            e = draw(energy_logits(h, v).index_fill_(1, energy_off, float("-inf")), energy_sampling)
-            v_in, e_in = torch.where(is_hit, v, PAD), torch.where(is_hit, e, PAD)
-            if orig is None:
-                out_v[:, t], out_e[:, t] = v_in, e_in
-            else:
-                out_v[orig, t], out_e[orig, t] = v_in, e_in
-            hit_voxels[:, t] = v_in
-            if plan is not None and not plan.one_material and plan_at != (B, n_done):  # finished rows leave
-                plan, plan_at = routing_plan(material, None if n_done == 0 else ~done), (B, n_done)
-            h, _ = model.hidden(v_in[:, None], e_in[:, None], incident, material, particle, start=t + 2,
-                                valid=is_hit[:, None], plan=plan)
-            h = h[:, -1]
-            if opt.compact and n_done >= opt.compact_fraction * B and B - n_done >= COMPACT_MIN_ROWS:
-                keep = (~done).nonzero().squeeze(1)
-                orig = keep if orig is None else orig[keep]
-                h, hit_voxels, done = h[keep], hit_voxels[keep], done[keep]
-                incident, material, particle = incident[keep], material[keep], particle[keep]
+            self._draw(self.u_energy, self.energy_sampling, B0, generator)
+            if not r.plan.one_material and plan_at != (B, n_done):  # finished rows leave the MoE
+                r.plan, plan_at = routing_plan(r.material, None if n_done == 0 else ~r.done), (B, n_done)
+            r.hits[:, t] = self._advance(t, v, is_hit)
+            if self.opt.compact and n_done >= COMPACT_FRACTION * B and B - n_done >= COMPACT_MIN_ROWS:
+                keep = (~r.done).nonzero().squeeze(1)
+                self.rows = r.select(keep)
                 model.select_cache_rows(keep)
-                # adapters read the per-shower ids of the batch in flight (the heads run before the
-                # next hidden() call refreshes them)
-                model.context["material"], model.context["particle"] = material, particle
-                B = len(keep)
+        return self._result(B0)
+
+    # --- static ----------------------------------------------------------------------------------
+    def _caches(self) -> list:
+        return [attn.kv_cache for attn in self.model.attentions()]
+
+    def _step(self, window: int) -> torch.Tensor:
+        """The step over the static buffers, reading `window` cache slots -> v_in (no host sync, no shape
+        that depends on data)."""
+        for cache in self._caches():  # set here, so that a compiled step takes the window as an argument
+            cache.window = window
+        v, is_hit = self._voxel(self.t, window)
+        return self._advance(self.t, v, is_hit)
+
+    def step(self, window: int) -> None:
+        """One position for every row, in place: what a CUDA graph captures."""
+        if self.opt.compile:
+            import torch.fx.experimental._config as fx_config
+
+            # window and rows are symbolic sizes (dynamic=True); without duck shaping, a window that
+            # happens to equal the bucket's rows or n_heads does not tie them (a recompilation later)
+            with fx_config.patch(use_duck_shape=False):
+                v_in = self.decoder.compiled("step")(self, window)
+        else:
+            v_in = self._step(window)
+        # the voxels just hit, recorded outside the compiled step: inside it, inductor turned an in-place
+        # write into a buffer the step also reads into a copy of the whole buffer and a copy back
+        self.rows.hits.index_copy_(1, self.t, v_in[:, None])
+        self.t += 1
+
+    def _run_step(self, window: int) -> None:
+        key = (len(self.rows.done), window)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        if self.t.device.type != "cuda":
+            self.step(window)
+            return
+        # first step of this bucket and window: the warm-up runs it, the recorded one runs at the next replay
+        graph, _ = capture(lambda: self.step(window), self.pool)
+        self.graphs[key] = graph  # only once captured: a failed capture must not be replayed later
+        self.pool = self.pool or graph.pool()
+        self.captures += 1
+
+    def _window(self, t: int | None) -> int:
+        """Cache slots read at step t (0-based): the filled t + 3, rounded up to whole windows; all
+        max_hits + 2 (t None: the prefill, which reads what the eager prefill reads)."""
+        w = GRAPH_WINDOW or self.max_hits + 2
+        return self.max_hits + 2 if t is None else min(self.max_hits + 2, -(-(t + 3) // w) * w)
+
+    def _use(self, size: int) -> None:
+        """Make bucket `size` (allocated on first use) the rows and caches the step reads."""
+        if size not in self.buckets:
+            kv = [tuple(torch.empty((size,) + x.shape[1:], dtype=x.dtype, device=x.device) for x in (c.k, c.v))
+                  for c in self._caches()]
+            self.buckets[size] = (self.rows.empty_like(size), kv)
+        rows, kv = self.buckets[size]
+        for cache, (k, v) in zip(self._caches(), kv):
+            cache.k, cache.v = k, v
+        self.rows = rows
+
+    def _compact(self, n_live: int) -> None:
+        """Move the running rows into a bucket of the next power of two >= n_live (>= GRAPH_MIN_ROWS)."""
+        B = len(self.rows.done)
+        size = max(GRAPH_MIN_ROWS, 1 << max(n_live - 1, 0).bit_length())
+        if size >= B:
+            return
+        old, caches = self.rows, [(c.k, c.v) for c in self._caches()]
+        live, finished = (~old.done).nonzero().squeeze(1), old.done.nonzero().squeeze(1)
+        src = torch.cat([live, finished[:1].expand(size - n_live)])  # fillers: copies of a finished row
+        orig = torch.cat([old.orig[live], torch.full((size - n_live,), self.B0, device=src.device)])
+        self._use(size)
+        old.take_into(self.rows, src, orig)
+        for (k_old, v_old), (k, v) in zip(caches, self.buckets[size][1]):
+            torch.index_select(k_old, 0, src, out=k)
+            torch.index_select(v_old, 0, src, out=v)
+
+    def static(self, incident, material, particle, target, generator) -> DecodeResult:
+        """A batch of B <= B0 rows through the static step."""
+        model, device, B0, B = self.model, incident.device, self.B0, incident.shape[0]
+        # hits wider than any window: a compiled step then reads a strict prefix at every window (one at
+        # the buffer's width recompiled)
+        new = self._start(incident, material, particle, target, self.max_hits + 3)
+        if self.state is None:  # the first call: the model's caches and held matrices, the top bucket
+            # one slot more than a window ever reads, where the model has room: then every window is a
+            # strided view of the buffer, none the whole (contiguous) buffer, which a compiled step would
+            # treat apart (a recompilation at the last window)
+            self.state = model.setup_cache(B0, max_len=min(self.max_hits + 3, model.cfg.max_seq_len),
+                                           dtype=self.cache_dtype, sliced=False)
+            self.buckets[B0] = (new.empty_like(B0), [(c.k, c.v) for c in self._caches()])
+        model.install_cache(self.state)
+        self._use(B0)
+        r = self.rows
+        for buf, value in zip(r.tensors(), new.tensors()):
+            if buf is not None:
+                buf.copy_(value)
+        r.plan = new.plan
+        for cache in self._caches():
+            cache.window = self._window(None)
+        r.h.copy_(model.prefill(r.incident, r.material, r.particle, r.plan))
+        self.t.zero_()
+        on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with on_device, _no_autocast_cache(device):  # streams and graphs on the batch's GPU
+            for t in range(1, self.max_hits + 1):
+                # drawn as the eager loop draws them for the B rows
+                self._draw(self.u_voxel, self.sampling, B, generator)
+                self._draw(self.u_energy, self.energy_sampling, B, generator)
+                self._run_step(self._window(t - 1))
+                if t % CHECK_EVERY and t < self.max_hits:
+                    continue
+                n_live = int((~self.rows.done).sum())  # a host sync, every CHECK_EVERY steps
+                if n_live == 0:
+                    break
+                if t == self.max_hits:  # EOS forced
+                    self.capped[self.rows.orig] = ~self.rows.done
+                elif self.opt.compact and 2 * n_live <= len(self.rows.done):
+                    self._compact(n_live)
+        return self._result(B)
+
+
+def decode(model: ShowerTransformer, *args, **kwargs) -> DecodeResult:
+    """Decoder(model).decode(*args, **kwargs) with a decoder of its own, closed after (nothing is kept)."""
+    decoder = Decoder(model)
+    try:
+        return decoder.decode(*args, **kwargs)
     finally:
-        model.clear_cache()
-    return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), capped)
+        decoder.close()

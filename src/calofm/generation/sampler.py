@@ -1,20 +1,15 @@
 """Next-token sampling: temperature, top-k, top-p, min-p, without host synchronization.
 
-Two exact ways to draw from the categorical distribution p (both sync-free, no multinomial):
-- "cdf" (default): inverse CDF, the first token i with cumsum(p)_i > u * sum(p), u ~ U[0, 1): one
-  uniform per row. Searched in two levels, first among chunks of CHUNK tokens (sums of each chunk,
-  then a short cumsum), then inside the chosen chunk: a cumsum over the whole vocabulary is a
-  sequential scan, several times slower than the chunk sums on CPU. The probabilities are never
-  stored: one pass over the logits gives the chunk sums, and only the chosen chunk's CHUNK
-  probabilities are recomputed (at batch 1000 the (B, V) logits outgrow the CPU caches, so every
-  full pass is a trip to memory). The logits are read in their own dtype (bf16 under bf16 decoding),
-  the sums accumulated in fp32;
-- "exp": argmax(p_i / q_i) with q_i ~ Exp(1) i.i.d. (the exponential-race form of the Gumbel-max
-  trick): one exponential per vocabulary entry, which made it the most expensive op of decoding.
-
-`rows` / `n_rows`: the logits are rows `rows` of a batch of `n_rows` rows. The random numbers are
-drawn for the whole batch and these rows' used, so a row's draw never depends on which other rows
-are still in the batch (decoding drops finished showers, see decode.DecodeOptions.compact).
+Sampling is exact and sync-free (no multinomial), by inverse CDF: the first token i with
+cumsum(p)_i > u * sum(p), u ~ U[0, 1): one uniform per row, which the decoder draws itself for the whole
+original batch (see generation.decode). Searched in two levels, first among chunks of CHUNK tokens
+(sums of each chunk, then a short cumsum), then inside the chosen chunk: a cumsum over the whole
+vocabulary is a sequential scan, several times slower than the chunk sums on CPU. The probabilities
+are never stored: one pass over the logits gives the chunk sums, and only the chosen chunk's CHUNK
+probabilities are recomputed (at batch 1000 the (B, V) logits outgrow the CPU caches, so every full
+pass is a trip to memory). The logits are read in their own dtype (bf16 under bf16 decoding), the sums
+accumulated in fp32. (The exponential race, argmax(p_i / q_i) with one q_i ~ Exp(1) per vocabulary
+entry, made decoding 2.1x slower on the 2-core CPU.)
 """
 
 from __future__ import annotations
@@ -95,7 +90,6 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, with_min_p: bool = 
     return logits
 
 
-SAMPLERS = ("cdf", "exp")
 CHUNK = 64  # tokens per chunk of the two-level inverse-CDF search
 
 
@@ -127,29 +121,18 @@ def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
-           method: str = "cdf", rows: torch.Tensor | None = None, n_rows: int | None = None,
            cdf_fn=None, u: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled chunk_sums.
-    u (B, 1): the cdf sampler's uniforms, drawn by the caller instead of from `generator` (a CUDA graph
-    cannot draw from a Python-held generator, see generation.static_decode)."""
+    u (B, 1): the uniforms, drawn by the caller instead of from `generator` (the decoder draws them for
+    its whole batch, and a CUDA graph cannot draw from a Python-held generator)."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     B, V = logits.shape
-    n = B if rows is None else n_rows
-    if method == "exp":
-        if u is not None:
-            raise ValueError("given uniforms are for the cdf sampler")
-        probs = filter_logits(logits, cfg).softmax(dim=-1, dtype=torch.float32)
-        q = torch.empty((n, V), dtype=probs.dtype, device=probs.device).exponential_(1.0, generator=generator)
-        return (probs / (q if rows is None else q[rows])).argmax(dim=-1)
-    if method != "cdf":
-        raise ValueError(f"unknown sampler {method!r} ({', '.join(SAMPLERS)})")
     logits = filter_logits(logits, cfg, with_min_p=False)  # min-p is applied to the weights below
     m, sums = (cdf_fn or chunk_sums)(logits, cfg.log_min_p)  # (B, 1), (B, C)
     chunk_cdf = sums.cumsum(dim=-1)
     if u is None:
-        u = torch.rand((n, 1), dtype=chunk_cdf.dtype, device=logits.device, generator=generator)
-        u = u if rows is None else u[rows]
+        u = torch.rand((B, 1), dtype=chunk_cdf.dtype, device=logits.device, generator=generator)
     target = _below(u * chunk_cdf[:, -1:], chunk_cdf[:, -1:])  # (B, 1)
     # first chunk c with chunk_cdf_c > target: its sum is > 0. Then the first token inside it whose
     # running sum exceeds what is left of the target; running sums only grow at tokens of positive

@@ -7,6 +7,8 @@ variant of the published model, see config.stream_combine).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,25 +51,21 @@ def attend_over_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return (p.unsqueeze(-1) * v.float().unsqueeze(-3)).sum(-2)
 
 
-_compiled_attend = None
+@dataclass
+class Showers:
+    """The per-shower ids (B,) of the batch in flight, handed down to the layers that act on some showers
+    only (calofm.extension's gated adapters). static: the batch runs a step that must not read the
+    device (a captured CUDA graph, see generation.decode), so such a layer may take no shortcut that
+    depends on the data."""
+
+    material: torch.Tensor
+    particle: torch.Tensor
+    static: bool = False
 
 
-def compiled_attend_over_cache():
-    """attend_over_cache through torch.compile (dynamic shapes: batch and span change every step),
-    compiled once per process."""
-    global _compiled_attend
-    if _compiled_attend is None:
-        allow_recompiles()
-        _compiled_attend = torch.compile(attend_over_cache, dynamic=True)
-    return _compiled_attend
-
-
-def allow_recompiles(limit: int = 64) -> None:
-    """Decoding meets a handful of graph variants per function (batch 1 and >1, prefill and step,
-    fp32 and bf16): more than dynamo's default of 8, past which it silently runs eager."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+def per_shower(layer: nn.Module, x: torch.Tensor, showers: Showers | None) -> torch.Tensor:
+    """layer(x), or layer(x, showers) for a layer that acts per shower (one with `per_shower = True`)."""
+    return layer(x, showers) if getattr(layer, "per_shower", False) else layer(x)
 
 
 class CausalAttention(nn.Module):
@@ -81,33 +79,17 @@ class CausalAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.rotary = rotary
-        self.kv_cache: KVCache | None = None
-        # decode only: [W_q; W_k; W_v] concatenated (see fuse_qkv), not part of the state dict
-        self.qkv_weight: torch.Tensor | None = None
-
-    def fuse_qkv(self, on: bool = True) -> bool:
-        """Decode with one (3d, d) projection instead of three. Built from the current q/k/v weights
-        (the state dict keeps the separate ones); only when all three are plain nn.Linear without
-        bias: wrapped projections (a LoRA adapter) keep the separate path. Returns whether fused."""
-        self.qkv_weight = None
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        if on and all(type(p) is nn.Linear and p.bias is None for p in projs):
-            self.qkv_weight = torch.cat([p.weight.detach() for p in projs], dim=0)
-        return self.qkv_weight is not None
+        self.kv_cache: KVCache | None = None  # set for the length of a decode (ShowerTransformer.install_cache)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None,
-                kv: torch.Tensor | None = None) -> torch.Tensor:
+                kv: torch.Tensor | None = None, showers: Showers | None = None) -> torch.Tensor:
         """x (B, T, d) at positions pos (T,); keys/values from kv (B, T, d) if given, else from x.
         Without a cache: causal over the T tokens. With a cache: attend to everything cached so far;
-        mask (T, S) says which of the S cache slots read each query sees."""
+        mask (T, S) says which of the S cache slots read each query sees. showers: for gated adapters."""
         B, T, _ = x.shape
-        if self.qkv_weight is not None and kv is None and not self.training:
-            q, k, v = (F.linear(x, self.qkv_weight).view(B, T, 3, self.n_heads, self.head_dim)
-                       .permute(2, 0, 3, 1, 4).unbind(0))  # (B, H, T, D) each
-        else:
-            kv = x if kv is None else kv
-            q, k, v = (proj(inp).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                       for proj, inp in ((self.q_proj, x), (self.k_proj, kv), (self.v_proj, kv)))  # (B, H, T, D)
+        kv = x if kv is None else kv
+        q, k, v = (per_shower(proj, inp, showers).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj, inp in ((self.q_proj, x), (self.k_proj, kv), (self.v_proj, kv)))  # (B, H, T, D)
         q, k = self.rotary(q, pos), self.rotary(k, pos)
         dropout = self.dropout if self.training else 0.0
         dtype = q.dtype
@@ -121,9 +103,10 @@ class CausalAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         elif on_cpu and cache.k.dtype != torch.float32:
             # a bf16 cache is read as bf16 (converting it to fp32 first would copy it every step).
-            # Compiled only here: over an fp32 cache the eager matmuls below were as fast (batch 100)
-            # or faster (batch 1000: 46 vs 44 showers/s) than the compiled form
-            y = (compiled_attend_over_cache() if cache.compiled else attend_over_cache)(q, k, v, mask)
+            # cache.attend: a compiled attend_over_cache (the decoder's, with compile); only here:
+            # over an fp32 cache the eager matmuls below were as fast (batch 100) or faster (batch
+            # 1000: 46 vs 44 showers/s) than the compiled form
+            y = (cache.attend or attend_over_cache)(q, k, v, mask)
         elif on_cpu:
             # decoding on CPU: explicit masked attention in fp32. Faster than SDPA's masked path for
             # one query row, and gives bit-identical results whether the cache is read whole or as its
@@ -133,4 +116,4 @@ class CausalAttention(nn.Module):
             y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v.float()
         else:
             y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, dropout_p=dropout)
-        return self.o_proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
+        return per_shower(self.o_proj, y.to(dtype).transpose(1, 2).reshape(B, T, -1), showers)

@@ -28,15 +28,15 @@ class BlockTables(nn.Module):
             return self.held
         return self.tables[0] if len(self.tables) == 1 else torch.cat(list(self.tables), dim=0)
 
-    def hold_weight(self, on: bool = True, dtype: torch.dtype | None = None) -> None:
-        """Keep the concatenated (V, d) matrix, in `dtype` if given, until hold_weight(False): for
-        decoding, where the tables do not change between steps (not for training: the held matrix
-        carries no gradient). A head held in bf16 under bf16 autocast gives the same logits as the
-        fp32 tables (autocast would round them to bf16 the same way), without the cast at each call."""
+    def hold_weight(self, dtype: torch.dtype | None = None) -> None:
+        """Keep the concatenated (V, d) matrix, in `dtype` if given, as `held` for one decode (set up and
+        dropped by ShowerTransformer.setup_cache / install_cache): the tables do not change between steps
+        (not for training: the held matrix carries no gradient). A head held in bf16 under bf16 autocast
+        gives the same logits as the fp32 tables (autocast would round them to bf16 the same way),
+        without the cast at each call."""
         self.held = None
-        if on:
-            with torch.no_grad():
-                self.held = self.weight.to(dtype or self.tables[0].dtype)
+        with torch.no_grad():
+            self.held = self.weight.to(dtype or self.tables[0].dtype)
 
     def append_block(self, size: int) -> None:
         ref = self.tables[0]

@@ -45,12 +45,12 @@ class KVStorage:
 class KVCache(nn.Module):
     def __init__(self, batch_size: int, n_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 sliced: bool = False, compiled: bool = False, spare: KVStorage | None = None):
+                 sliced: bool = False, attend=None, spare: KVStorage | None = None):
         super().__init__()
         self.sliced, self.fill, self.max_len = sliced, 0, max_len
         self.write_pos: torch.Tensor | None = None  # (T,) positions of the next write (static decoding)
         self.window: int | None = None  # static: slots attention reads (covering the filled ones); None = all
-        self.compiled = compiled  # attention over this cache through torch.compile (see CausalAttention)
+        self.attend = attend  # attention over a bf16 cache, if not attention.attend_over_cache (a compiled one)
         shape = (batch_size, n_heads, max_len, head_dim)
         if not sliced:
             k, v = torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)

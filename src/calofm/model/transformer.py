@@ -11,9 +11,11 @@ p(v, e | past) = p(v | past) p(e | v, past) instead of sampling the two independ
 
 Two ways to run it:
 - training / scoring: `forward(batch)` over whole padded sequences (is_causal attention);
-- decoding: `setup_cache(B)`, then `hidden(...)` with `start` = position of the first new token,
-  writing keys/values into the static cache (attention masked to the positions filled so far, over
-  the whole buffer or, with a sliced cache, over the filled prefix only).
+- decoding: `setup_cache(B)` (installs the KV caches and the held vocabulary matrices, and returns
+  them, so that a decoder can take them away with `install_cache()` and put them back later), then
+  `prefill(...)` and `hidden(...)` with `start` = position of the first new token, writing keys/values
+  into the cache (attention masked to the positions filled so far, over the whole buffer or, with a
+  sliced cache, over the filled prefix only). The decoding loop is calofm.generation.decode.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calofm.model.attention import CausalAttention, Rotary
+from calofm.model.attention import CausalAttention, Rotary, Showers, per_shower
 from calofm.model.blocks import BlockEmbedding, BlockHead, BlockTables
 from calofm.model.config import ModelConfig
 from calofm.model.kv_cache import KVCache, KVStorage
 from calofm.model.moe import MLP, MaterialMoE, MoEAux, RoutingPlan
+from calofm.tokenizer import BOS, PAD
 
 IGNORE = -100  # target id that the losses skip
 
@@ -52,19 +55,20 @@ class Block(nn.Module):
     def attentions(self) -> list[CausalAttention]:
         return [self.attn] if self.cross is None else [self.cross, self.attn]
 
-    def forward(self, x, pos, material, valid, mask, voxels=None, plan: RoutingPlan | None = None):
-        """x (B, T, d); material (B,); valid (B, T) bool or None: padding skips the MoE (its output
-        never reaches a real token: it sits after EOS, and attention is causal); voxels (B, T, d):
+    def forward(self, x, pos, showers: Showers, valid, mask, voxels=None, plan: RoutingPlan | None = None):
+        """x (B, T, d); showers: the batch's ids (the material routes the MoE); valid (B, T) bool or None:
+        padding skips the MoE (its output never reaches a real token: it sits after EOS, and attention
+        is causal); voxels (B, T, d):
         the voxel stream, for cross-attention. plan: decoding, the MoE routes by this per-material
         plan instead (valid is then ignored: the plan says which rows run) and returns no aux."""
         B, T, d = x.shape
         if self.cross is not None:
-            x = x + self.drop(self.cross(self.ln_cross(x), pos, mask, kv=self.ln_voxels(voxels)))
-        x = x + self.drop(self.attn(self.ln1(x), pos, mask))
+            x = x + self.drop(self.cross(self.ln_cross(x), pos, mask, kv=self.ln_voxels(voxels), showers=showers))
+        x = x + self.drop(self.attn(self.ln1(x), pos, mask, showers=showers))
         if plan is not None:
             return x + self.drop(self.moe.decode(self.ln2(x), plan).to(x.dtype)), None
         h = self.ln2(x).reshape(B * T, d)
-        mat = material[:, None].expand(B, T).reshape(B * T)
+        mat = showers.material[:, None].expand(B, T).reshape(B * T)
         if valid is None:
             y, aux = self.moe(h, mat)
         else:
@@ -121,10 +125,6 @@ class ShowerTransformer(nn.Module):
         hidden = int(cfg.ff_mult * d)
         self.energy_in = EnergyHeadInput(d, hidden) if cfg.energy_head_voxel_cond else None
         self.energy_head = BlockHead(cfg.energy_blocks, d)
-        # per-shower ids of the batch in flight, read by adapters that act on some showers only
-        # (calofm.extension: a new particle's LoRA is gated by particle id)
-        self.context: dict[str, torch.Tensor] = {}
-        self.static_decoder = None  # the graph decoder kept for the next batch (generation.static_decode)
         self.register_buffer("causal_mask", torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril(),
                              persistent=False)
         self._init_weights()
@@ -155,9 +155,11 @@ class ShowerTransformer(nn.Module):
         """Tokens (B, T) at positions start..start+T-1 -> final hidden states (B, T, d), MoE aux per layer
         (None with a routing plan, see Block.forward). Position 0 (when start == 0) is the
         conditioning; its token ids are ignored. start as a (1,) device tensor: a decode step whose
-        position is data, not a Python int (static caches only, see generation.static_decode)."""
+        position is data, not a Python int (static caches only: the captured step of generation.decode).
+        The per-shower ids reach the layers that act on some showers only (adapters) as `Showers`."""
         B, T = vox.shape
-        self.context["material"], self.context["particle"] = material, particle
+        on_device = isinstance(start, torch.Tensor)  # static decoding: the position lives on the device
+        showers = Showers(material, particle, static=on_device)
         voxels = None
         if self.cfg.stream_combine == "sum":
             x = self.voxel_emb(vox) + self.energy_emb(en)
@@ -168,7 +170,6 @@ class ShowerTransformer(nn.Module):
             x = torch.cat([cond, x[:, 1:]], dim=1)
             voxels = None if voxels is None else torch.cat([cond, voxels[:, 1:]], dim=1)
         cache = self.blocks[0].attn.kv_cache
-        on_device = isinstance(start, torch.Tensor)  # static decoding: the position lives on the device
         if on_device and cache is None:
             raise ValueError("a tensor start position is for decoding with a static cache (setup_cache)")
         pos = (start + torch.arange(T, device=vox.device) if on_device
@@ -182,9 +183,9 @@ class ShowerTransformer(nn.Module):
             mask = self.causal_mask[pos, : cache.span]  # (T, slots read): full buffer, or filled prefix
         auxes: list[MoEAux] = []
         for block in self.blocks:
-            x, aux = block(x, pos, material, valid, mask, voxels, plan)
+            x, aux = block(x, pos, showers, valid, mask, voxels, plan)
             auxes.append(aux)
-        return self.ln_f(x), auxes
+        return per_shower(self.ln_f, x, showers), auxes
 
     def voxel_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.voxel_head(h)
@@ -209,13 +210,13 @@ class ShowerTransformer(nn.Module):
 
     # --- decoding ---------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None,
-                    sliced: bool = False, fused_qkv: bool = False, compiled_attention: bool = False) -> None:
-        """Set up a key/value cache of up to (B, H, S_max, D) in every layer, and hold the vocabulary
-        matrices (see BlockTables.hold_weight). dtype: the decode's compute dtype, the weights' unless
-        given; the cache and the heads' held matrices take it (so a bf16 dtype is for decoding under
-        bf16 autocast). sliced: buffers only as wide as the filled prefix (see KVCache); fused_qkv: one QKV
-        projection where q/k/v are plain Linears; compiled_attention: attention over a bf16 cache
-        through torch.compile (see attention.attend_over_cache)."""
+                    sliced: bool = False, attend=None) -> tuple:
+        """Install a key/value cache of up to (B, H, S_max, D) in every layer, and hold the vocabulary
+        matrices (see BlockTables.hold_weight); returns them for install_cache. dtype: the decode's
+        compute dtype, the weights' unless given; the cache and the heads' held matrices take it (so a
+        bf16 dtype is for decoding under bf16 autocast). sliced: buffers only as wide as the filled
+        prefix (see KVCache); attend: the attention over a bf16 cache (a compiled
+        attention.attend_over_cache)."""
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_len} positions exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -223,32 +224,36 @@ class ShowerTransformer(nn.Module):
         dtype = dtype or ref.dtype
         # sliced caches rewrite themselves into one shared spare storage (see KVCache)
         spare = KVStorage(batch_size * self.cfg.n_heads * max_len * self.cfg.head_dim, dtype,
-                             ref.device) if sliced else None
+                          ref.device) if sliced else None
         for tables in self.block_tables():  # heads in the compute dtype; embeddings feed the fp32 stream
             tables.hold_weight(dtype=dtype if isinstance(tables, BlockHead) else None)
         for attn in self.attentions():
             attn.kv_cache = KVCache(batch_size, self.cfg.n_heads, max_len, self.cfg.head_dim, dtype,
-                                    ref.device, sliced=sliced, compiled=compiled_attention, spare=spare)
-            attn.fuse_qkv(fused_qkv)
+                                    ref.device, sliced=sliced, attend=attend, spare=spare)
+        return [t.held for t in self.block_tables()], [a.kv_cache for a in self.attentions()]
+
+    def install_cache(self, state: tuple | None = None) -> None:
+        """Put back what setup_cache returned (a CUDA graph reads those tensors at the addresses it was
+        captured with, so a decoder that replays its graphs in a later call installs the same ones
+        again), or with None remove it: the model holds nothing between decodes."""
+        held, caches = state or ([None] * len(self.block_tables()), [None] * len(self.attentions()))
+        for tables, w in zip(self.block_tables(), held, strict=True):
+            tables.held = w
+        for attn, cache in zip(self.attentions(), caches, strict=True):
+            attn.kv_cache = cache
 
     def select_cache_rows(self, rows: torch.Tensor) -> None:
         """Keep only the sequences `rows` in every layer's cache (finished showers leave the batch)."""
         for attn in self.attentions():
             attn.kv_cache.select_rows(rows)
 
-    def decode_state(self) -> tuple:
-        """What setup_cache set up (held vocabulary matrices, caches, fused QKV weights), for
-        restore_decode_state: a CUDA graph reads these tensors at the addresses it was captured with,
-        so a decoder that replays its graphs in a later call installs the same ones again
-        (generation.static_decode)."""
-        return [t.held for t in self.block_tables()], [(a.kv_cache, a.qkv_weight) for a in self.attentions()]
-
-    def restore_decode_state(self, state: tuple) -> None:
-        held, attns = state
-        for tables, w in zip(self.block_tables(), held, strict=True):
-            tables.held = w
-        for a, (cache, qkv) in zip(self.attentions(), attns, strict=True):
-            a.kv_cache, a.qkv_weight = cache, qkv
+    def prefill(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
+                plan: RoutingPlan | None = None) -> torch.Tensor:
+        """Run [COND, BOS] through the installed cache -> the hidden state (B, d) the first draw reads."""
+        start = torch.full((incident.shape[0], 2), PAD, dtype=torch.long, device=incident.device)
+        start[:, 1] = BOS
+        h, _ = self.hidden(start, start, incident, material, particle, start=0, plan=plan)
+        return h[:, -1]
 
     def attentions(self) -> list[CausalAttention]:
         """Every attention of the network, layer by layer (each holds its own KV cache when decoding)."""
@@ -256,13 +261,6 @@ class ShowerTransformer(nn.Module):
 
     def block_tables(self) -> list[BlockTables]:
         return [m for m in self.modules() if isinstance(m, BlockTables)]
-
-    def clear_cache(self) -> None:
-        for tables in self.block_tables():
-            tables.hold_weight(False)
-        for attn in self.attentions():
-            attn.kv_cache = None
-            attn.qkv_weight = None
 
     # --- growth (continual learning) -----------------------------------------------------------
     def add_material(self, n_experts: int | None = None) -> int:

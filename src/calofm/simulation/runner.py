@@ -22,23 +22,16 @@ from tqdm import tqdm
 from calofm import __version__
 from calofm.detector.geometry import Geometry, get_geometry
 from calofm.detector.materials import get_material
+from calofm.detector.particles import canonical_particle
 from calofm.errors import CalofmError
 from calofm.simulation.gflash import simulate_batch
 from calofm.simulation.medium import Medium
 
-PARTICLES = {"gamma": "gamma", "photon": "gamma", "e-": "e-", "electron": "e-", "e+": "e+", "positron": "e+"}
 CHUNK = 256  # showers per chunk: small enough to stay in cache, large enough to vectorize
 # Bumped whenever the simulated showers change for a given seed; models record the version they
 # were trained on (manifest key "simulator_version").
 SIMULATOR_VERSION = 2
 GENERATOR = f"calofm-sim {__version__} v{SIMULATOR_VERSION} (Grindhammer-Peters parameterization)"
-
-
-def canonical_particle(name: str) -> str:
-    try:
-        return PARTICLES[str(name).strip().lower()]
-    except KeyError:
-        raise CalofmError(f"unknown particle {name!r}; known: gamma, e-, e+") from None
 
 
 def parse_energy(text: str | float | tuple) -> tuple[float, float]:

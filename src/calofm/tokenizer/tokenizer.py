@@ -31,8 +31,8 @@ import numpy as np
 
 from calofm.detector.geometry import Geometry
 from calofm.detector.materials import get_material
+from calofm.detector.particles import PARTICLES
 from calofm.errors import CalofmError
-from calofm.simulation.runner import PARTICLES
 from calofm.tokenizer.energy_bins import LogEnergyBins
 from calofm.tokenizer.totals import ShowerTotals
 from calofm.tokenizer.vocab import Vocabulary

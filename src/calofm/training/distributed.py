@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from calofm.errors import CalofmError
+from calofm.device import pick_device
 
 
 @dataclass
@@ -30,18 +30,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world > 1
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise CalofmError("--device cuda requested but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise CalofmError(f"unknown device {name!r} (cpu, cuda, auto)")
-    return torch.device("cpu")
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
