@@ -1,0 +1,123 @@
+"""Fidelity against training compute: classifier AUC of snapshots of one training run.
+
+    python benchmarks/learning_curve.py MODEL_DIR [MODEL_DIR ...] [--materials W,Ta,Cu] [--n 1000]
+        [--json benchmarks/results/learning_curve_cpu.json] [--plot docs/img/learning_curve.png]
+
+Each MODEL_DIR is a model directory (a run directory, one of its checkpoints/step-N, or a copy of
+one); its manifest says how many tokens it had seen. For every model and material: generate --n
+showers (fp32, seed 1, 10-100 GeV uniform, cpu geometry), simulate as many reference showers with a
+seed no training stream uses, and run `calofm evaluate --no-plots` on them, as a user would. Rows are
+keyed by (weights sha256, material) and merged into --json, so points can be added as a run goes on;
+the figure shows the high-level (solid) and low-level (dashed) AUC against tokens seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from calofm.checkpoint import atomic_write_text, read_manifest
+from provenance import provenance  # benchmarks/ is the script's directory
+
+REFERENCE_SEED = 424242  # simulation seed of the reference showers; no training stream starts from it
+
+
+def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: int) -> dict:
+    from calofm.generation import load
+    from calofm.simulation import SIMULATOR_VERSION, simulate_to_file
+
+    manifest = read_manifest(model_dir)
+    ref = os.path.join(work, f"ref_{material}_{n}_v{SIMULATOR_VERSION}.h5")
+    if not os.path.exists(ref):
+        simulate_to_file(ref, n, material=material, particle="gamma", energy_GeV=(10, 100), geometry="cpu",
+                         seed=REFERENCE_SEED, progress=False)
+    sha = manifest["weights"]["sha256"]
+    gen = os.path.join(work, f"gen_{sha[:12]}_{material}.h5")
+    start = time.perf_counter()
+    load(model_dir).generate(n, material=material, particle="gamma", energy_GeV=(10, 100), seed=1, output=gen,
+                             progress=False)
+    gen_s = time.perf_counter() - start
+    report = os.path.join(work, f"report_{sha[:12]}_{material}")
+    subprocess.run([sys.executable, "-m", "calofm.cli.main", "evaluate", "--reference", ref, "--generated", gen,
+                    "-o", report, "--no-plots", "--quiet", "--threads", str(threads)], check=True)
+    with open(os.path.join(report, "metrics.json")) as fh:
+        m = json.load(fh)
+    training = manifest.get("training", {})
+    u = m["uncertainties"]
+    return {"model": os.path.abspath(model_dir), "sha256": sha, "material": material,
+            "tokens_seen": training.get("tokens_seen"), "steps": training.get("steps"),
+            "wall_time_s": training.get("wall_time_s"), "simulator_version": training.get("simulator_version"),
+            "n": n, "auc_high": round(m["classifier_auc_high"], 4), "auc_high_err": round(u["classifier_auc_high"], 4),
+            "auc_low": round(m["classifier_auc_low"], 4), "auc_low_err": round(u["classifier_auc_low"], 4),
+            "fpd": [round(v, 1) for v in m["fpd"]], "generate_s": round(gen_s, 1)}
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, material in enumerate(sorted({r["material"] for r in rows})):
+        pts = sorted((r for r in rows if r["material"] == material), key=lambda r: r["tokens_seen"])
+        x = [r["tokens_seen"] / 1e6 for r in pts]
+        ax.errorbar(x, [r["auc_high"] for r in pts], [r["auc_high_err"] for r in pts], color=f"C{i}", marker="o",
+                    label=f"{material} γ high-level")
+        ax.plot(x, [r["auc_low"] for r in pts], color=f"C{i}", ls="--", marker=".", label=f"{material} γ low-level")
+    ax.axhline(0.6, color="k", lw=0.8, ls=":")
+    ax.text(ax.get_xlim()[0], 0.6, " target 0.60", va="bottom", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens seen [millions]")
+    ax.set_ylabel("classifier AUC (generated vs simulated)")
+    ax.set_ylim(0.45, 1.0)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="model directories (snapshots of one run)")
+    ap.add_argument("--materials", default="W,Ta,Cu")
+    ap.add_argument("--n", type=int, default=1000, help="generated and simulated showers per point")
+    ap.add_argument("--work", default="/tmp/calofm-learning-curve", help="folder for the shower files and reports")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default="benchmarks/results/learning_curve_cpu.json")
+    ap.add_argument("--plot", default="docs/img/learning_curve_cpu.png", help="'' = no figure")
+    ap.add_argument("--title", default="calofm-small on the embedded simulator, cpu geometry, 10-100 GeV photons")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work, exist_ok=True)
+    record = {"rows": []}
+    if os.path.exists(args.json):
+        with open(args.json) as fh:
+            record = json.load(fh)
+    for model_dir in args.models:
+        for material in args.materials.split(","):
+            row = evaluate_point(model_dir, material, args.n, args.work, args.threads)
+            record["rows"] = [r for r in record["rows"] if (r["sha256"], r["material"]) != (row["sha256"], material)]
+            record["rows"].append(row)
+            record["rows"].sort(key=lambda r: (r["material"], r["tokens_seen"] or 0))
+            record.update(provenance())
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
+            print(f"{material} {row['tokens_seen'] / 1e6:7.2f} M tokens: AUC high {row['auc_high']:.3f} "
+                  f"± {row['auc_high_err']:.3f}, low {row['auc_low']:.3f}  ({model_dir})", flush=True)
+    if args.plot:
+        plot(record["rows"], args.plot, args.title)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
