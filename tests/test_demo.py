@@ -27,8 +27,9 @@ def test_quick_demo_writes_a_report(tmp_path):
     assert set(metrics["materials"]) == SAMPLES
     for label, m in metrics["materials"].items():
         assert m["n_generated"] == m["n_reference"] == 120
-        # a classifier on 24 + 24 test showers: 0.5 when indistinguishable, far below only by a bug
-        assert 0.35 <= m["classifier_auc_high"] <= 1.0 and 0.35 <= m["classifier_auc_low"] <= 1.0
+        # a classifier on 24 + 24 test showers: 0.5 when indistinguishable (standard deviation about 0.08),
+        # far below only by a bug
+        assert 0.2 <= m["classifier_auc_high"] <= 1.0 and 0.2 <= m["classifier_auc_low"] <= 1.0
         assert m["fpd"][0] > 0 and m["noise_floor"]["n_reference"] == 60
 
     # the generated showers look like the simulated ones in what a physicist checks first
