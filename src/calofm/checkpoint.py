@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from calofm import __version__
 from calofm.errors import CalofmError
 from calofm.model import ModelConfig, ShowerTransformer
+from calofm.outputs import write_error
 from calofm.tokenizer import ShowerTokenizer
 
 MODEL_FILE, MANIFEST_FILE = "model.safetensors", "manifest.json"
@@ -66,28 +67,38 @@ def _tmp_path(path: str) -> str:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = _tmp_path(path)
+    """Write a text file atomically; a failed write (full disk) is a CalofmError and leaves no file."""
+    tmp = None
     try:
+        tmp = _tmp_path(path)
         with open(tmp, "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str) -> str:
-    """Write a safetensors file atomically; returns its sha256."""
-    tmp = _tmp_path(path)
+    """Write a safetensors file atomically; returns its sha256. A failed write is a CalofmError."""
+    tmp = None
     try:
+        tmp = _tmp_path(path)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.chmod(tmp, 0o644)  # safetensors recreates the file as 0600; weights are readable like any model file
         digest = sha256_file(tmp)
         os.replace(tmp, path)
         return digest
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    except SafetensorError as exc:  # safetensors reports its I/O errors this way
+        raise write_error(path, OSError(str(exc))) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -229,9 +240,31 @@ def run_lock(run_dir: str):
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}\n")
         fh.flush()
+        remove_stale_temporaries(run_dir)
         yield
     finally:
         fh.close()  # closing the descriptor releases the lock; the file stays (a later run reuses it)
+
+
+def remove_stale_temporaries(run_dir: str) -> list[str]:
+    """Remove what killed runs left half-written in `run_dir`: `.tmp-*` files and checkpoint
+    directories (`checkpoints/.tmp-step-*`). Only the lock holder calls this, so none is in use.
+    Returns the removed paths."""
+    removed = []
+    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if not name.startswith(".tmp-"):
+                continue
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            removed.append(path)
+    return removed
 
 
 # --- training checkpoints ----------------------------------------------------------------------
@@ -280,7 +313,10 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, train_
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step-{step:08d}"
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_root)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=ckpt_root)
+    except OSError as exc:
+        raise write_error(os.path.join(ckpt_root, name), exc) from None
     try:
         save_model(tmp, model, tokenizer, training_summary)
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
@@ -304,9 +340,16 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, train_
         shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
     # the run directory itself is a usable model directory: weights first, manifest (hash) last
     for fname in (MODEL_FILE, MANIFEST_FILE):
-        tmp_file = _tmp_path(os.path.join(run_dir, fname))
-        shutil.copyfile(os.path.join(final, fname), tmp_file)
-        os.replace(tmp_file, os.path.join(run_dir, fname))
+        tmp_file = None
+        try:
+            tmp_file = _tmp_path(os.path.join(run_dir, fname))
+            shutil.copyfile(os.path.join(final, fname), tmp_file)
+            os.replace(tmp_file, os.path.join(run_dir, fname))
+        except OSError as exc:
+            raise write_error(os.path.join(run_dir, fname), exc) from None
+        finally:
+            if tmp_file is not None and os.path.exists(tmp_file):
+                os.remove(tmp_file)
     return final
 
 

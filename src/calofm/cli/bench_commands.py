@@ -6,12 +6,13 @@ for comparison. See docs/speed.md."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
 import time
 from dataclasses import replace
+
+from calofm.cli.args import POSITIVE, SEED, THREADS, add_force, listed, real
 
 
 def register(sub) -> None:
@@ -23,32 +24,37 @@ def register(sub) -> None:
     g.add_argument("--baseline", default=None, help="diffusion baseline directory (calofm baseline train)")
     g.add_argument("--material", default="W")
     g.add_argument("--particle", default="gamma")
-    g.add_argument("--batches", default="1,100,1000", help="batch sizes (default 1,100,1000)")
-    g.add_argument("--n", type=int, default=None, help="showers per batch-size point (default: the batch, 8 for batch 1)")
-    g.add_argument("--energies", default="10,50,100", help="GeV points for the cost-vs-energy scan")
-    g.add_argument("--energy-n", type=int, default=50, help="showers per energy point")
-    g.add_argument("--baseline-steps", default="400,20", help="diffusion sampling steps to time")
-    g.add_argument("--baseline-batches", default="100",
+    g.add_argument("--batches", type=listed(POSITIVE), default=[1, 100, 1000], help="batch sizes (default 1,100,1000)")
+    g.add_argument("--n", type=POSITIVE, default=None,
+                   help="showers per batch-size point (default: the batch, 8 for batch 1)")
+    g.add_argument("--energies", type=listed(real(0, 10_000, lo_open=True), allow_empty=True),
+                   default=[10.0, 50.0, 100.0], help="GeV points for the cost-vs-energy scan")
+    g.add_argument("--energy-n", type=POSITIVE, default=50, help="showers per energy point")
+    g.add_argument("--baseline-steps", type=listed(POSITIVE), default=[400, 20],
+                   help="diffusion sampling steps to time")
+    g.add_argument("--baseline-batches", type=listed(POSITIVE), default=[100],
                    help="diffusion batch sizes to time (one batch of that many showers each)")
     g.add_argument("--baseline-graph", action="store_true",
                    help="also time the baseline with its U-Net replayed as a CUDA graph (GPU; captured untimed)")
-    g.add_argument("--baseline-repeats", type=int, default=1, help="timed repeats per baseline point (median)")
+    g.add_argument("--baseline-repeats", type=POSITIVE, default=1, help="timed repeats per baseline point (median)")
     g.add_argument("--ablation", action="store_true",
                    help="time the eager decoder with compaction off, bf16, (--compile) torch.compile and two-stage "
                         "totals against its defaults")
-    g.add_argument("--ablation-n", type=int, default=100, help="showers (one batch) per ablation point")
+    g.add_argument("--ablation-n", type=POSITIVE, default=100, help="showers (one batch) per ablation point")
     g.add_argument("--compile", action="store_true",
                    help="add torch.compile of the decode step to the ablation (compiled once, untimed; ~1 min on CPU)")
     g.add_argument("--decode", default="fp32",
                    help="decode set-ups timed at every batch size, comma-separated: a precision (fp32, bf16), then "
                         "any of +compile, +graph (the CUDA-graph step; on CPU it runs eagerly), +nocompact, "
                         "e.g. fp32,bf16+compile,bf16+graph (default fp32)")
-    g.add_argument("--sim-n", type=int, default=None, help="showers to time the simulator on (default: the largest batch)")
-    g.add_argument("--repeats", type=int, default=1, help="timed repeats per point (median)")
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--sim-n", type=POSITIVE, default=None,
+                   help="showers to time the simulator on (default: the largest batch)")
+    g.add_argument("--repeats", type=POSITIVE, default=1, help="timed repeats per point (median)")
+    g.add_argument("--threads", type=THREADS, default=None)
     g.add_argument("--device", default="cpu")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_force(g, "an existing --json file")
     g.set_defaults(func=cmd_bench_generate)
 
 
@@ -147,18 +153,18 @@ def cmd_bench_generate(args) -> None:
 
     import calofm
     from calofm.checkpoint import atomic_write_text
-    from calofm.errors import CalofmError
     from calofm.generation.decode import DecodeOptions
+    from calofm.outputs import check_output_file
 
+    if args.json:
+        check_output_file(args.json, args.force, "--json")
     setups = {s.strip(): parse_setup(s.strip()) for s in args.decode.split(",") if s.strip()}
     if args.threads:
         torch.set_num_threads(args.threads)
     sm = calofm.load(args.model, adapters=args.adapter, device=args.device)
     device = sm.device
     net = sm.model
-    batches = [int(b) for b in args.batches.split(",") if b]
-    if any(b <= 0 for b in batches):
-        raise CalofmError(f"batch sizes must be > 0: {args.batches}")
+    batches = args.batches
     print(f"calofm bench generate: {sm!r}")
     peaks: dict[str, float] = {}
 
@@ -214,7 +220,6 @@ def cmd_bench_generate(args) -> None:
                         "peak of the row's precision (matmul_peak_flops); decoding runs in fp32 unless the row says "
                         "bf16, the diffusion baseline in bf16"}
         if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             atomic_write_text(args.json, json.dumps(out, indent=1))
         return out
 
@@ -235,7 +240,7 @@ def cmd_bench_generate(args) -> None:
             print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
                   f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of {opt.precision} peak"
                   + (f"  (first call {r['n'] / r['first_call_seconds']:.2f} showers/s)" if r["first_call_seconds"] else ""))
-    for e in (float(x) for x in args.energies.split(",") if x):
+    for e in args.energies:
         r = timed(args.energy_n, args.energy_n, DecodeOptions(graph=False), energy=e)  # fp32 eager defaults
         energy_scan.append({"energy_GeV": e, "decode": "fp32", **r})
         print(f"{e:6.0f} GeV: {r['ms_per_shower']:8.2f} ms/shower ({r['mean_hits']:.0f} hits)")
@@ -289,7 +294,7 @@ def _bench_baseline(args, device, peak: float) -> list[dict]:
     model, _ = DiffusionBaseline.load(args.baseline, device=device.type)
     mats = model.cfg.materials
     mat = mats.index(args.material) if args.material in mats else 0
-    batches = [int(b) for b in args.baseline_batches.split(",") if b]
+    batches = args.baseline_batches
     # FLOPs of one network evaluation per shower, counted by torch
     cfg = model.cfg
     x = torch.zeros((1, cfg.n_layers, cfg.size, cfg.size), device=device)
@@ -301,7 +306,7 @@ def _bench_baseline(args, device, peak: float) -> list[dict]:
     for n in batches:
         inc = np.random.default_rng(args.seed).uniform(1e4, 1e5, n).astype(np.float32)
         materials = np.full(n, mat)
-        for steps in (int(s) for s in args.baseline_steps.split(",") if s):
+        for steps in args.baseline_steps:
             for graph in (False, True) if args.baseline_graph else (False,):
                 # warm-up outside the timing: the capture (calofm's decoder keeps its graphs too), and
                 # for the eager path the kernels' first-use set-up

@@ -6,6 +6,8 @@ import time
 
 import numpy as np
 
+from calofm.cli.args import POSITIVE, SEED, add_force, count, real
+
 
 def register(sub) -> None:
     p = sub.add_parser("materials", help="table of the known materials and their constants")
@@ -19,21 +21,22 @@ def register(sub) -> None:
     p = sub.add_parser("simulate", help="simulate showers with the embedded GFlash-style Monte Carlo")
     p.add_argument("--material", default="W", help="absorber material (see `calofm materials`)")
     p.add_argument("--particle", default="gamma", help="gamma, e- or e+")
-    p.add_argument("--n", type=int, default=1000, help="number of showers")
+    p.add_argument("--n", type=POSITIVE, default=1000, help="number of showers")
     p.add_argument("--energy", default="10:100", help="incident energy in GeV: E or Emin:Emax")
     p.add_argument("--spectrum", default="uniform", choices=["uniform", "log"])
     p.add_argument("--geometry", default="cpu", help="preset name or geometry .json file")
-    p.add_argument("--threshold-mip", "--threshold", dest="threshold", type=float, default=0.5,
+    p.add_argument("--threshold-mip", "--threshold", dest="threshold", type=real(0, 1000), default=0.5,
                    help="readout threshold per cell, in units of the most probable MIP deposit (default 0.5)")
-    p.add_argument("--noise-mip", type=float, default=0.0,
+    p.add_argument("--noise-mip", type=real(0, 1000), default=0.0,
                    help="Gaussian electronic noise per cell, sd in MIP (most probable) units (default 0: off)")
     p.add_argument("--position", default=None,
                    help="impact point X,Y in mm, or 'random' (uniform over one cell), 'random:S' (S x S mm) or "
                         "'random:SXxSY' around the default; default: the centre of a cell at the grid centre")
     p.add_argument("--angle", default=None, help="angle of incidence THETA,PHI in degrees (default 0,0: perpendicular)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=SEED, default=1)
+    p.add_argument("--workers", type=count(1, 1024), default=None, help="processes (default: all cores)")
     p.add_argument("-o", "--output", default="showers.h5", help="output HDF5 file")
+    add_force(p, "an existing output file")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("inspect", help="summarize a shower file")
@@ -71,8 +74,15 @@ def cmd_geometry(args) -> None:
 
 
 def cmd_simulate(args) -> None:
+    from calofm.detector.geometry import get_geometry
+    from calofm.outputs import check_free_space, check_output_file, shower_file_bytes
     from calofm.simulation import simulate_to_file
+    from calofm.simulation.runner import parse_energy
 
+    parse_energy(args.energy)  # a bad energy fails before the output is touched
+    check_output_file(args.output, args.force)
+    check_free_space(args.output, shower_file_bytes(args.n, get_geometry(args.geometry).n_voxels),
+                     f"{args.n} showers")
     start = time.perf_counter()
     simulate_to_file(args.output, args.n, material=args.material, particle=args.particle,
                      energy_GeV=args.energy, spectrum=args.spectrum, geometry=args.geometry, seed=args.seed,

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+from calofm.cli.args import POSITIVE, SEED, THREADS, real
+
 
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="physics evaluation of generated showers against reference showers",
@@ -17,21 +19,22 @@ def register(sub) -> None:
                    help="reference shower file(s): one for all generated files, or one per generated file "
                         "(paired by material)")
     p.add_argument("--generated", nargs="+", required=True, metavar="H5", help="generated shower file(s)")
-    p.add_argument("-o", "--output", required=True, help="report folder (created; existing files are replaced "
-                                                         "one by one, nothing else is deleted)")
+    p.add_argument("-o", "--output", required=True,
+                   help="report folder (created; in an existing one calofm replaces its own files and nothing else; "
+                        "metrics.json is written last, so a folder without it holds an incomplete report)")
     p.add_argument("--geometry", default=None, help="geometry of files that do not carry one (preset or .json)")
     p.add_argument("--binning", default=None, help="CaloChallenge binning XML for files without a geometry")
-    p.add_argument("--threshold", type=float, default=0.0,
+    p.add_argument("--threshold", type=real(0), default=0.0,
                    help="hit threshold in MeV: voxels at or below it count as empty (default 0)")
-    p.add_argument("--max-showers", type=int, default=None, help="use at most this many showers per file")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=50, help="bootstrap replicas for per-feature errors")
-    p.add_argument("--epochs", type=int, default=30, help="maximum classifier epochs (early stopping)")
+    p.add_argument("--max-showers", type=POSITIVE, default=None, help="use at most this many showers per file")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--bootstrap", type=POSITIVE, default=50, help="bootstrap replicas for per-feature errors")
+    p.add_argument("--epochs", type=POSITIVE, default=30, help="maximum classifier epochs (early stopping)")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier test (fast)")
     p.add_argument("--no-plots", action="store_true", help="metrics only")
     p.add_argument("--allow-energy-mismatch", action="store_true",
                    help="compare even when the incident-energy spectra clearly differ")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=THREADS, default=1,
                    help="torch threads for the classifier (default 1: on a shared 2-core machine two threads "
                         "measured 4x slower; raise it on an idle many-core machine)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -39,16 +42,10 @@ def register(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from calofm.errors import CalofmError
     from calofm.evaluate.compare import Options
     from calofm.evaluate.report import evaluate_files, summary_rows
 
-    for name in ("bootstrap", "epochs"):
-        if getattr(args, name) < 1:
-            raise CalofmError(f"--{name} must be >= 1, got {getattr(args, name)}")
     threads = args.threads
-    if threads < 1:
-        raise CalofmError(f"--threads must be >= 1, got {threads}")
     start = time.perf_counter()
     opts = Options(seed=args.seed, n_boot=args.bootstrap, classifier=not args.no_classifier,
                    max_epochs=args.epochs, threads=threads, progress=not args.quiet and sys.stderr.isatty(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from calofm.cli.args import LEARNING_RATE, POSITIVE, SEED, THREADS, add_force, count, real
 from calofm.cli.model_commands import add_stream_arguments
 
 
@@ -15,23 +16,25 @@ def register(sub) -> None:
         e.add_argument("--data", action="append", default=[], help="shower file(s) of the new "
                        + ("material(s), one file per material" if kind == "material" else "particle"))
         add_stream_arguments(e, particle=kind == "material")
-        e.add_argument("-o", "--output", required=True, help="adapter directory to write")
+        e.add_argument("-o", "--output", required=True,
+                       help="adapter directory to write: a new or empty directory, or an adapter to replace (--force)")
+        add_force(e, "an adapter already in --output (nothing else is ever deleted)")
         if kind == "particle":
             e.add_argument("--particle", default=None,
                            help="the new particle (default: from the data file; with --simulate, the one simulated)")
-            e.add_argument("--head-rank", type=int, default=16, help="rank of the output-head correction")
+            e.add_argument("--head-rank", type=count(1, 4096), default=16, help="rank of the output-head correction")
         e.add_argument("--init-from", default=None, help="known material/particle to start from "
                        "(default: the closest material by X0, R_M, E_c, Z; or the first particle)")
-        e.add_argument("--rank", type=int, default=8)
-        e.add_argument("--alpha", type=float, default=16.0)
-        e.add_argument("--steps", type=int, default=600)
-        e.add_argument("--batch-size", type=int, default=32)
-        e.add_argument("--lr", type=float, default=3e-3)
-        e.add_argument("--max-showers", type=int, default=None, help="fine-tune on at most this many showers")
+        e.add_argument("--rank", type=count(1, 4096), default=8)
+        e.add_argument("--alpha", type=real(0, lo_open=True), default=16.0)
+        e.add_argument("--steps", type=POSITIVE, default=600)
+        e.add_argument("--batch-size", type=POSITIVE, default=32)
+        e.add_argument("--lr", type=LEARNING_RATE, default=3e-3)
+        e.add_argument("--max-showers", type=POSITIVE, default=None, help="fine-tune on at most this many showers")
         e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                        help="autocast dtype; auto (default): bf16 where the hardware runs it natively, else fp32")
-        e.add_argument("--threads", type=int, default=None)
-        e.add_argument("--seed", type=int, default=0)
+        e.add_argument("--threads", type=THREADS, default=None)
+        e.add_argument("--seed", type=SEED, default=0)
         e.set_defaults(func=cmd_extend, kind=kind)
 
 
@@ -52,4 +55,4 @@ def cmd_extend(args) -> None:
            particle=args.particle if args.kind == "particle" else None, init_from=args.init_from, rank=args.rank,
            head_rank=getattr(args, "head_rank", 16), alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
            lr=args.lr, max_showers=args.max_showers, precision=args.precision, seed=args.seed, threads=args.threads,
-           stream=stream, workers=args.workers)
+           stream=stream, workers=args.workers, force=args.force)

@@ -7,11 +7,14 @@ and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from calofm import __version__
+from calofm.cli.args import Parser
 from calofm.errors import CalofmError
 
 COMMAND_MODULES = (
@@ -25,8 +28,8 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="calofm", description=__doc__.splitlines()[0])
+def build_parser() -> Parser:
+    parser = Parser(prog="calofm", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"calofm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -34,9 +37,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    """SIGTERM in the command's process: unwind like Ctrl-C, so that every writer removes its temporary
+    files; a child process (simulation or stream worker) keeps the default action."""
+    if os.getpid() != _MAIN_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt
+
+
+_MAIN_PID = os.getpid()
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _MAIN_PID
     parser = build_parser()
     args = parser.parse_args(argv)
+    _MAIN_PID = os.getpid()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except CalofmError as exc:
@@ -46,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
-        print(f"calofm {args.command}: interrupted", file=sys.stderr)
+        print(f"calofm {args.command}: interrupted; temporary files removed, earlier outputs untouched",
+              file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

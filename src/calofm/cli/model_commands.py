@@ -6,45 +6,53 @@ import json
 import os
 import time
 
+from calofm.cli.args import (
+    FRACTION, LEARNING_RATE, MIN_P, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, THREADS, add_force, count,
+    json_object, real,
+)
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="pre-train the next-token shower model (DDP-ready: torchrun works)")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
                    help="calofm shower files, one material/particle each (e.g. W.h5 Ta.h5 Cu.h5)")
     add_stream_arguments(p)
-    p.add_argument("--preset", default="small", help="model preset: tiny, small (CPU default), base")
+    p.add_argument("--preset", default=None, help="model preset: tiny, small (default), base")
     p.add_argument("-o", "--output", required=True, help="run directory (model, checkpoints, log.jsonl)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start from this model's weights and tokenizer (a model directory or shipped name, "
                         "e.g. calofm-small) instead of a fresh initialization; --preset/--model are then ignored")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=POSITIVE, default=None,
                    help="optimizer steps (default 3000; with --max-minutes: fitted to the budget after the warm-up)")
-    p.add_argument("--max-minutes", type=float, default=None, metavar="MIN",
+    p.add_argument("--max-minutes", type=real(0, lo_open=True), default=None, metavar="MIN",
                    help="stop after this much wall time (data preparation included), with a checkpoint that "
                         "--resume continues; the final evaluation and checkpoint come on top")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size in showers")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+    p.add_argument("--batch-size", type=POSITIVE, default=None, help="global batch size in showers (default 32)")
+    p.add_argument("--lr", type=LEARNING_RATE, default=None, help="peak learning rate (AdamW; default 2e-3)")
+    p.add_argument("--warmup", type=NON_NEGATIVE, default=None,
+                   help="linear warm-up steps before the cosine decay (default 100)")
+    p.add_argument("--weight-decay", type=real(0, 10), default=None, help="default 0.1")
+    p.add_argument("--grad-clip", type=real(0, lo_open=True), default=None, help="default 1.0")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="autocast dtype; auto (default): bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, "
                         "AMX, Arm BF16), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (pays off on a GPU)")
-    p.add_argument("--order", choices=["energy", "spatial"], default="energy", help="hit order (default energy)")
-    p.add_argument("--max-hits", type=int, default=None,
+    p.add_argument("--order", choices=["energy", "spatial"], default=None, help="hit order (default energy)")
+    p.add_argument("--max-hits", type=count(1, 100_000), default=None,
                    help="hits per shower kept (default: 1.1 x the 99.9th percentile of the data; truncation is counted)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="validation share of each file")
-    p.add_argument("--max-val", type=int, default=1000, help="at most this many validation showers per file (simulated for each streamed source)")
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--ckpt-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, metavar="JSON",
+    p.add_argument("--val-fraction", type=FRACTION, default=None, help="validation share of each file (default 0.05)")
+    p.add_argument("--max-val", type=POSITIVE, default=None,
+                   help="at most this many validation showers per file (simulated for each streamed source; "
+                        "default 1000)")
+    p.add_argument("--eval-every", type=POSITIVE, default=None, help="default 500")
+    p.add_argument("--ckpt-every", type=POSITIVE, default=None, help="default 500")
+    p.add_argument("--log-every", type=POSITIVE, default=None, help="default 20")
+    p.add_argument("--seed", type=SEED, default=None, help="default 0")
+    p.add_argument("--model", type=json_object, default=None, metavar="JSON",
                    help='overrides of the preset, e.g. \'{"d_model": 192}\'')
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="cpu, cuda or auto (default)")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -52,24 +60,25 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="shipped model name (calofm-small) or model directory")
     p.add_argument("--material", default="W")
     p.add_argument("--particle", default="gamma")
-    p.add_argument("--n", type=int, default=1000, help="number of showers")
+    p.add_argument("--n", type=POSITIVE, default=1000, help="number of showers")
     p.add_argument("--energy", default="10:100", help="incident energy in GeV: E or Emin:Emax")
     p.add_argument("--spectrum", default="uniform", choices=["uniform", "log"])
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0: off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    p.add_argument("--min-p-voxel", type=float, default=None,
+    p.add_argument("--seed", type=SEED, default=1)
+    p.add_argument("--temperature", type=real(0, 100), default=1.0, help="0: greedy (most probable token)")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="0: off")
+    p.add_argument("--top-p", type=PROBABILITY, default=1.0, help="1: off")
+    p.add_argument("--min-p-voxel", type=MIN_P, default=None,
                    help="drop voxels less probable than this fraction of the most probable one "
                         "(0: off; default: calofm.generation.sampler.DEFAULT_MIN_P, see docs/model.md)")
-    p.add_argument("--min-p-energy", type=float, default=None, help="the same for the energy bins")
-    p.add_argument("--batch-size", type=int, default=256, help="showers decoded together")
+    p.add_argument("--min-p-energy", type=MIN_P, default=None, help="the same for the energy bins")
+    p.add_argument("--batch-size", type=POSITIVE, default=256, help="showers decoded together")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32",
                    help="decode dtype (default fp32, the bit-reproducible reference); auto: bf16 on CUDA and on "
                         "CPUs with native bf16, else fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads")
     p.add_argument("-o", "--output", default="generated.h5", help="output HDF5 file (CaloChallenge layout)")
+    add_force(p, "an existing output file")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter directory to compose with the model (repeat to stack, in order)")
     p.add_argument("--totals", action="store_true",
@@ -111,50 +120,49 @@ def add_stream_arguments(p, particle: bool = True) -> None:
         p.add_argument("--particle", default="gamma", help="streamed particle (default gamma)")
     p.add_argument("--energy", default="10:100", help="streamed incident energies in GeV, uniform: E or Emin:Emax")
     p.add_argument("--geometry", default="cpu", help="streamed readout geometry (default cpu)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=count(0, 1024), default=None,
                    help="simulation worker processes (default: one per core but the trainer's, at most 16; 0: inline)")
 
 
 def stream_fields(args) -> dict:
     """TrainConfig fields of the streamed-simulation options."""
     materials = tuple(m for m in (args.simulate or "").split(",") if m.strip())
-    return dict(simulate=materials, particle=args.particle, energy=args.energy, geometry=args.geometry,
-                workers=args.workers)
+    return dict(simulate=materials, particle=args.particle, energy=args.energy, geometry=args.geometry)
+
+
+# options of `calofm train` that are TrainConfig fields of the same name; their parser default is None,
+# so that a value counts only when given (TrainConfig holds the defaults)
+RUN_OPTIONS = ("preset", "model", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "precision",
+               "seed", "order", "max_hits", "val_fraction", "max_val", "eval_every", "ckpt_every", "log_every",
+               "device", "init_from", "max_minutes", "workers")
 
 
 def cmd_train(args) -> None:
     from calofm.errors import CalofmError
     from calofm.training import TrainConfig, train
 
-    overrides = {}
-    if args.model:
-        try:
-            overrides = json.loads(args.model)
-        except json.JSONDecodeError as exc:
-            raise CalofmError(f"--model is not valid JSON: {exc}") from None
-        if not isinstance(overrides, dict):
-            raise CalofmError("--model must be a JSON object of preset overrides")
+    given = {k: getattr(args, k) for k in RUN_OPTIONS if getattr(args, k) is not None}
+    if args.compile:
+        given["compile"] = True
     if args.resume:
         cfg = TrainConfig(data=tuple(args.data or ()), out=args.output) if args.data else None
-        # this invocation's time budget, workers and compilation; the rest is the run's
-        session = {k: v for k, v in (("max_minutes", args.max_minutes), ("workers", args.workers),
-                                     ("compile", args.compile or None)) if v is not None}
+        if args.simulate:
+            given["simulate"] = stream_fields(args)["simulate"]
+        # the trainer keeps what a resumed run may change (more steps, time budget, workers, logging)
+        # and refuses, by name, any other option that differs from the run's
         summary = train(cfg, resume_dir=args.output, threads=args.threads, progress=not args.no_progress,
-                        session=session)
+                        session=given)
     else:
         if not args.data and not args.simulate:
             raise CalofmError("--data and/or --simulate is required (unless --resume)")
         from calofm.model import get_preset
 
-        get_preset(args.preset, **overrides)  # fail early on a bad preset or override
-        steps = args.steps if args.steps is not None else (None if args.max_minutes else 3000)
-        cfg = TrainConfig(
-            data=tuple(args.data or ()), out=args.output, preset=args.preset, model=overrides, steps=steps,
-            batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip, precision=args.precision, seed=args.seed, order=args.order,
-            max_hits=args.max_hits, val_fraction=args.val_fraction, max_val=args.max_val, eval_every=args.eval_every,
-            ckpt_every=args.ckpt_every, log_every=args.log_every, device=args.device,
-            init_from=args.init_from, max_minutes=args.max_minutes, compile=args.compile, **stream_fields(args))
+        get_preset(given.get("preset", "small"), **given.get("model", {}))  # fail early on a bad preset
+        if "steps" not in given and "max_minutes" not in given:
+            given["steps"] = 3000
+        elif "steps" not in given:
+            given["steps"] = None  # fitted to the time budget
+        cfg = TrainConfig(data=tuple(args.data or ()), out=args.output, **given, **stream_fields(args))
         summary = train(cfg, threads=args.threads, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps in {summary['wall_time_s']:.0f} s -> {args.output}")
@@ -165,15 +173,18 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
-    from calofm.errors import CalofmError
     from calofm.generation import DecodeOptions, load
     from calofm.model.precision import resolve_precision
+    from calofm.outputs import check_free_space, check_memory, check_output_file, shower_file_bytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.n <= 0:
-        raise CalofmError(f"--n must be > 0, got {args.n}")
+    check_output_file(args.output, args.force)
     model = load(args.model, args.adapter, device=args.device)
+    n_voxels = model.geometry.n_voxels
+    # the showers are held in memory (float32, and once more when joined) before the file is written
+    check_memory(2 * 4 * args.n * n_voxels, f"--n {args.n} ({n_voxels} voxels per shower)")
+    check_free_space(args.output, shower_file_bytes(args.n, n_voxels), f"{args.n} showers")
     t0 = time.time()
     model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
                    spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,

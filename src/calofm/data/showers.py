@@ -15,6 +15,7 @@ next to the target and renames it only when complete, so a crash never leaves ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -26,6 +27,7 @@ import numpy as np
 
 from calofm.detector.geometry import Geometry
 from calofm.errors import CalofmError
+from calofm.outputs import write_error
 
 DEFAULT_CHUNK = 4096
 BEAM_DATASETS = ("incident_positions", "incident_angles")
@@ -165,12 +167,24 @@ class ShowerWriter:
                  seed: int | None = None, expected: int | None = None, extra_attrs: dict | None = None,
                  beam: bool = False):
         self.path, self.geometry, self.n_written = str(path), geometry, 0
+        self.tmp_path, self.file = None, None
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise CalofmError(f"output directory {directory} does not exist")
-        fd, self.tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
-        os.close(fd)
-        self.file = h5py.File(self.tmp_path, "w")
+        if os.path.exists(self.path) and not os.path.isfile(self.path):
+            raise CalofmError(f"output {self.path} exists and is not a regular file (a directory or a device); "
+                              "calofm writes regular files only")
+        try:
+            fd, self.tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=directory)
+            os.close(fd)
+            self.file = h5py.File(self.tmp_path, "w")
+            self._create(geometry, material, particle, generator, seed, extra_attrs, beam)
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
+        self.expected = expected
+
+    def _create(self, geometry, material, particle, generator, seed, extra_attrs, beam) -> None:
         v = geometry.n_voxels
         chunk_rows = max(1, min(1024, (1 << 20) // (4 * v)))
         self.e_ds = self.file.create_dataset("incident_energies", shape=(0, 1), maxshape=(None, 1), dtype="f4",
@@ -186,7 +200,6 @@ class ShowerWriter:
         attrs.update(extra_attrs or {})
         for key, value in attrs.items():
             self.file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
-        self.expected = expected
 
     def write(self, energies: np.ndarray, showers: np.ndarray, positions: np.ndarray | None = None,
               angles: np.ndarray | None = None) -> None:
@@ -197,33 +210,52 @@ class ShowerWriter:
                               f"({self.geometry.n_voxels} voxels) with {energies.shape[0]} energies")
         check_shower_values(energies, showers, "showers to write")
         n0, n1 = self.n_written, self.n_written + len(energies)
+        beam = None
         if self.beam_ds is not None:
             beam = [np.asarray(v, dtype=np.float32) if v is not None else None for v in (positions, angles)]
             if any(v is None or v.shape != (len(energies), 2) or not np.all(np.isfinite(v)) for v in beam):
                 raise CalofmError(f"this file records the beam: positions and angles must be finite (N, 2) arrays "
                                   f"for the {len(energies)} showers")
-            for ds, v in zip(self.beam_ds, beam):
+        try:
+            for ds, v in zip(self.beam_ds or (), beam or ()):
                 ds.resize((n1, 2))
                 ds[n0:n1] = v
-        self.e_ds.resize((n1, 1))
-        self.s_ds.resize((n1, self.geometry.n_voxels))
-        self.e_ds[n0:n1] = energies
-        self.s_ds[n0:n1] = showers
+            self.e_ds.resize((n1, 1))
+            self.s_ds.resize((n1, self.geometry.n_voxels))
+            self.e_ds[n0:n1] = energies
+            self.s_ds[n0:n1] = showers
+        except OSError as exc:  # full disk, quota, I/O error: the temporary file goes, nothing is published
+            self.abort()
+            raise write_error(self.path, exc) from None
         self.n_written = n1
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
         if self.expected is not None and self.n_written != self.expected:
             self.abort()
             raise CalofmError(f"wrote {self.n_written} showers, expected {self.expected}; nothing written")
-        os.chmod(self.tmp_path, 0o644)  # mkstemp creates 0600; a data file should be readable like any other
-        os.replace(self.tmp_path, self.path)
+        if os.path.exists(self.path) and not os.path.isfile(self.path):  # appeared while writing
+            self.abort()
+            raise CalofmError(f"output {self.path} is not a regular file; nothing written")
+        try:
+            os.chmod(self.tmp_path, 0o644)  # mkstemp creates 0600; a data file should be readable like any other
+            os.replace(self.tmp_path, self.path)
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
 
     def abort(self) -> None:
+        """Drop the temporary file (on any failure, Ctrl-C or SIGTERM); never raises for a closed file."""
         try:
-            self.file.close()
+            if self.file is not None:
+                with contextlib.suppress(Exception):
+                    self.file.close()
         finally:
-            if os.path.exists(self.tmp_path):
+            if self.tmp_path is not None and os.path.exists(self.tmp_path):
                 os.remove(self.tmp_path)
 
     def __enter__(self) -> ShowerWriter:

@@ -9,6 +9,7 @@ report. Every file is written atomically; nothing already in the folder is delet
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import html
 import json
@@ -30,11 +31,13 @@ from calofm.evaluate.compare import (
     KPD_FPD_SCALE, Options, Prepared, check_energies, check_geometries, compare, noise_floor,
 )
 from calofm.evaluate.features import compute_features
+from calofm.outputs import check_output_dir, write_error
 
 UNITS = {
     "classifier_auc": "area under the ROC curve (0.5 = indistinguishable)",
     "jsd": "bits (0 = indistinguishable, 1 = disjoint)",
-    "fpd": f"Frechet distance of the reference-standardized high-level features x {KPD_FPD_SCALE:g}, [value, error]",
+    "fpd": f"Frechet distance of the reference-standardized high-level features x {KPD_FPD_SCALE:g}, [value, error], "
+           "extrapolated to infinite samples and clipped at 0",
     "kpd": f"unbiased MMD^2 with the kernel (x.y/d + 1)^3 x {KPD_FPD_SCALE:g}, [median, error]",
     "separation_power": "dimensionless, 0 = identical to 1 = disjoint",
     "wasserstein": "unit of the feature: MeV (e_layer_*), mm (c*, w*), layers (long_*, longitudinal_profile), "
@@ -130,8 +133,7 @@ def evaluate_files(reference: list[str], generated: list[str], outdir: str, *, g
     opts = opts or Options()
     log = opts.log
     t_start = time.perf_counter()
-    if os.path.exists(outdir) and not os.path.isdir(outdir):
-        raise CalofmError(f"output {outdir} exists and is not a directory")
+    check_output_dir(outdir, force=True, what="report folder")  # a folder (or nothing) in a writable one
     if threshold_MeV < 0:
         raise CalofmError(f"the hit threshold must be >= 0 MeV, got {threshold_MeV:g}")
     if max_showers is not None and max_showers <= 0:
@@ -184,7 +186,7 @@ def evaluate_files(reference: list[str], generated: list[str], outdir: str, *, g
 
     # 4. metrics: the noise floor once per reference, then each comparison
     floors, results, figures = {}, {}, {}
-    os.makedirs(outdir, exist_ok=True)
+    _mark_incomplete(outdir)
     for label, i, j in pairs:
         ref, gen = refs[i], gens[j]
         t = time.perf_counter()
@@ -221,6 +223,22 @@ def evaluate_files(reference: list[str], generated: list[str], outdir: str, *, g
     atomic_write_text(os.path.join(outdir, "index.html"), render_html(results, figures, outdir, meta, sections))
     atomic_write_text(os.path.join(outdir, "metrics.json"), json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+def _mark_incomplete(outdir: str) -> None:
+    """Before the first new file: the folder's earlier metrics.json goes and index.html says that a
+    report is being written, so a run stopped half-way never leaves old metrics beside new figures.
+    (metrics.json is written last: its presence means the report is complete.)"""
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(outdir, "metrics.json"))
+    except OSError as exc:
+        raise write_error(outdir, exc) from None
+    atomic_write_text(os.path.join(outdir, "index.html"),
+                      "<!doctype html><title>calofm report: incomplete</title><p>This report is being written, or "
+                      "its run was stopped before the end: it is incomplete (no metrics.json). Run calofm "
+                      "evaluate again.</p>\n")
 
 
 def _prepare(sample: Sample, threshold_MeV: float, ref: Sample | None, classifier: bool) -> None:

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -55,6 +55,22 @@ class AdapterSpec:
     head_rank: int = 16  # particle adapters: rank of the output-head correction
     base_sha256: str = ""
     requires: list[str] = field(default_factory=list)  # sha256 of the adapters it was trained on top of
+
+    @classmethod
+    def from_dict(cls, d, where: str) -> AdapterSpec:
+        """The spec of an adapter manifest; unknown or missing keys are a CalofmError naming them."""
+        if not isinstance(d, dict):
+            raise CalofmError(f"{where}: the adapter manifest has no spec object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise CalofmError(f"{where}: the adapter manifest's spec has unknown keys {unknown} (written by a newer "
+                              "calofm, or edited)")
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+                         and f.name not in d)
+        if missing:
+            raise CalofmError(f"{where}: the adapter manifest's spec lacks {missing}")
+        return cls(**d)
 
 
 # --- the new modules -------------------------------------------------------------------------------
@@ -145,13 +161,63 @@ def closest_material(name: str, known: list[str]) -> str:
 
 
 # --- files -------------------------------------------------------------------------------------------
-def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Parameter], training: dict,
-                 totals: dict | None = None) -> dict:
-    """Write the adapter directory atomically (assembled under a temporary name, then renamed)."""
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
+ADAPTER_FILES = (ADAPTER_FILE, MANIFEST_FILE)
+
+
+def check_adapter_output(directory: str, force: bool = False) -> str:
+    """Where an adapter may be written: a new directory, an empty one, or (with `force`) an adapter
+    calofm wrote, holding nothing but its two files. Anything else (a model or run directory, a
+    folder of the user's files, the current directory or one above it) is refused, force or not,
+    so that replacing an adapter never deletes a file calofm did not write. Returns the absolute path."""
+    path = os.path.abspath(directory)
+    if os.path.basename(path) in ("", ".", "..") or os.path.dirname(path) == path:
+        raise CalofmError(f"-o {directory}: name a new adapter directory, not a filesystem root")
+    cwd = os.path.abspath(os.getcwd())
+    if cwd == path or cwd.startswith(path + os.sep):
+        raise CalofmError(f"-o {directory} is the current directory or holds it; name a new adapter directory "
+                          "(e.g. -o adapters/Fe)")
+    from calofm.outputs import check_parent
+
+    check_parent(path, "adapter directory")
+    if not os.path.lexists(path):
+        return path
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise CalofmError(f"-o {directory} exists and is not a directory; choose a new adapter directory")
+    entries = sorted(os.listdir(path))
+    if not entries:
+        return path
+    foreign = [e for e in entries if e not in ADAPTER_FILES]
+    if foreign or not _is_adapter(path):
+        shown = ", ".join((foreign or entries)[:3]) + (", ..." if len(foreign or entries) > 3 else "")
+        raise CalofmError(f"-o {directory} exists and is not an adapter written by calofm (it holds {shown}); "
+                          "calofm never deletes files it did not write: choose a new directory")
+    if not force:
+        raise CalofmError(f"-o {directory} already holds an adapter; pass --force to replace it")
+    return path
+
+
+def _is_adapter(path: str) -> bool:
     try:
+        with open(os.path.join(path, MANIFEST_FILE)) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Parameter], training: dict,
+                 totals: dict | None = None, force: bool = False) -> dict:
+    """Write the adapter directory atomically: assembled under a temporary name beside it, then
+    swapped in; an adapter it replaces is moved aside first and removed only once the new one is in
+    place. `directory` is checked by check_adapter_output (`force`: replace an existing adapter).
+    Files are 0644 and the directory 0755, like a model directory."""
+    from calofm.outputs import write_error
+
+    path = check_adapter_output(directory, force)
+    parent = os.path.dirname(path)
+    tmp = old = None
+    try:
+        tmp = tempfile.mkdtemp(prefix=".tmp-adapter-", dir=parent)
         digest = atomic_save_tensors({k: p.detach() for k, p in params.items()}, os.path.join(tmp, ADAPTER_FILE))
         manifest = {"format": FORMAT, "format_version": 1, "spec": asdict(spec),
                     "weights": {"file": ADAPTER_FILE, "sha256": digest,
@@ -159,17 +225,22 @@ def save_adapter(directory: str, spec: AdapterSpec, params: dict[str, nn.Paramet
                     "training": training, "totals": totals or {}}
         atomic_write_text(os.path.join(tmp, MANIFEST_FILE), json.dumps(manifest, indent=1))
         os.chmod(tmp, 0o755)
-        if os.path.exists(directory):
+        if os.path.isdir(path) and os.listdir(path):
             old = tempfile.mkdtemp(prefix=".old-adapter-", dir=parent)
-            os.replace(directory, os.path.join(old, "x"))
-            os.replace(tmp, directory)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, directory)
+            os.replace(path, os.path.join(old, "adapter"))
+        elif os.path.isdir(path):
+            os.rmdir(path)  # empty: rename cannot replace it on every system
+        os.replace(tmp, path)
+        tmp = None
         return manifest
+    except OSError as exc:
+        if old is not None and not os.path.exists(path):  # put the old adapter back
+            os.replace(os.path.join(old, "adapter"), path)
+        raise write_error(directory, exc) from None
     finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover is not None and os.path.exists(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def read_adapter_manifest(directory: str) -> dict:
@@ -189,7 +260,7 @@ def apply_adapter(shower_model, directory: str) -> dict:
     from safetensors.torch import load_file
 
     manifest = read_adapter_manifest(directory)
-    spec = AdapterSpec(**manifest["spec"])
+    spec = AdapterSpec.from_dict(manifest.get("spec"), directory)
     if spec.base_sha256 != base_sha256(shower_model):
         raise CalofmError(f"{directory}: adapter made for another base model (base sha256 {spec.base_sha256[:12]}, "
                           f"this model {base_sha256(shower_model)[:12]})")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from calofm.data.showers import inspect_file
 from calofm.errors import CalofmError
 from calofm.extension.adapters import (
-    AdapterSpec, applied_sha256, attach, base_sha256, check_new_names, closest_material,
+    AdapterSpec, applied_sha256, attach, base_sha256, check_adapter_output, check_new_names, closest_material,
     save_adapter,
 )
 from calofm.generation.api import load
@@ -48,9 +48,11 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
            alpha: float = 16.0, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, warmup: int = 30,
            max_showers: int | None = None, precision: str = "auto", seed: int = 0, threads: int | None = None,
            progress: bool = True, log=print, stream: StreamSpec | None = None, workers: int | None = None,
-           max_val: int = 1000, n_reference: int = 2000) -> dict:
+           max_val: int = 1000, n_reference: int = 2000, force: bool = False) -> dict:
     """Train one adapter (new materials, or one new particle) on `data` files and/or showers streamed
-    from the simulator (`stream`); write it to `output`."""
+    from the simulator (`stream`); write it to `output` (a new directory, or with `force` an adapter
+    calofm wrote: see adapters.check_adapter_output, checked here before any work)."""
+    check_adapter_output(output, force)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -162,7 +164,7 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
                 "validation": val, "trainable_parameters": n_train, "base_parameters": n_base,
                 "trainable_fraction": n_train / n_base, "data_summary": summary,
                 **({"simulator_version": stream.simulator_version} if stream is not None else {})}
-    save_adapter(output, spec, params, training, totals.to_dict())
+    save_adapter(output, spec, params, training, totals.to_dict(), force=force)
     log(f"wrote adapter {output}: {n_train} parameters ({100 * n_train / n_base:.2f}% of base), "
         f"{wall:.0f} s; validation NLL/token " + ", ".join(f"{m} {v['nll']:.3f}" for m, v in val.items()))
     return training

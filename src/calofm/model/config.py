@@ -93,7 +93,29 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# the overridable architecture fields (the rest are set from the tokenizer) and their value ranges
+_OVERRIDE_RANGES = {"d_model": (8, 8192), "n_layers": (1, 256), "n_heads": (1, 256), "ff_mult": (0.1, 64.0),
+                    "experts_per_material": (1, 256), "top_k": (1, 256), "rope_fraction": (0.0, 1.0),
+                    "rope_base": (1.0, 1e9), "dropout": (0.0, 0.99), "lb_coef": (0.0, 100.0), "z_coef": (0.0, 100.0)}
+
+
 def get_preset(name: str, **overrides) -> ModelConfig:
+    """A preset, with `overrides` of its architecture fields (each name, type and range checked)."""
     if name not in PRESETS:
         raise CalofmError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+    base = PRESETS[name]
+    allowed = sorted(set(_OVERRIDE_RANGES) | {"shared_expert", "stream_combine", "energy_head_voxel_cond"})
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise CalofmError(f"--model: unknown field {key!r}; overridable: {', '.join(allowed)}")
+        kind = type(getattr(base, key))
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            raise CalofmError(f"--model: {key} must be {kind.__name__}, got {value!r}")
+        lo, hi = _OVERRIDE_RANGES.get(key, (None, None))
+        if lo is not None and not lo <= value <= hi:
+            raise CalofmError(f"--model: {key} must be within {lo:g}-{hi:g}, got {value!r}")
+        overrides[key] = value
+    return replace(base, **overrides)

@@ -34,6 +34,9 @@ SIMULATOR_VERSION = 2
 GENERATOR = f"calofm-sim {__version__} v{SIMULATOR_VERSION} (Grindhammer-Peters parameterization)"
 
 
+MAX_ENERGY_GEV = 10_000.0  # 10 TeV: beyond every CaloChallenge dataset (the spot count grows ~ E^0.88)
+
+
 def parse_energy(text: str | float | tuple) -> tuple[float, float]:
     """'50' -> (50, 50); '10:100' -> (10, 100) in GeV; refuses non-positive or inverted ranges."""
     try:
@@ -52,6 +55,8 @@ def parse_energy(text: str | float | tuple) -> tuple[float, float]:
         raise CalofmError(f"energies must be finite and > 0 GeV, got {text!r}")
     if hi < lo:
         raise CalofmError(f"inverted energy range {lo:g}:{hi:g} GeV (minimum above maximum)")
+    if hi > MAX_ENERGY_GEV:
+        raise CalofmError(f"energy {hi:g} GeV is above the {MAX_ENERGY_GEV:g} GeV the simulator and models cover")
     return lo, hi
 
 

@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from calofm.checkpoint import load_checkpoint, load_model, optimizer_from_tensors, run_lock, save_checkpoint
+from calofm.checkpoint import (
+    LOCK_FILE, MANIFEST_FILE, MODEL_FILE, load_checkpoint, load_model, optimizer_from_tensors, run_lock,
+    save_checkpoint,
+)
 from calofm.errors import CalofmError
 from calofm.model import ShowerTransformer, get_preset
 from calofm.model.precision import CHOICES, autocast, describe_precision, resolve_precision
@@ -37,7 +40,9 @@ from calofm.training.schedule import lr_at
 from calofm.training.stream import StreamSpec, default_workers
 
 # run-time settings a resumed run may change (they do not change what is computed)
-SESSION_FIELDS = ("max_minutes", "workers", "compile")
+SESSION_FIELDS = ("max_minutes", "workers", "compile", "device", "eval_every", "ckpt_every", "log_every")
+# a resumed run may also run longer: more steps (the cosine decay is stretched to the new end)
+EXTENDABLE_FIELDS = ("steps",)
 
 
 @dataclass
@@ -157,15 +162,53 @@ def _truncate_log(path: str, step: int) -> None:
         fh.writelines(keep)
 
 
+def _check_new_run_dir(run_dir: str) -> None:
+    """A new run writes model.safetensors, manifest.json, log.jsonl and checkpoints/ into its
+    directory: refuse a directory where one of them is not a run's (a model or adapter directory, a
+    user's log), so that no file calofm did not write is replaced. A run stopped before its first
+    checkpoint (its .lock beside them) starts again."""
+    own = [n for n in (MODEL_FILE, MANIFEST_FILE, "log.jsonl", "checkpoints")
+           if os.path.exists(os.path.join(run_dir, n))]
+    if own and not os.path.exists(os.path.join(run_dir, LOCK_FILE)):
+        raise CalofmError(f"{run_dir} holds {', '.join(own)} not written by a calofm training run; choose a new "
+                          "output directory")
+
+
+def _resume_changes(stored: TrainConfig, given: dict, step: int) -> dict:
+    """The settings given on resume that the run takes: SESSION_FIELDS, and more steps than done.
+    Any other setting must equal the run's; a different value is refused by its option name."""
+    changes = {}
+    for key, value in given.items():
+        old = getattr(stored, key, None)
+        if key in SESSION_FIELDS:
+            changes[key] = value
+        elif key in EXTENDABLE_FIELDS:
+            if value <= step:
+                raise CalofmError(f"--steps {value}: the run being resumed has done {step} steps already; "
+                                  f"give more to extend it")
+            changes[key] = value
+        elif key not in {f.name for f in fields(TrainConfig)}:
+            raise CalofmError(f"a resumed run has no setting {key!r}")
+        elif (tuple(value) if isinstance(value, list) else value) != old:
+            flag = "--" + key.replace("_", "-")
+            raise CalofmError(f"{flag} {value!r}: a resumed run cannot change it (the run has {old!r}); it may "
+                              "change only --steps (more), --max-minutes, --workers, --compile, --device and the "
+                              "logging intervals; start a new run for the rest, e.g. with --init-from")
+    return changes
+
+
 def train(cfg: TrainConfig | None = None, resume_dir: str | None = None, threads: int | None = None,
           progress: bool = True, stop_after: int | None = None, log=print, session: dict | None = None) -> dict:
     """Train (or resume the run in `resume_dir`); returns the training summary.
 
-    session: on resume, new values of SESSION_FIELDS (e.g. this invocation's max_minutes).
+    session: on resume, the settings given again: new values of SESSION_FIELDS (e.g. this invocation's
+    max_minutes) and more steps are taken; any other that differs from the run's is refused.
     stop_after: stop after that many optimizer steps of this invocation without a final checkpoint,
     as if the process had been killed (for resume tests)."""
     if threads:
         torch.set_num_threads(threads)
+    if resume_dir is None:
+        _check_new_run_dir(cfg.out)
     info = init_distributed(cfg.device if cfg is not None else "auto")
     try:
         # one run per run directory: the writing rank holds its lock until the run ends or dies
@@ -184,9 +227,7 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
         stored = TrainConfig.from_dict(state["config"])
         if cfg is not None and cfg.data and tuple(cfg.data) != stored.data:
             raise CalofmError(f"--data differs from the run being resumed ({', '.join(stored.data)})")
-        unknown = set(session) - set(SESSION_FIELDS)
-        if unknown:
-            raise CalofmError(f"a resumed run cannot change {', '.join(sorted(unknown))}")
+        session = _resume_changes(stored, session, state["step"])
         stored.out = resume_dir  # the run directory may have moved since
         cfg = TrainConfig.from_dict(dict(stored.to_dict(), **session))
         version = state.get("simulator_version")
