@@ -244,6 +244,19 @@ def test_adapter_replacement_is_atomic_and_needs_force(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "empty-ok")) == ["adapter.safetensors", "manifest.json"]
 
 
+@pytest.mark.parametrize("kwargs, word", [({"temperature": -1}, "--temperature"), ({"top_p": 0}, "--top-p"),
+                                          ({"top_k": -1}, "--top-k"), ({"min_p_voxel": 2}, "--min-p-voxel"),
+                                          ({"min_p_energy": -1}, "--min-p-energy")])
+def test_sampling_errors_name_the_setting(kwargs, word):
+    from calofm.generation.sampler import head_samplings
+
+    with pytest.raises(ValueError) as err:
+        head_samplings(**kwargs)
+    assert word in str(err.value) and all(w not in str(err.value) for w in ("--temperature", "--top-p", "--top-k",
+                                                                            "--min-p-voxel", "--min-p-energy")
+                                          if w != word)
+
+
 def test_adapter_manifest_with_unknown_key_is_refused(tmp_path):
     from calofm.extension.adapters import AdapterSpec
 
@@ -281,11 +294,12 @@ def test_resume_takes_more_steps_and_cleans_stale_temporaries(run, capsys):
     run_dir, _ = run
     stale = os.path.join(run_dir, "checkpoints", ".tmp-step-00000003-killed")
     os.makedirs(stale)
-    open(os.path.join(run_dir, ".tmp-model.safetensors"), "w").close()
+    open(os.path.join(run_dir, ".tmp-x1model.safetensors"), "w").close()
+    open(os.path.join(run_dir, ".tmp-notes.txt"), "w").close()  # not calofm's: kept
     assert main(["train", "--resume", "-o", run_dir, "--steps", "6", "--no-progress", "--threads", "1",
                  "--lr", "1e-2", "--seed", "0"]) == 0  # the run's own values may be repeated
     assert json.loads(open(os.path.join(run_dir, "manifest.json")).read())["training"]["steps"] == 6
-    assert not [n for n in os.listdir(run_dir) if n.startswith(".tmp-")]
+    assert [n for n in os.listdir(run_dir) if n.startswith(".tmp-")] == [".tmp-notes.txt"]
     assert not [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith(".tmp-")]
 
 
@@ -342,13 +356,18 @@ def test_full_disk_while_saving_a_model(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_free_space_is_checked_up_front(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["simulate", "generate"])
+def test_free_space_is_checked_up_front(tmp_path, capsys, monkeypatch, command):
     import shutil
     from collections import namedtuple
 
+    import calofm.generation.api as api
+
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
-    refused(capsys, [*SIM, "--n", "100", "-o", str(tmp_path / "s.h5")], "s.h5", "free")
+    monkeypatch.setattr(api.ShowerModel, "generate", lambda *a, **k: pytest.fail("generated before the check"))
+    argv = {"simulate": [*SIM, "--n", "100"], "generate": ["generate", "--model", "calofm-small", "--n", "100"]}
+    refused(capsys, [*argv[command], "-o", str(tmp_path / "s.h5")], "s.h5", "free")
     assert os.listdir(tmp_path) == []
 
 

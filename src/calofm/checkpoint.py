@@ -247,24 +247,28 @@ def run_lock(run_dir: str):
 
 
 def remove_stale_temporaries(run_dir: str) -> list[str]:
-    """Remove what killed runs left half-written in `run_dir`: `.tmp-*` files and checkpoint
-    directories (`checkpoints/.tmp-step-*`). Only the lock holder calls this, so none is in use.
+    """Remove what killed runs left half-written in `run_dir`: the temporary copies of its weights and
+    manifest (`.tmp-*model.safetensors`, `.tmp-*manifest.json`) and checkpoint directories
+    (`checkpoints/.tmp-step-*`); nothing else. Only the lock holder calls this, so none is in use.
     Returns the removed paths."""
     removed = []
-    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
-        if not os.path.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            if not name.startswith(".tmp-"):
-                continue
-            path = os.path.join(folder, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            removed.append(path)
+    stale = [(run_dir, name) for name in _listdir(run_dir)
+             if name.startswith(".tmp-") and name.endswith((MODEL_FILE, MANIFEST_FILE))]
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    stale += [(ckpt_root, name) for name in _listdir(ckpt_root) if name.startswith(".tmp-step-")]
+    for folder, name in stale:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        removed.append(path)
     return removed
+
+
+def _listdir(path: str) -> list[str]:
+    return os.listdir(path) if os.path.isdir(path) else []
 
 
 # --- training checkpoints ----------------------------------------------------------------------

@@ -56,7 +56,13 @@ DEFAULT_MIN_P = {"voxel": 3e-4, "energy": 3e-3}
 def head_samplings(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p_voxel: float | None = None,
                    min_p_energy: float | None = None) -> tuple[SamplingConfig, SamplingConfig]:
     """(voxel head's, energy head's) SamplingConfig, as generate() draws: temperature, top_k and top_p
-    shared, each head its own min_p (None: DEFAULT_MIN_P). A bad value raises ValueError naming the head."""
+    shared, each head its own min_p (None: DEFAULT_MIN_P). A bad value raises ValueError naming it."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature (--temperature) must be >= 0, got {temperature}")
+    if not top_k >= 0:
+        raise ValueError(f"top_k (--top-k) must be >= 0, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p (--top-p) must be within (0, 1], got {top_p}")
     heads = []
     for head, min_p in (("voxel", min_p_voxel), ("energy", min_p_energy)):
         try:
