@@ -315,6 +315,24 @@ def test_concurrent_run_is_refused(run, capsys):
     assert snapshot(run_dir) == before
 
 
+def test_full_disk_at_a_checkpoint_keeps_the_last_one(run, capsys, monkeypatch):
+    import calofm.checkpoint as ckpt
+
+    run_dir, _ = run
+    latest = open(os.path.join(run_dir, "checkpoints", "latest")).read()
+    weights = open(os.path.join(run_dir, "model.safetensors"), "rb").read()
+
+    def full(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "save_file", full)
+    refused(capsys, ["train", "--resume", "-o", run_dir, "--steps", "8", "--no-progress", "--threads", "1"],
+            "no space left")
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read() == latest
+    assert open(os.path.join(run_dir, "model.safetensors"), "rb").read() == weights
+    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+        assert not [n for n in os.listdir(folder) if n.startswith(".tmp-") and n != ".tmp-notes.txt"]
+
+
 def test_new_run_refuses_a_model_folder(tmp_path, capsys, run):
     _, data = run
     target = tmp_path / "model"

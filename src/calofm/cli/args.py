@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
     like a CalofmError; `--help` still shows the usage."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _number(text: str, integer: bool):
