@@ -165,11 +165,12 @@ def _truncate_log(path: str, step: int) -> None:
 def _check_new_run_dir(run_dir: str) -> None:
     """A new run writes model.safetensors, manifest.json, log.jsonl and checkpoints/ into its
     directory: refuse a directory where one of them is not a run's (a model or adapter directory, a
-    user's log), so that no file calofm did not write is replaced. A run stopped before its first
-    checkpoint (its .lock beside them) starts again."""
+    user's log), so that no file calofm did not write is replaced. A run's directory (its .lock or
+    checkpoints/latest beside them) is left to the resume check."""
     own = [n for n in (MODEL_FILE, MANIFEST_FILE, "log.jsonl", "checkpoints")
            if os.path.exists(os.path.join(run_dir, n))]
-    if own and not os.path.exists(os.path.join(run_dir, LOCK_FILE)):
+    is_run = any(os.path.exists(os.path.join(run_dir, n)) for n in (LOCK_FILE, os.path.join("checkpoints", "latest")))
+    if own and not is_run:
         raise CalofmError(f"{run_dir} holds {', '.join(own)} not written by a calofm training run; choose a new "
                           "output directory")
 
@@ -209,7 +210,9 @@ def train(cfg: TrainConfig | None = None, resume_dir: str | None = None, threads
         torch.set_num_threads(threads)
     if resume_dir is None:
         _check_new_run_dir(cfg.out)
-    info = init_distributed(cfg.device if cfg is not None else "auto")
+    # a resumed run's device: the one given again (session), else auto
+    info = init_distributed(cfg.device if cfg is not None and resume_dir is None
+                            else (session or {}).get("device", "auto"))
     try:
         # one run per run directory: the writing rank holds its lock until the run ends or dies
         with run_lock(resume_dir or cfg.out) if info.is_main else contextlib.nullcontext():
