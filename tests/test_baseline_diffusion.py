@@ -179,3 +179,21 @@ def test_bench_decode_setups_name_precision_then_switches():
     assert opt.precision == "bf16" and opt.graph and not opt.compact and not opt.compile
     opt = parse_setup("fp32+compile")
     assert opt.precision == "fp32" and opt.compile and opt.graph is False and opt.compact
+
+
+def test_baseline_generate_command_checks_its_output(tiny_run, tmp_path, capsys):
+    from calofm.cli.main import main
+    from calofm.data.showers import read_showers
+
+    d, _, _ = tiny_run
+    out = tmp_path / "gen.h5"
+    argv = ["baseline", "generate", "--model", str(d / "model"), "--material", "W", "--n", "6", "--steps", "2",
+            "-o", str(out)]
+    assert main(argv) == 0
+    assert read_showers(str(out))[1].shape[0] == 6
+    size = out.stat().st_size
+    capsys.readouterr()
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err  # an existing output needs --force
+    assert main([*argv[:-4], "--n", "1000000000000", "-o", str(tmp_path / "big.h5")]) == 2
+    assert "memory" in capsys.readouterr().err and not (tmp_path / "big.h5").exists()
+    assert main([*argv, "--force"]) == 0 and out.stat().st_size > 0 and size > 0

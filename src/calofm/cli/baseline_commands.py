@@ -56,15 +56,15 @@ def cmd_generate(args) -> None:
     from calofm.baselines.diffusion import DiffusionBaseline
     from calofm.data.showers import ShowerWriter
     from calofm.errors import CalofmError
-    from calofm.outputs import check_output_file
+    from calofm.outputs import check_free_space, check_memory, check_output_file, shower_file_bytes
     from calofm.simulation.runner import canonical_particle, parse_energy, sample_energies
 
     check_output_file(args.output, args.force)
     model, geometry = DiffusionBaseline.load(args.model)
     if args.material not in model.cfg.materials:
         raise CalofmError(f"the baseline knows materials {model.cfg.materials}, not {args.material!r}")
-    if args.n <= 0:
-        raise CalofmError(f"--n must be > 0, got {args.n}")
+    check_memory(2 * 4 * args.n * geometry.n_voxels, f"--n {args.n} ({geometry.n_voxels} voxels per shower)")
+    check_free_space(args.output, shower_file_bytes(args.n, geometry.n_voxels), f"{args.n} showers")
     incident = sample_energies(args.n, parse_energy(args.energy), "uniform", np.random.default_rng(args.seed))
     materials = np.full(args.n, model.cfg.materials.index(args.material))
     start = time.perf_counter()
