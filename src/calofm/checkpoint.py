@@ -220,7 +220,7 @@ def load_model(directory: str, device: str | torch.device = "cpu"):
             expected = {k: v.shape for k, v in ShowerTransformer(cfg).state_dict().items()}
     except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError,
             CalofmError) as exc:
-        raise CalofmError(f"{directory}: malformed manifest ({exc})") from None
+        raise CalofmError(f"{directory}: malformed manifest ({exc if isinstance(exc, CalofmError) else repr(exc)})") from None
     missing, unexpected = set(expected) - set(state), set(state) - set(expected)
     bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k]]
     if missing or unexpected or bad_shape:
