@@ -134,10 +134,14 @@ def read_json_manifest(path: str, fmt: str, what: str) -> dict:
     try:
         with open(path) as fh:
             manifest = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or not UTF-8
         raise CalofmError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
         raise CalofmError(f"{path}: not a calofm {what} manifest")
+    weights = manifest.get("weights")
+    if not (isinstance(weights, dict) and isinstance(weights.get("file"), str) and weights["file"]
+            and isinstance(weights.get("sha256"), str)):
+        raise CalofmError(f"{path}: \"weights\" must name the weight file and its sha256")
     return manifest
 
 
@@ -146,7 +150,10 @@ def read_manifest(directory: str) -> dict:
         raise CalofmError(f"{directory}: no such model directory")
     path = os.path.join(directory, MANIFEST_FILE)
     manifest = read_json_manifest(path, FORMAT, "model")
-    if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if not isinstance(version, int):
+        raise CalofmError(f"{path}: format_version must be an integer, found {version!r}")
+    if version > FORMAT_VERSION:
         raise CalofmError(f"{path}: format version {manifest['format_version']} is newer than this calofm reads")
     return manifest
 
@@ -155,11 +162,11 @@ def _read_weights(directory: str, manifest: dict) -> tuple[str, bytes | None]:
     """(path, bytes) of the weight file the manifest names, or (path, None) when it is missing.
 
     The file is read once, so the bytes hashed are the bytes loaded even while a writer replaces it."""
-    weights = os.path.join(directory, manifest.get("weights", {}).get("file", MODEL_FILE))
+    weights = os.path.join(directory, manifest["weights"]["file"])
     try:
         with open(weights, "rb") as fh:
             return weights, fh.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return weights, None
     except OSError as exc:
         raise CalofmError(f"{weights}: cannot read model weights ({exc})") from None
@@ -192,25 +199,45 @@ def _consistent_weights(directory: str, attempts: int = 5) -> tuple[dict, str, b
                       "belongs to another model")
 
 
+def _check_config(cfg: ModelConfig, tokenizer: ShowerTokenizer, n_tensors: int) -> None:
+    """The model config agrees with the tokenizer and is no larger than the weight file (so building the
+    model, even only its shapes, stays bounded)."""
+    for name, vocab in (("voxel", tokenizer.voxels), ("energy", tokenizer.energies),
+                        ("material", tokenizer.materials), ("particle", tokenizer.particles)):
+        if tuple(getattr(cfg, f"{name}_blocks")) != vocab.block_sizes():
+            raise CalofmError(f"config {name}_blocks {getattr(cfg, f'{name}_blocks')} do not match the tokenizer's "
+                              f"{name} vocabulary {vocab.block_sizes()}")
+    if len(cfg.moe_groups) != len(tokenizer.materials) or cfg.max_seq_len != tokenizer.max_seq_len:
+        raise CalofmError("config moe_groups / max_seq_len do not match the tokenizer")
+    if not all(isinstance(v, int) and v > 0 for v in (cfg.d_model, cfg.n_layers, cfg.n_heads, *cfg.moe_groups)):
+        raise CalofmError("config d_model, n_layers, n_heads and moe_groups must be positive integers")
+    if cfg.n_layers * (1 + sum(cfg.moe_groups)) > n_tensors:  # every layer has >= 1 tensor per expert
+        raise CalofmError(f"config asks for {cfg.n_layers} layers of {sum(cfg.moe_groups)} experts; the weight file "
+                          f"holds {n_tensors} tensors")
+
+
 def load_model(directory: str, device: str | torch.device = "cpu"):
     """(model, tokenizer, manifest) from a model directory, after checking the weight hash."""
     manifest, weights, data = _consistent_weights(directory)
     try:
+        state = load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CalofmError(f"{weights}: cannot read model weights ({exc})") from None
+    try:
         tokenizer = ShowerTokenizer.from_dict(manifest["tokenizer"])
         cfg = ModelConfig.from_dict(manifest["config"])
-    except (KeyError, TypeError) as exc:
-        raise CalofmError(f"{directory}: malformed manifest ({exc!r})") from None
-    model = ShowerTransformer(cfg)
-    try:
-        state = load_bytes(data)
-    except (SafetensorError, ValueError) as exc:
-        raise CalofmError(f"{weights}: cannot read model weights ({exc})") from None
-    expected_keys = model.state_dict()
-    missing, unexpected = set(expected_keys) - set(state), set(state) - set(expected_keys)
-    bad_shape = [k for k in set(state) & set(expected_keys) if state[k].shape != expected_keys[k].shape]
+        _check_config(cfg, tokenizer, len(state))
+        with torch.device("meta"):  # shapes only: a config that does not fit the file allocates nothing
+            expected = {k: v.shape for k, v in ShowerTransformer(cfg).state_dict().items()}
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError, RuntimeError,
+            CalofmError) as exc:
+        raise CalofmError(f"{directory}: malformed manifest ({exc if isinstance(exc, CalofmError) else repr(exc)})") from None
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    bad_shape = [k for k in set(state) & set(expected) if state[k].shape != expected[k]]
     if missing or unexpected or bad_shape:
         raise CalofmError(f"{weights}: weights do not fit the manifest's model (missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}, wrong shape {sorted(bad_shape)[:3]})")
+    model = ShowerTransformer(cfg)
     model.load_state_dict(state)
     return model.to(device).eval(), tokenizer, manifest
 

@@ -9,6 +9,7 @@ for simulating into this binning, not for reading or evaluating files.
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 
 from calofm.detector.geometry import CylindricalGrid, Geometry, Layer
@@ -21,7 +22,7 @@ def read_binning(path: str) -> tuple[Geometry, str | None]:
     """Parse a CaloChallenge binning XML; returns (geometry, particle name or None)."""
     try:
         root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
+    except (OSError, ET.ParseError, LookupError, ValueError) as exc:  # LookupError: an unknown encoding
         raise CalofmError(f"{path}: cannot read binning XML ({exc})") from None
     owner = next((el for el in root.iter() if "pid" in el.attrib), None)
     layers = [el for el in root.iter() if el.tag.lower() == "layer"]
@@ -31,8 +32,14 @@ def read_binning(path: str) -> tuple[Geometry, str | None]:
     try:
         for el in sorted(layers, key=lambda e: int(e.attrib.get("id", 0))):
             edges = tuple(float(v) for v in el.attrib["r_edges"].split(",") if v.strip())
+            alpha = int(el.attrib.get("n_bin_alpha", 1))
+            if len(edges) < 2 or not all(math.isfinite(e) for e in edges) or edges[0] < 0 or \
+                    any(b <= a for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"r_edges {el.attrib['r_edges']!r}: need two or more finite, increasing edges >= 0")
+            if alpha < 1:
+                raise ValueError(f"n_bin_alpha {alpha} must be >= 1")
             r_edges.append(edges)
-            n_alpha.append(int(el.attrib.get("n_bin_alpha", 1)))
+            n_alpha.append(alpha)
     except (KeyError, ValueError) as exc:
         raise CalofmError(f"{path}: malformed <Layer> element ({exc!r})") from None
     particle = None

@@ -31,6 +31,9 @@ from calofm.outputs import write_error
 
 DEFAULT_CHUNK = 4096
 BEAM_DATASETS = ("incident_positions", "incident_angles")
+# what h5py raises on a corrupt file or an object of an unexpected kind (KeyError: a broken link or header)
+H5_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+NUMERIC_KINDS = "fiu"  # float, signed and unsigned integer datasets; strings, compounds, bools are refused
 
 
 @dataclass
@@ -52,7 +55,7 @@ def _open(path: str) -> h5py.File:
         raise CalofmError(f"{path}: no such file")
     try:
         return h5py.File(path, "r")
-    except OSError:
+    except H5_ERRORS:
         raise CalofmError(f"{path}: not a readable HDF5 file (truncated, corrupt or another format)") from None
 
 
@@ -63,13 +66,19 @@ def _decode(value):
 def inspect_file(path: str, binning_xml: str | None = None, geometry: Geometry | None = None) -> ShowerFileInfo:
     """Read a file's header and check its structure; raises CalofmError naming the problem."""
     with _open(path) as f:
-        for name in ("incident_energies", "showers"):
-            if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise CalofmError(f"{path}: no '{name}' dataset; not a shower file in the CaloChallenge layout")
-        e_shape, s_shape = f["incident_energies"].shape, f["showers"].shape
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
-        has_beam = all(name in f and isinstance(f[name], h5py.Dataset) and f[name].shape == (e_shape[0], 2)
-                       for name in BEAM_DATASETS)
+        try:
+            for name in ("incident_energies", "showers"):
+                if name not in f or not isinstance(f[name], h5py.Dataset):
+                    raise CalofmError(f"{path}: no '{name}' dataset; not a shower file in the CaloChallenge layout")
+                if f[name].shape is None or f[name].dtype.kind not in NUMERIC_KINDS:
+                    raise CalofmError(f"{path}: '{name}' must hold numbers, found {f[name].dtype} of shape "
+                                      f"{f[name].shape}")
+            e_shape, s_shape = f["incident_energies"].shape, f["showers"].shape
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            has_beam = all(name in f and isinstance(f[name], h5py.Dataset) and f[name].shape == (e_shape[:1] + (2,))
+                           and f[name].dtype.kind in NUMERIC_KINDS for name in BEAM_DATASETS)
+        except H5_ERRORS as exc:
+            raise CalofmError(f"{path}: cannot read the file's structure (truncated or corrupt file: {exc})") from None
     if len(s_shape) != 2:
         raise CalofmError(f"{path}: 'showers' must be 2-D (N, n_voxels), found shape {s_shape}")
     if len(e_shape) not in (1, 2) or (len(e_shape) == 2 and e_shape[1] != 1):
@@ -78,24 +87,34 @@ def inspect_file(path: str, binning_xml: str | None = None, geometry: Geometry |
         raise CalofmError(f"{path}: {e_shape[0]} incident energies but {s_shape[0]} showers")
     if s_shape[0] == 0:
         raise CalofmError(f"{path}: the file holds no showers")
+    for key in ("material", "particle", "generator", "geometry"):
+        if key in attrs and not isinstance(attrs[key], str):
+            raise CalofmError(f"{path}: attribute '{key}' must be a string, found {attrs[key]!r}")
 
     particle = attrs.get("particle")
-    if geometry is None and binning_xml is not None:
-        from calofm.data.calochallenge import read_binning
+    try:
+        if geometry is None and binning_xml is not None:
+            from calofm.data.calochallenge import read_binning
 
-        geometry, xml_particle = read_binning(binning_xml)
-        particle = particle or xml_particle
-    if geometry is None and "geometry" in attrs:
-        geometry = Geometry.from_json(attrs["geometry"])
+            geometry, xml_particle = read_binning(binning_xml)
+            particle = particle or xml_particle
+        if geometry is None and "geometry" in attrs:
+            geometry = Geometry.from_json(attrs["geometry"])
+    except CalofmError as exc:
+        raise CalofmError(exc.args[0] if binning_xml is not None else f"{path}: attribute 'geometry': {exc}") from None
     if geometry is not None and geometry.n_voxels != s_shape[1]:
         raise CalofmError(
             f"{path}: showers have {s_shape[1]} voxels but geometry {geometry.name!r} has {geometry.n_voxels}"
         )
     seed = attrs.get("seed")
+    try:
+        seed = None if seed is None or seed == "" else int(seed)
+    except (TypeError, ValueError):
+        raise CalofmError(f"{path}: attribute 'seed' must be an integer, found {seed!r}") from None
     return ShowerFileInfo(
         path=path, n_showers=int(s_shape[0]), n_voxels=int(s_shape[1]), geometry=geometry,
         material=attrs.get("material"), particle=particle, generator=attrs.get("generator"),
-        seed=None if seed is None or seed == "" else int(seed), attrs=attrs, has_beam=has_beam,
+        seed=seed, attrs=attrs, has_beam=has_beam,
     )
 
 
@@ -121,7 +140,7 @@ def iter_showers(path: str, chunk_size: int = DEFAULT_CHUNK, info: ShowerFileInf
             try:
                 energies = np.asarray(e_ds[lo:hi], dtype=np.float32).reshape(-1)
                 showers = np.asarray(s_ds[lo:hi], dtype=np.float32)
-            except (OSError, ValueError) as exc:
+            except H5_ERRORS as exc:
                 raise CalofmError(f"{path}: cannot read showers {lo}-{hi} (truncated or corrupt file: {exc})") from None
             check_shower_values(energies, showers, f"{path} (showers {lo}-{hi})")
             yield energies, showers
@@ -146,7 +165,7 @@ def read_beam(path: str, start: int = 0, stop: int | None = None) -> tuple[np.nd
     with _open(path) as f:
         try:
             pos, ang = (np.asarray(f[name][start:stop], dtype=np.float32) for name in BEAM_DATASETS)
-        except (OSError, ValueError) as exc:
+        except H5_ERRORS as exc:
             raise CalofmError(f"{path}: cannot read the beam datasets ({exc})") from None
     if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(ang))):
         raise CalofmError(f"{path}: incident positions or angles contain NaN or infinite values")

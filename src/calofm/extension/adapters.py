@@ -255,12 +255,34 @@ def applied_sha256(shower_model) -> list[str]:
     return list(getattr(shower_model, "adapter_sha256", []))
 
 
+def _read_spec(directory: str, manifest: dict) -> AdapterSpec:
+    """The manifest's AdapterSpec, with every field of the type attach() needs; CalofmError otherwise."""
+    spec = AdapterSpec.from_dict(manifest.get("spec"), directory)  # unknown or missing keys
+
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    def strings(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    ok = (spec.kind in ("material", "particle") and strings(spec.names) and len(spec.names) > 0
+          and (spec.kind == "material" or len(spec.names) == 1)
+          and isinstance(spec.init_from, dict) and all(isinstance(spec.init_from.get(n), str) for n in spec.names)
+          and positive_int(spec.rank) and positive_int(spec.head_rank)
+          and isinstance(spec.alpha, (int, float)) and not isinstance(spec.alpha, bool) and np.isfinite(spec.alpha)
+          and isinstance(spec.base_sha256, str) and strings(spec.requires))
+    if not ok:
+        raise CalofmError(f"{directory}: malformed adapter manifest: \"spec\" needs kind material/particle, a list "
+                          f"of names, init_from for each, positive integer ranks, a finite alpha ({manifest['spec']})")
+    return spec
+
+
 def apply_adapter(shower_model, directory: str) -> dict:
     """Load an adapter directory onto a ShowerModel (after checking it belongs there); returns its manifest."""
-    from safetensors.torch import load_file
+    from calofm.checkpoint import _load_tensors
 
     manifest = read_adapter_manifest(directory)
-    spec = AdapterSpec.from_dict(manifest.get("spec"), directory)
+    spec = _read_spec(directory, manifest)
     if spec.base_sha256 != base_sha256(shower_model):
         raise CalofmError(f"{directory}: adapter made for another base model (base sha256 {spec.base_sha256[:12]}, "
                           f"this model {base_sha256(shower_model)[:12]})")
@@ -275,8 +297,21 @@ def apply_adapter(shower_model, directory: str) -> dict:
     clash = [n for n in spec.names if n in known]
     if clash:
         raise CalofmError(f"{directory}: the model already knows {clash}")
-    params = attach(shower_model, spec)
-    tensors = load_file(weights)
+    try:
+        totals = ShowerTotals.from_dict(manifest.get("totals"))
+        for name in spec.names:  # the known class each new one starts from
+            (shower_model.tokenizer.material_id if spec.kind == "material" else shower_model.tokenizer.particle_id)(
+                spec.init_from[name])
+    except (AttributeError, CalofmError) as exc:
+        raise CalofmError(f"{directory}: malformed adapter manifest ({exc})") from None
+    tensors = _load_tensors(weights, "adapter weights")
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
+    if max(spec.rank, spec.head_rank if spec.kind == "particle" else 0) > largest:  # bounds what attach allocates
+        raise CalofmError(f"{directory}: rank {spec.rank} / head_rank {spec.head_rank} exceed every tensor in {weights}")
+    try:
+        params = attach(shower_model, spec)
+    except CalofmError as exc:  # e.g. a name given twice
+        raise CalofmError(f"{directory}: cannot attach the adapter ({exc})") from None
     if set(tensors) != set(params) or any(tensors[k].shape != params[k].shape for k in params):
         raise CalofmError(f"{weights}: tensors do not match the adapter's modules")
     with torch.no_grad():
@@ -284,7 +319,7 @@ def apply_adapter(shower_model, directory: str) -> dict:
             p.copy_(tensors[k])
             p.requires_grad_(False)
     # the new classes' hit-count / E_vis laws (two-stage generation); adapters from before have none
-    shower_model.tokenizer.totals.update(ShowerTotals.from_dict(manifest.get("totals")))
+    shower_model.tokenizer.totals.update(totals)
     shower_model.adapter_sha256 = applied_sha256(shower_model) + [manifest["weights"]["sha256"]]
     shower_model.adapter_manifests = getattr(shower_model, "adapter_manifests", []) + [manifest]
     return manifest
