@@ -3,7 +3,6 @@ files, time budgets, the command line."""
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from calofm.training.feed import split_batch
 from calofm.training.stream import ShowerStream, StreamReader, StreamSpec
 from calofm.training.synthetic import write_synthetic
 from calofm.training.trainer import BudgetClock
+from test_training import _ddp_worker, _free_port  # one DDP launcher for the training tests
 
 SPEC = StreamSpec.parse("W,Cu", "gamma", "10:50", "cpu")
 
@@ -130,18 +130,6 @@ def test_files_mixed_with_stream(tmp_path):
     assert manifest["materials"] == ["Ta", "W", "Cu"] and set(summary["val"]) == {"Ta", "W", "Cu"}
     assert summary["files"][0]["material"] == "Ta" and summary["stream"]["materials"] == ["W", "Cu"]
     assert set(manifest["tokenizer"]["totals"]) == {"Ta/gamma", "W/gamma", "Cu/gamma"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, cfg_dict):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    train(TrainConfig.from_dict(cfg_dict), threads=1, progress=False, log=quiet)
 
 
 @pytest.mark.slow
