@@ -89,26 +89,18 @@ def classifier_test(x_ref: np.ndarray, x_gen: np.ndarray, *, standardize: bool =
     standardize: scale each input column by its training mean and std (for high-level features).
     bf16: bfloat16 autocast of the matrix products (about 2x faster on CPUs with AVX512-BF16, 4x slower
     on AVX2-only CPUs; the loss, the optimizer state and the reported probabilities stay float32).
-    None: bf16 where oneDNN runs it natively (`cpu_runs_bf16`), else float32.
+    None: bf16 where the CPU runs it natively (`calofm.model.precision.cpu_has_native_bf16`), else float32.
     threads: torch threads while training (restored afterwards); None keeps the current setting.
     One is the default: on 2 cores shared with other work, two OpenMP threads measured 4-10x slower.
     """
     if bf16 is None:
-        bf16 = cpu_runs_bf16()
+        from calofm.model.precision import cpu_has_native_bf16
+
+        bf16 = cpu_has_native_bf16()
     with _torch_threads(threads):
         return _train_and_measure(x_ref, x_gen, standardize=standardize, seed=seed, max_epochs=max_epochs,
                                   patience=patience, batch_size=batch_size, lr=lr, hidden=hidden, n_boot=n_boot,
                                   bf16=bf16, progress=progress, desc=desc)
-
-
-def cpu_runs_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls on this CPU's own instructions (AVX512 or AMX), not emulated on AVX2."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @contextmanager
