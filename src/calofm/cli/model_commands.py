@@ -236,7 +236,8 @@ def cmd_info(args) -> None:
           f"{m['tokenizer']['energy_bins']}")
     print(f"  weights sha256 {m['weights']['sha256']}")
     if tr:
-        print(f"  trained {tr.get('steps')} steps, {tr.get('tokens_seen')} tokens, {tr.get('wall_time_s')} s")
+        print(f"  trained {tr.get('steps')} steps, {tr.get('tokens_seen')} tokens, {tr.get('wall_time_s')} s; "
+              f"simulator version {tr.get('simulator_version', 'not recorded (files, or before v2)')}")
         for material, r in tr.get("val", {}).items():
             print(f"  val {material}: {r['nll']:.4f} nats/token")
     n_base = m["weights"]["n_parameters"]
