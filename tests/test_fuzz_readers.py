@@ -353,6 +353,16 @@ def encode(doc) -> bytes:
     return json.dumps(doc, allow_nan=True).encode()
 
 
+def mutated(doc, data):
+    """doc after one to three drawn mutations of its known keys (its weights' sha256 left intact)."""
+    for path, value, how in data.draw(st.lists(json_mutation_st(doc, ("weights", "sha256")), min_size=1, max_size=3)):
+        try:
+            doc = mutate(doc, path, value, how)
+        except (KeyError, IndexError, TypeError):
+            pass  # an earlier mutation removed or replaced the parent
+    return doc
+
+
 def load_base(path):
     read_manifest(path)
     load_model(path)
@@ -364,12 +374,7 @@ def load_base(path):
 def test_malformed_model_manifest(model_dirs, data):
     """Wrong JSON types and values for the known keys of a model manifest (the weights untouched)."""
     doc = model_dirs["manifest"]
-    mutations = data.draw(st.lists(json_mutation_st(doc, ("weights", "sha256")), min_size=1, max_size=3))
-    for path, value, how in mutations:
-        try:
-            doc = mutate(doc, path, value, how)
-        except (KeyError, IndexError, TypeError):
-            pass  # an earlier mutation removed or replaced the parent
+    doc = mutated(doc, data)
     target = str(model_dirs["dir"] / "manifest-case")
     copy_dir(model_dirs["base"], target, {"manifest.json": encode(doc)})
     outcome(lambda: load_base(target), target)
@@ -427,12 +432,7 @@ def load_adapted(model_dirs, adapter):
 @given(data=st.data())
 def test_malformed_adapter_manifest(model_dirs, data):
     doc = model_dirs["adapter_manifest"]
-    mutations = data.draw(st.lists(json_mutation_st(doc, ("weights", "sha256")), min_size=1, max_size=3))
-    for path, value, how in mutations:
-        try:
-            doc = mutate(doc, path, value, how)
-        except (KeyError, IndexError, TypeError):
-            pass
+    doc = mutated(doc, data)
     target = str(model_dirs["dir"] / "adapter-case")
     copy_dir(model_dirs["adapter"], target, {"manifest.json": encode(doc)})
     outcome(lambda: load_adapted(model_dirs, target), target)
