@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
 import torch
 
 from calofm.checkpoint import atomic_write_text
 from calofm.training import TrainConfig, train
+from provenance import provenance  # benchmarks/ is the script's directory
 
 
 def run(workers: int, args) -> dict:
@@ -59,14 +58,9 @@ def main() -> None:
         print(f"{r['workers']:>8}{r['trainer_tokens_per_s']:>15.0f}{r['sim_tokens_per_s']:>12.0f}"
               f"{r['sim_showers_per_s']:>15.0f}{r['sim_over_trainer']:>8.1f}{r['data_wait_s']:>8.1f}")
     if args.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = None
-        device = (torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else
-                  f"cpu {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores")
+        gpu = torch.cuda.is_available() and args.device != "cpu"
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        atomic_write_text(args.json, json.dumps({"commit": commit, "device": device, "command": " ".join(sys.argv),
+        atomic_write_text(args.json, json.dumps({**provenance(torch.cuda.get_device_name() if gpu else None),
                                                  "torch": torch.__version__, "rows": rows}, indent=1))
 
 
