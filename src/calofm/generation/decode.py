@@ -100,6 +100,7 @@ class _Rows:
     material: torch.Tensor  # (B,)
     particle: torch.Tensor  # (B,)
     target: torch.Tensor | None  # (B,) hit count to hold each shower to (two-stage totals)
+    energy: torch.Tensor | None  # (B,) running_inputs: visible energy (MeV) of the hits fed so far
     plan: RoutingPlan | None
 
     def tensors(self) -> list[torch.Tensor | None]:
@@ -210,7 +211,11 @@ class Decoder:
         static = opt.graph if opt.graph is not None else device.type == "cuda"
         target = None if target_hits is None else target_hits.to(device=device, dtype=torch.long)
         with autocast(device, opt.precision):
-            settings = dict(max_hits=max_hits, voxel_off=_off(self.model.cfg.n_voxel_tokens, voxel_block, True, device),
+            cfg = self.model.cfg
+            voxel_off = (_off(cfg.voxel_blocks[0] + len(cfg.layer_cells), Block("layers", cfg.voxel_blocks[0],
+                                                                                 len(cfg.layer_cells)), True, device)
+                         if self.model.factorized else _off(cfg.n_voxel_tokens, voxel_block, True, device))
+            settings = dict(max_hits=max_hits, voxel_off=voxel_off,
                             energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device),
                             sampling=sampling, energy_sampling=energy_sampling or sampling, opt=opt, static=static,
                             targeted=target is not None, cache_dtype=_cache_dtype(device))
@@ -264,7 +269,8 @@ class _Run:
         self.energy_logits = decoder.compiled("energy_logits") if compiled else self.model.energy_logits
         self.cdf_fn = decoder.compiled("chunk_sums") if compiled else None
         # one row more than the batch: the sink row B0 takes the static fillers' writes (and reads a fixed uniform)
-        self.u_voxel, self.u_energy = (torch.full((B0 + 1, 1), 0.5, device=device) for _ in range(2))
+        # (u_cell: the factorized head's second draw)
+        self.u_voxel, self.u_cell, self.u_energy = (torch.full((B0 + 1, 1), 0.5, device=device) for _ in range(3))
         self.out_voxel, self.out_energy = (torch.empty((B0 + 1, max_hits), dtype=torch.long, device=device)
                                            for _ in range(2))
         self.capped = torch.zeros(B0 + 1, dtype=torch.bool, device=device)
@@ -281,19 +287,48 @@ class _Run:
         """Draw the next voxel of every row at step t (an int, or the device counter) -> (v, is_hit) (B,).
         n_read: the columns of rows.hits that may hold a hit (t, or a static step's cache window)."""
         r = self.rows
-        logits = self.voxel_logits(r.h).index_fill_(1, self.voxel_off, float("-inf"))
-        if n_read:  # a voxel is hit at most once (PAD entries land on the PAD column, off anyway)
-            _fill_entries(logits, r.hits[:, :n_read], float("-inf"))
-        if r.target is not None:
-            stop = t >= r.target  # (B,)
-            logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
-        v = sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
-        if r.target is not None:
+        stop = None if r.target is None else t >= r.target  # (B,)
+        v = (self._layer_then_cell if self.model.factorized else self._flat_voxel)(stop, n_read)
+        if stop is not None:
             v = torch.where(stop, EOS, v)
         is_hit = ~r.done & (v != EOS)
         v = torch.where(r.done, PAD, v)
         r.done.logical_or_(v == EOS)
         return v, is_hit
+
+    def _flat_voxel(self, stop: torch.Tensor | None, n_read: int) -> torch.Tensor:
+        r = self.rows
+        logits = self.voxel_logits(r.h).index_fill_(1, self.voxel_off, float("-inf"))
+        if n_read:  # a voxel is hit at most once (PAD entries land on the PAD column, off anyway)
+            _fill_entries(logits, r.hits[:, :n_read], float("-inf"))
+        if stop is not None:
+            logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
+        return sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
+
+    def _layer_then_cell(self, stop: torch.Tensor | None, n_read: int) -> torch.Tensor:
+        """Factorized head: the layer (or EOS) with u_voxel, masking the layers whose cells are all hit
+        already, then the cell within it with u_cell, masking the cells already hit in that layer."""
+        r, head = self.rows, self.model.voxel_head
+        S = head.n_specials
+        logits = head.layer_logits(r.h).index_fill_(1, self.voxel_off, float("-inf"))  # (B, S + L)
+        hits = r.hits[:, :n_read]
+        hit_class = head.token_class[hits]  # (B, n_read); PAD -> the PAD column
+        if n_read:
+            counts = torch.zeros(logits.shape, dtype=torch.long, device=logits.device)
+            counts.scatter_add_(1, hit_class, torch.ones_like(hit_class))
+            logits[:, S:].masked_fill_(counts[:, S:] >= head.layer_cells, float("-inf"))
+        if stop is not None:
+            logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
+        c = sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
+        layer = (c - S).clamp(0, head.n_layers - 1)  # EOS rows draw a cell of layer 0, unused
+        cells = head.cell_logits(r.h, layer)  # (B, C), beyond the layer's count -inf
+        # one column more, where the hits of other layers land
+        cells = torch.cat([cells, cells.new_full((len(c), 1), float("-inf"))], dim=1)
+        if n_read:
+            _fill_entries(cells, torch.where(hit_class == c[:, None], head.token_cell[hits], head.n_cells),
+                          float("-inf"))
+        cell = sample(cells, self.sampling, cdf_fn=self.cdf_fn, u=self.u_cell[r.orig])
+        return torch.where(c >= S, head.token(layer, cell.clamp(max=head.n_cells - 1)), c)
 
     def _advance(self, t, v: torch.Tensor, is_hit: torch.Tensor) -> torch.Tensor:
         """Draw the energies, write the step's tokens, run the new position -> v_in (B,), the voxels fed
@@ -305,8 +340,10 @@ class _Run:
         self.out_voxel[r.orig, t] = v_in  # static fillers write PAD into the sink row
         self.out_energy[r.orig, t] = e_in
         h, _ = self.model.hidden(v_in[:, None], e_in[:, None], r.incident, r.material, r.particle, start=t + 2,
-                                 valid=is_hit[:, None], plan=r.plan)
+                                 valid=is_hit[:, None], plan=r.plan, energy_before=r.energy)
         r.h.copy_(h[:, -1])
+        if r.energy is not None:
+            r.energy.add_(self.model.running.energy(e_in))
         return v_in
 
     def _draw(self, u: torch.Tensor, cfg: SamplingConfig, n: int, generator) -> None:
@@ -329,7 +366,8 @@ class _Run:
         orig = torch.arange(B0, device=device).masked_fill_(torch.arange(B0, device=device) >= B, B0)
         rows = _Rows(torch.zeros(B0, self.model.cfg.d_model, device=device), orig == B0,
                      torch.full((B0, hits_width), PAD, dtype=torch.long, device=device), orig, pad(incident),
-                     pad(material), pad(particle), pad(target), None)
+                     pad(material), pad(particle), pad(target),
+                     torch.zeros(B0, device=device) if self.model.running is not None else None, None)
         rows.plan = routing_plan(rows.material)
         return rows
 
@@ -347,6 +385,8 @@ class _Run:
                 self.capped[r.orig] = ~r.done
                 break
             self._draw(self.u_voxel, self.sampling, B0, generator)
+            if model.factorized:
+                self._draw(self.u_cell, self.sampling, B0, generator)
             v, is_hit = self._voxel(t, t)
             B, n_done = len(r.done), int(r.done.sum())  # the one host sync per step
             if n_done == B:
@@ -466,6 +506,8 @@ class _Run:
             for t in range(1, self.max_hits + 1):
                 # drawn as the eager loop draws them for the B rows
                 self._draw(self.u_voxel, self.sampling, B, generator)
+                if model.factorized:
+                    self._draw(self.u_cell, self.sampling, B, generator)
                 self._draw(self.u_energy, self.energy_sampling, B, generator)
                 self._run_step(self._window(t - 1))
                 if t % CHECK_EVERY and t < self.max_hits:

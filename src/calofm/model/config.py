@@ -4,11 +4,18 @@ Vocabulary sizes are not hyper-parameters: they come from the tokenizer (`for_to
 of block sizes so that an appended vocabulary block becomes an appended embedding table.
 `moe_groups` lists the number of experts of each material group, in material-id order; appending a
 material appends one entry.
+
+Two options, off by default (a saved config without them loads as the model it was):
+- voxel_head="factorized": p(v | h) = p(layer or EOS | h) p(cell | layer, h) (model/voxel_head.py), its
+  cost per token independent of the grid's size; needs the geometry's cells per layer (`layer_cells`);
+- running_inputs: every hit position also sees the visible energy so far (a fraction of E_inc) and the
+  hit index (model/transformer.py, RunningInputs); needs the energy binning (`energy_bins`, a
+  LogEnergyBins dict) for the bins' centres.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from calofm.errors import CalofmError
 
@@ -29,6 +36,8 @@ class ModelConfig:
     energy_head_voxel_cond: bool = True  # energy head sees the (teacher-forced / sampled) next voxel
     lb_coef: float = 0.01  # Switch load-balance loss weight (within material groups)
     z_coef: float = 1e-3  # router z-loss weight
+    voxel_head: str = "flat"  # "flat": one softmax over the voxels; "factorized": layer, then cell in the layer
+    running_inputs: bool = False  # hit positions see the visible energy so far / E_inc and the hit index
     # filled from the tokenizer
     voxel_blocks: tuple[int, ...] = ()
     energy_blocks: tuple[int, ...] = ()
@@ -36,6 +45,8 @@ class ModelConfig:
     particle_blocks: tuple[int, ...] = ()
     moe_groups: tuple[int, ...] = ()
     max_seq_len: int = 0
+    layer_cells: tuple[int, ...] = ()  # cells of each geometry layer (voxel_head="factorized")
+    energy_bins: dict | None = field(default=None, hash=False)  # LogEnergyBins.to_dict() (running_inputs)
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -46,6 +57,13 @@ class ModelConfig:
             raise CalofmError(f"stream_combine must be 'sum' or 'cross', got {self.stream_combine!r}")
         if not 1 <= self.top_k <= self.experts_per_material:
             raise CalofmError(f"top_k must be in 1..experts_per_material, got {self.top_k}")
+        if self.voxel_head not in ("flat", "factorized"):
+            raise CalofmError(f"voxel_head must be 'flat' or 'factorized', got {self.voxel_head!r}")
+        if self.voxel_head == "factorized" and self.voxel_blocks and (
+                len(self.voxel_blocks) != 2 or sum(self.layer_cells) != self.voxel_blocks[1]):
+            raise CalofmError(f"a factorized voxel head covers the special tokens and one geometry whose layers "
+                              f"have {list(self.layer_cells)} cells; got voxel vocabulary blocks "
+                              f"{list(self.voxel_blocks)} (a voxel vocabulary block cannot be appended to it)")
 
     @property
     def head_dim(self) -> int:
@@ -65,6 +83,8 @@ class ModelConfig:
             self, voxel_blocks=tokenizer.voxels.block_sizes(), energy_blocks=tokenizer.energies.block_sizes(),
             material_blocks=tokenizer.materials.block_sizes(), particle_blocks=tokenizer.particles.block_sizes(),
             moe_groups=(self.experts_per_material,) * n_materials, max_seq_len=tokenizer.max_seq_len,
+            layer_cells=tuple(tokenizer.geometry.cells_per_layer) if self.voxel_head == "factorized" else (),
+            energy_bins=tokenizer.bins.to_dict() if self.running_inputs else None,
         )
 
     def to_dict(self) -> dict:
@@ -104,7 +124,8 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise CalofmError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     base = PRESETS[name]
-    allowed = sorted(set(_OVERRIDE_RANGES) | {"shared_expert", "stream_combine", "energy_head_voxel_cond"})
+    allowed = sorted(set(_OVERRIDE_RANGES) | {"shared_expert", "stream_combine", "energy_head_voxel_cond", "voxel_head",
+                                              "running_inputs"})
     for key, value in overrides.items():
         if key not in allowed:
             raise CalofmError(f"--model: unknown field {key!r}; overridable: {', '.join(allowed)}")

@@ -31,8 +31,11 @@ from calofm.model.attention import CausalAttention, Rotary, Showers, per_shower
 from calofm.model.blocks import BlockEmbedding, BlockHead, BlockTables
 from calofm.model.config import ModelConfig
 from calofm.model.kv_cache import KVCache, KVStorage
-from calofm.model.moe import MLP, MaterialMoE, MoEAux, RoutingPlan
+from calofm.errors import CalofmError
+from calofm.model.moe import MaterialMoE, MoEAux, RoutingPlan
+from calofm.model.voxel_head import FactorizedVoxelHead, HeadInput
 from calofm.tokenizer import BOS, PAD
+from calofm.tokenizer.energy_bins import LogEnergyBins
 
 IGNORE = -100  # target id that the losses skip
 
@@ -78,20 +81,35 @@ class Block(nn.Module):
         return x + self.drop(y.view(B, T, d).to(x.dtype)), aux
 
 
-class EnergyHeadInput(nn.Module):
-    """u = h + W e(v); u += MLP(LN(u)): the nonlinearity lets the energy spectrum depend jointly on
-    the shower so far and on the chosen voxel (a linear sum would only add a per-voxel bias)."""
+class RunningInputs(nn.Module):
+    """What the sequence so far implies, for every hit position p >= 1 (running_inputs): the visible
+    energy of the hits up to and including the token at p (energy bins' centres, specials 0) as a
+    fraction f of E_inc, log1p(f), and the hits so far / max_hits -> Linear(3 -> d), added to the input."""
 
-    def __init__(self, d: int, hidden: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Linear(d, d, bias=False)
-        self.ln = nn.LayerNorm(d)
-        self.mlp = MLP(d, hidden)
-        self.ln_out = nn.LayerNorm(d)
+        bins = LogEnergyBins.from_dict(cfg.energy_bins)
+        edges = torch.as_tensor(bins.edges, dtype=torch.float64)
+        centres = torch.zeros(cfg.n_energy_tokens, dtype=torch.float64)
+        centres[cfg.energy_blocks[0]:cfg.energy_blocks[0] + bins.n_bins] = (edges[:-1] * edges[1:]).sqrt()
+        self.register_buffer("centre_MeV", centres.float(), persistent=False)  # (V_e,)
+        self.max_hits = cfg.max_seq_len - 3
+        self.proj = nn.Linear(3, cfg.d_model)
 
-    def forward(self, h: torch.Tensor, voxel_emb: torch.Tensor) -> torch.Tensor:
-        u = h + self.proj(voxel_emb)
-        return self.ln_out(u + self.mlp(self.ln(u)))
+    def energy(self, en: torch.Tensor) -> torch.Tensor:
+        """Energy tokens (...) -> their visible energy in MeV (fp32; specials and PAD 0)."""
+        return self.centre_MeV[en]
+
+    def forward(self, en: torch.Tensor, incident: torch.Tensor, pos: torch.Tensor,
+                before: torch.Tensor | None = None) -> torch.Tensor:
+        """en (B, T) at positions pos (T,); incident (B,) the log-energy feature; before (B,): the visible
+        energy (MeV) of the positions before these (None: 0) -> (B, T, d)."""
+        cum = self.energy(en).cumsum(dim=1)
+        if before is not None:
+            cum = cum + before[:, None]
+        frac = cum / torch.pow(10.0, incident.float() + 4.0)[:, None]  # E_inc in MeV
+        hits = ((pos - 1).clamp(min=0).float() / self.max_hits).expand_as(frac)
+        return self.proj(torch.stack([frac, torch.log1p(frac), hits], dim=-1))
 
 
 @dataclass
@@ -118,12 +136,14 @@ class ShowerTransformer(nn.Module):
         self.material_emb = BlockEmbedding(cfg.material_blocks, d)
         self.particle_emb = BlockEmbedding(cfg.particle_blocks, d)
         self.incident = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))  # on log10(E/10 GeV)
+        self.running = RunningInputs(cfg) if cfg.running_inputs else None
         self.rotary = Rotary(cfg.head_dim, cfg.rope_fraction, cfg.max_seq_len, cfg.rope_base)
         self.blocks = nn.ModuleList([Block(cfg, self.rotary) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(d)
-        self.voxel_head = BlockHead(cfg.voxel_blocks, d)
         hidden = int(cfg.ff_mult * d)
-        self.energy_in = EnergyHeadInput(d, hidden) if cfg.energy_head_voxel_cond else None
+        self.voxel_head = (BlockHead(cfg.voxel_blocks, d) if cfg.voxel_head == "flat"
+                           else FactorizedVoxelHead(d, hidden, cfg.voxel_blocks[0], cfg.layer_cells))
+        self.energy_in = HeadInput(d, hidden) if cfg.energy_head_voxel_cond else None
         self.energy_head = BlockHead(cfg.energy_blocks, d)
         self.register_buffer("causal_mask", torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril(),
                              persistent=False)
@@ -151,12 +171,13 @@ class ShowerTransformer(nn.Module):
 
     def hidden(self, vox: torch.Tensor, en: torch.Tensor, incident: torch.Tensor, material: torch.Tensor,
                particle: torch.Tensor, start: int | torch.Tensor = 0, valid: torch.Tensor | None = None,
-               plan: RoutingPlan | None = None):
+               plan: RoutingPlan | None = None, energy_before: torch.Tensor | None = None):
         """Tokens (B, T) at positions start..start+T-1 -> final hidden states (B, T, d), MoE aux per layer
         (None with a routing plan, see Block.forward). Position 0 (when start == 0) is the
         conditioning; its token ids are ignored. start as a (1,) device tensor: a decode step whose
         position is data, not a Python int (static caches only: the captured step of generation.decode).
-        The per-shower ids reach the layers that act on some showers only (adapters) as `Showers`."""
+        The per-shower ids reach the layers that act on some showers only (adapters) as `Showers`.
+        energy_before (B,): running_inputs, the visible energy (MeV) of the hits before `start` (decoding)."""
         B, T = vox.shape
         on_device = isinstance(start, torch.Tensor)  # static decoding: the position lives on the device
         showers = Showers(material, particle, static=on_device)
@@ -165,6 +186,10 @@ class ShowerTransformer(nn.Module):
             x = self.voxel_emb(vox) + self.energy_emb(en)
         else:
             x, voxels = self.energy_emb(en), self.voxel_emb(vox)
+        pos = (start + torch.arange(T, device=vox.device) if on_device
+               else torch.arange(start, start + T, device=vox.device))
+        if self.running is not None:
+            x = x + self.running(en, incident, pos, energy_before).to(x.dtype)
         if isinstance(start, int) and start == 0:
             cond = self.condition(incident, material, particle)[:, None].to(x.dtype)
             x = torch.cat([cond, x[:, 1:]], dim=1)
@@ -172,8 +197,6 @@ class ShowerTransformer(nn.Module):
         cache = self.blocks[0].attn.kv_cache
         if on_device and cache is None:
             raise ValueError("a tensor start position is for decoding with a static cache (setup_cache)")
-        pos = (start + torch.arange(T, device=vox.device) if on_device
-               else torch.arange(start, start + T, device=vox.device))
         mask = None
         if cache is not None:
             for attn in self.attentions():
@@ -187,8 +210,15 @@ class ShowerTransformer(nn.Module):
             auxes.append(aux)
         return per_shower(self.ln_f, x, showers), auxes
 
+    @property
+    def factorized(self) -> bool:
+        return self.cfg.voxel_head == "factorized"
+
     def voxel_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.voxel_head(h)
+        """h (..., d) -> logits over the voxel vocabulary (..., V_v); a factorized head gives the joint
+        log-probabilities (log_softmax of either is the same distribution). Decoding a factorized head
+        reads its layer and cell heads instead (generation/decode.py)."""
+        return self.voxel_head.log_probs(h) if self.factorized else self.voxel_head(h)
 
     def energy_logits(self, h: torch.Tensor, next_voxel: torch.Tensor) -> torch.Tensor:
         """h (..., d) and the voxel token chosen at the same step (...,) -> energy logits (..., V_e)."""
@@ -203,7 +233,10 @@ class ShowerTransformer(nn.Module):
         tgt_v, tgt_e = batch["vox_tgt"], batch["en_tgt"]
         sel = tgt_v != IGNORE  # heads only where there is a target: padding costs nothing
         h, tgt_v, tgt_e = h[sel], tgt_v[sel], tgt_e[sel]
-        voxel_nll = F.cross_entropy(self.voxel_logits(h).float(), tgt_v, reduction="sum")
+        if self.factorized:
+            voxel_nll = self.voxel_head.nll(h, tgt_v)
+        else:
+            voxel_nll = F.cross_entropy(self.voxel_logits(h).float(), tgt_v, reduction="sum")
         energy_nll = F.cross_entropy(self.energy_logits(h, tgt_v).float(), tgt_e, reduction="sum")
         return LossTerms(voxel_nll, energy_nll, int(sel.sum()), torch.stack([a.lb for a in auxes]).mean(),
                          torch.stack([a.z for a in auxes]).mean(), torch.stack([a.counts for a in auxes]))
@@ -263,6 +296,16 @@ class ShowerTransformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, BlockTables)]
 
     # --- growth (continual learning) -----------------------------------------------------------
+    def add_voxel_block(self, size: int) -> None:
+        """Append a voxel vocabulary block (a new geometry): one embedding table and one head table.
+        A factorized head is built for one geometry's layers: refused."""
+        if self.factorized:
+            raise CalofmError("this model's voxel head is factorized over one geometry's layers: a voxel "
+                              "vocabulary block (a new geometry) cannot be appended to it")
+        self.voxel_emb.append_block(size)
+        self.voxel_head.append_block(size)
+        self.cfg = replace(self.cfg, voxel_blocks=self.cfg.voxel_blocks + (size,))
+
     def add_material(self, n_experts: int | None = None) -> int:
         """Append one material: one embedding row (a new vocabulary block) and one expert group per
         MoE layer. Existing parameters are untouched. Returns the new material id."""
