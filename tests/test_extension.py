@@ -150,3 +150,29 @@ def test_command_line_extend_and_info(setup, tmp_path, capsys):
     assert "Fe" in text and "% of the base" in text
     assert main(["extend", "material", "--base", setup["base"], "--data", setup["files"]["W", "gamma"],
                  "-o", str(tmp_path / "z")]) == 2
+
+
+def test_adapters_on_a_factorized_base_leave_its_showers_bit_identical(setup, tmp_path):
+    """A base with the factorized voxel head and the running inputs: a material adapter and a particle
+    adapter (whose head LoRA corrects the layer and cell heads through the final norm) change nothing
+    for what the base knew, and its generated showers stay the same."""
+    f = setup["files"]
+    base = str(tmp_path / "base")
+    train(TrainConfig(data=(f["W", "gamma"],), out=base, preset="tiny", steps=4, batch_size=8, lr=1e-2, warmup=1,
+                      eval_every=4, ckpt_every=4, log_every=4, max_val=4, device="cpu",
+                      model={"voxel_head": "factorized", "running_inputs": True}), threads=1, progress=False, log=quiet)
+    kw = dict(steps=3, batch_size=8, lr=1e-2, warmup=1, progress=False, log=quiet, threads=1, max_val=4,
+              n_reference=8)
+    pb, em = str(tmp_path / "pb"), str(tmp_path / "e-")
+    extend("material", base, [f["Pb", "gamma"]], pb, **kw)
+    extend("particle", base, [f["W", "e-"]], em, **kw)
+    plain = load(base)
+    before = logits_on(plain, [f["W", "gamma"]])
+    inc = np.array([2e4, 5e4, 9e4], dtype=np.float32)
+    showers = plain.generate(3, material="W", incident_MeV=inc, seed=2)[1]
+    grown = load(base, [pb, em])
+    assert grown.model.factorized and grown.model.running is not None
+    for b, a in zip(before, logits_on(grown, [f["W", "gamma"]])):
+        assert torch.equal(b, a)
+    assert np.array_equal(showers, grown.generate(3, material="W", incident_MeV=inc, seed=2)[1])
+    assert np.isfinite(grown.generate(2, material="Pb", particle="e-", incident_MeV=inc[:2], seed=2)[1]).all()

@@ -79,6 +79,38 @@ def test_ways_to_run_the_step_give_identical_tokens(small, monkeypatch, mats, mi
         assert torch.equal(capped[0].capped, other.capped)
 
 
+@pytest.mark.parametrize("options", [dict(voxel_head="factorized"), dict(running_inputs=True),
+                                     dict(voxel_head="factorized", running_inputs=True)])
+def test_ways_to_run_the_step_give_identical_tokens_with_model_options(monkeypatch, options):
+    """The same for a tiny untrained model with the factorized voxel head (a second uniform per step, the
+    layer and cell masks) and/or the running inputs (a running energy per row, carried through eager
+    compaction and the static buckets); showers held to spread hit counts so that rows finish apart."""
+    from test_model import make_tokenizer, tiny_model
+
+    torch.set_num_threads(1)
+    tok = make_tokenizer(max_hits=40)
+    net = tiny_model(tok, **options).eval()
+    B = 12
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
+    mat = torch.arange(B) % 3
+    par = torch.zeros(B, dtype=torch.long)
+    target = torch.tensor([1, 3, 5, 9, 12, 17, 20, 26, 31, 38, 40, 45])  # the last two reach the cap
+
+    def run(opt):
+        return decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block, SamplingConfig(),
+                      generator=torch.Generator().manual_seed(5), options=opt, target_hits=target)
+
+    ref = run(PLAIN)
+    assert ref.n_hits.tolist() == target.clamp(max=40).tolist() and ref.capped[-2:].all()
+    for opt, values in WAYS:
+        with monkeypatch.context() as m:
+            constants(m, **values)
+            res = run(opt)
+        assert torch.equal(res.voxel_tokens, ref.voxel_tokens), (opt, values)
+        assert torch.equal(res.energy_tokens, ref.energy_tokens), (opt, values)
+        assert torch.equal(res.capped, ref.capped), (opt, values)
+
+
 def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
     """The static step moves the running showers into ever smaller buckets (powers of two, not below
     GRAPH_MIN_ROWS), copying their cache rows; the showers stay those of the plain decoder."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,10 +90,9 @@ class RunningInputs(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         bins = LogEnergyBins.from_dict(cfg.energy_bins)
-        edges = torch.as_tensor(bins.edges, dtype=torch.float64)
-        centres = torch.zeros(cfg.n_energy_tokens, dtype=torch.float64)
-        centres[cfg.energy_blocks[0]:cfg.energy_blocks[0] + bins.n_bins] = (edges[:-1] * edges[1:]).sqrt()
-        self.register_buffer("centre_MeV", centres.float(), persistent=False)  # (V_e,)
+        centres = np.zeros(cfg.n_energy_tokens, dtype=np.float32)  # numpy: a meta-device model gets it too
+        centres[cfg.energy_blocks[0]:cfg.energy_blocks[0] + bins.n_bins] = np.sqrt(bins.edges[:-1] * bins.edges[1:])
+        self.register_buffer("centre_MeV", torch.as_tensor(centres), persistent=False)  # (V_e,)
         self.max_hits = cfg.max_seq_len - 3
         self.proj = nn.Linear(3, cfg.d_model)
 

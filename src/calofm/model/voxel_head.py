@@ -16,6 +16,7 @@ layer, then the cell (generation/decode.py).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,20 +51,22 @@ class FactorizedVoxelHead(nn.Module):
         self.layer_emb = nn.Embedding(L, d)
         self.cell_in = HeadInput(d, hidden)
         self.cell_head = nn.Linear(d, C, bias=False)
-        cells = torch.tensor(layer_cells)
-        first = torch.cat([torch.zeros(1, dtype=torch.long), cells.cumsum(0)])  # (L + 1,)
-        n_voxels = int(first[-1])
-        layer_of = torch.repeat_interleave(torch.arange(L), cells)  # (n_voxels,)
-        cell_of = torch.arange(n_voxels) - first[layer_of]
-        specials = torch.arange(n_specials)
-        # token id -> layer class (specials: themselves) and cell (specials: 0)
-        self.register_buffer("token_class", torch.cat([specials, n_specials + layer_of]), persistent=False)
-        self.register_buffer("token_cell", torch.cat([torch.zeros(n_specials, dtype=torch.long), cell_of]),
-                             persistent=False)
-        self.register_buffer("layer_token0", n_specials + first[:-1], persistent=False)  # (L,) token of cell 0
-        self.register_buffer("layer_cells", cells, persistent=False)  # (L,)
-        self.register_buffer("cell_off", torch.arange(C)[None, :] >= cells[:, None], persistent=False)  # (L, C)
-        self.register_buffer("flat_index", layer_of * C + cell_of, persistent=False)  # (n_voxels,) into L * C
+        # index tables built in numpy: a model made on the meta device (shapes only) gets them too
+        cells = np.asarray(layer_cells, dtype=np.int64)
+        first = np.concatenate([[0], np.cumsum(cells)])  # (L + 1,)
+        layer_of = np.repeat(np.arange(L), cells)  # (n_voxels,)
+        cell_of = np.arange(first[-1]) - first[layer_of]
+        specials = np.arange(n_specials)
+        tables = {
+            "token_class": np.concatenate([specials, n_specials + layer_of]),  # token -> layer class (specials: own)
+            "token_cell": np.concatenate([np.zeros(n_specials, dtype=np.int64), cell_of]),  # token -> cell
+            "layer_token0": n_specials + first[:-1],  # (L,) the token of each layer's cell 0
+            "layer_cells": cells,  # (L,)
+            "cell_off": np.arange(C)[None, :] >= cells[:, None],  # (L, C) cells beyond the layer's count
+            "flat_index": layer_of * C + cell_of,  # (n_voxels,) into a (L, C) grid
+        }
+        for name, value in tables.items():
+            self.register_buffer(name, torch.as_tensor(value), persistent=False)
 
     def layer_logits(self, h: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., specials + L)
         return self.layer_head(h)

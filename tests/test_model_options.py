@@ -1,0 +1,148 @@
+"""Model options (model/config.py): the factorized voxel head and the running inputs. Their losses are
+the joint NLL, the cached decoding path sees what training sees, a saved model round-trips, and a
+factorized decode never repeats a voxel nor leaves the grid."""
+
+import numpy as np
+import pytest
+import torch
+from test_model import make_corpus, make_tokenizer, tiny_model
+
+from calofm.detector.geometry import CylindricalGrid, Geometry, Layer
+from calofm.errors import CalofmError
+from calofm.generation.decode import DecodeOptions, decode
+from calofm.model import ModelConfig, get_preset
+from calofm.tokenizer import ShowerTokenizer
+
+OPTIONS = [dict(voxel_head="factorized"), dict(running_inputs=True),
+           dict(voxel_head="factorized", running_inputs=True)]
+
+
+def test_options_are_off_by_default_and_set_by_overrides():
+    cfg = get_preset("small")
+    assert cfg.voxel_head == "flat" and not cfg.running_inputs
+    tok = make_tokenizer()
+    filled = get_preset("tiny").for_tokenizer(tok)
+    assert filled.layer_cells == () and filled.energy_bins is None  # a default config is saved as before
+    # a saved config without the new fields loads with them off
+    old = {k: v for k, v in filled.to_dict().items() if k not in ("voxel_head", "running_inputs", "layer_cells",
+                                                                  "energy_bins")}
+    assert ModelConfig.from_dict(old) == filled
+    on = get_preset("tiny", voxel_head="factorized", running_inputs=True).for_tokenizer(tok)
+    assert on.layer_cells == (225,) * 20 and on.energy_bins == tok.bins.to_dict()
+    assert ModelConfig.from_dict(on.to_dict()) == on and hash(on) == hash(ModelConfig.from_dict(on.to_dict()))
+    with pytest.raises(CalofmError, match="voxel_head"):
+        get_preset("tiny", voxel_head="trees")
+    with pytest.raises(CalofmError, match="running_inputs must be bool"):
+        get_preset("tiny", running_inputs=1)
+
+
+def test_factorized_loss_is_the_joint_nll_and_a_voxel_block_is_refused():
+    tok = make_tokenizer()
+    b = make_corpus(tok, n=6).batch(np.arange(6))
+    model = tiny_model(tok, voxel_head="factorized").eval()
+    terms = model(b)
+    h, _ = model.hidden(b["vox_in"], b["en_in"], b["incident"], b["material"], b["particle"])
+    sel = b["vox_tgt"] != -100
+    logp = model.voxel_logits(h[sel])  # joint log p(layer) p(cell | layer) over the flat vocabulary
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(int(sel.sum())), atol=1e-5)
+    ref = -logp.gather(1, b["vox_tgt"][sel][:, None]).sum()
+    assert torch.allclose(terms.voxel_nll, ref, rtol=1e-5)
+    assert torch.isfinite(terms.voxel_nll) and terms.voxel_nll > 0
+    terms.voxel_nll.backward()
+    head = model.voxel_head
+    assert all(p.grad is not None for p in head.parameters())  # both the layer and the cell heads learn
+    flat = tiny_model(tok)
+    assert model.num_parameters() < flat.num_parameters()  # 23 + 225 outputs instead of 4503
+    with pytest.raises(CalofmError, match="factorized"):
+        model.add_voxel_block(10)
+    flat.add_voxel_block(10)
+    assert flat.cfg.voxel_blocks == (3, 4500, 10) and flat.voxel_logits(h[0]).shape[-1] == 4513
+    with pytest.raises(CalofmError, match="cannot be appended"):
+        ModelConfig.from_dict({**model.cfg.to_dict(), "voxel_blocks": [3, 4500, 10]})
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_cached_steps_match_the_training_pass(options):
+    """The decoding path (KV cache, one position per call, the visible energy so far carried in
+    energy_before) gives the hidden states of the whole-sequence pass."""
+    tok = make_tokenizer()
+    b = make_corpus(tok, n=4).batch(np.arange(4))
+    model = tiny_model(tok, **options).eval()
+    B, T = b["vox_in"].shape
+    args = (b["incident"], b["material"], b["particle"])
+    with torch.no_grad():
+        ref, _ = model.hidden(b["vox_in"], b["en_in"], *args)
+        model.setup_cache(B)
+        steps = [model.hidden(b["vox_in"][:, :2], b["en_in"][:, :2], *args)[0]]
+        before = torch.zeros(B)
+        for t in range(2, T):
+            steps.append(model.hidden(b["vox_in"][:, t:t + 1], b["en_in"][:, t:t + 1], *args, start=t,
+                                      energy_before=before if model.running is not None else None)[0])
+            if model.running is not None:
+                before = before + model.running.energy(b["en_in"][:, t])
+        model.install_cache(None)
+    got = torch.cat(steps, dim=1)
+    valid = b["valid"]
+    assert (got - ref)[valid].abs().max() < 1e-5
+
+
+def test_running_inputs_are_the_visible_energy_fraction_and_the_hit_index():
+    tok = make_tokenizer()
+    b = make_corpus(tok, n=3).batch(np.arange(3))
+    model = tiny_model(tok, running_inputs=True).eval()
+    seen = []
+    model.running.proj.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    model.hidden(b["vox_in"], b["en_in"], b["incident"], b["material"], b["particle"])
+    feats = seen[0]  # (B, T, 3)
+    off = tok.energy_block.offset
+    en = b["en_in"].numpy()
+    e_MeV = np.where(en >= off, tok.bins.decode(np.clip(en - off, 0, None)), 0.0)  # bins' centres; specials 0
+    frac = np.cumsum(e_MeV, axis=1) / 10 ** (b["incident"].numpy()[:, None] + 4.0)
+    assert np.allclose(feats[..., 0].numpy()[:, 1:], frac[:, 1:], rtol=1e-5)
+    assert np.allclose(feats[..., 1].numpy(), np.log1p(feats[..., 0].numpy()))
+    n = b["valid"].sum(1)  # BOS + hits: the last hit's position holds n - 1 hits so far
+    for i in range(3):
+        assert feats[i, int(n[i]) - 1, 2].item() == pytest.approx((int(n[i]) - 2) / tok.max_hits)
+    assert feats[:, 1].abs().sum() == 0  # BOS: nothing seen yet
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_factorized_decode_fills_a_small_grid_without_repeating_a_voxel(static):
+    """Two layers of 4 and 3 cells (cells beyond a layer's count masked): held to 7 hits, every shower
+    must hit each voxel once, so full layers and hit cells are masked, eagerly and in the static step."""
+    geo = Geometry("mini", (Layer("W", 3.5, "Si", 0.5),) * 2,
+                   CylindricalGrid(((0.0, 10.0, 20.0), (0.0, 10.0)), (2, 3)))
+    tok = ShowerTokenizer.create(geo, ["W"], ["gamma"])
+    tok.max_hits = 8
+    torch.manual_seed(0)
+    from calofm.model import ShowerTransformer
+
+    model = ShowerTransformer(get_preset("tiny", voxel_head="factorized").for_tokenizer(tok)).eval()
+    assert model.voxel_head.n_cells == 4 and model.voxel_head.cell_off.sum() == 1
+    B = 6
+    res = decode(model, torch.linspace(0, 1, B), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long),
+                 8, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(1),
+                 options=DecodeOptions(graph=static), target_hits=torch.full((B,), 7))
+    assert (res.n_hits == 7).all() and not res.capped.any()
+    for row in res.voxel_tokens:
+        assert sorted(row[:7].tolist()) == list(range(3, 10)) and row[7] == 0
+
+
+def test_trained_model_with_both_options_saves_loads_and_generates(tmp_path):
+    from calofm.generation import load
+    from calofm.training import TrainConfig, train
+    from calofm.training.synthetic import write_synthetic
+
+    data = write_synthetic(str(tmp_path / "W.h5"), 16, material="W", seed=0, mean_hits=15)
+    cfg = TrainConfig(data=(data,), out=str(tmp_path / "run"), preset="tiny", steps=4, batch_size=8, lr=1e-2,
+                      warmup=1, eval_every=4, ckpt_every=4, log_every=4, max_val=2, device="cpu",
+                      model={"voxel_head": "factorized", "running_inputs": True})
+    train(cfg, threads=1, progress=False, log=lambda *a, **k: None)
+    sm = load(str(tmp_path / "run"))
+    assert sm.model.factorized and sm.model.running is not None
+    inc = np.array([2e4, 4e4, 6e4, 8e4], dtype=np.float32)
+    _, showers = sm.generate(4, material="W", incident_MeV=inc, seed=3)
+    assert showers.shape == (4, 4500) and np.isfinite(showers).all() and (showers >= 0).all()
+    assert (showers > 0).sum() > 0
+    _, again = sm.generate(4, material="W", incident_MeV=inc, seed=3)
+    assert np.array_equal(showers, again)
