@@ -8,7 +8,11 @@ on the 2-core CPU, the fill from the hit lists well under 1 ms); with target_hit
 EOS is masked before a shower's target and forced at it. Then energy ~ p(e | v, past), restricted to
 the energy-bin block, and the transformer runs the new position over the KV cache. Each head draws one
 uniform per row of the original batch (the sampler's inverse CDF), read by the rows still in flight,
-so no shower's draws depend on which others are still running.
+so no shower's draws depend on which others are still running. A factorized voxel head
+(model/voxel_head.py) draws the layer or EOS (masking the layers whose cells are all hit), then with a
+second uniform (u_cell) the cell within the layer (masking the cells already hit); per step the
+uniforms are drawn in the order voxel (layer), cell, energy. With running_inputs each row carries the
+visible energy of its hits so far (_Rows.energy), fed to the model with the next position.
 
 Two ways to run the step (DecodeOptions.graph), with the same showers for a seed (bit for bit in fp32
 on CPU within one batch, tests/test_fast_decode.py):

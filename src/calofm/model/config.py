@@ -60,10 +60,14 @@ class ModelConfig:
         if self.voxel_head not in ("flat", "factorized"):
             raise CalofmError(f"voxel_head must be 'flat' or 'factorized', got {self.voxel_head!r}")
         if self.voxel_head == "factorized" and self.voxel_blocks and (
-                len(self.voxel_blocks) != 2 or sum(self.layer_cells) != self.voxel_blocks[1]):
+                len(self.voxel_blocks) != 2 or sum(self.layer_cells) != self.voxel_blocks[1]
+                or min(self.layer_cells, default=0) <= 0):
             raise CalofmError(f"a factorized voxel head covers the special tokens and one geometry whose layers "
                               f"have {list(self.layer_cells)} cells; got voxel vocabulary blocks "
                               f"{list(self.voxel_blocks)} (a voxel vocabulary block cannot be appended to it)")
+
+        if self.running_inputs and self.energy_blocks and not isinstance(self.energy_bins, dict):
+            raise CalofmError("running_inputs needs the energy binning (energy_bins, a LogEnergyBins dict)")
 
     @property
     def head_dim(self) -> int:

@@ -1,13 +1,16 @@
 """Decoder-only causal transformer over hit positions.
 
 Input at each position: voxel embedding + energy embedding (the two streams summed; position 0 is
-the conditioning vector instead). Pre-norm blocks: x += Attn(LN(x)); x += MoE(LN(x)). With
+the conditioning vector instead), with running_inputs plus a projection of the visible energy so far
+and the hit index (RunningInputs). Pre-norm blocks: x += Attn(LN(x)); x += MoE(LN(x)). With
 stream_combine="cross" (the published layout) the residual stream starts from the energy embeddings
 only and every block first cross-attends, causally, to the voxel-embedding stream:
 x += CrossAttn(LN(x), LN(voxels)). Two heads:
 next voxel from the final hidden state h, next energy from h combined with the embedding of the
 next voxel (teacher-forced in training, the sampled voxel in generation), so the model learns
-p(v, e | past) = p(v | past) p(e | v, past) instead of sampling the two independently.
+p(v, e | past) = p(v | past) p(e | v, past) instead of sampling the two independently. The voxel
+head is one softmax over the voxels, or (voxel_head="factorized", model/voxel_head.py) a layer head
+then a cell head.
 
 Two ways to run it:
 - training / scoring: `forward(batch)` over whole padded sequences (is_causal attention);
