@@ -1,0 +1,145 @@
+"""The reference host loop: decode showers with onnxruntime from an exported class folder
+(onnx_export.py), given the uniforms, token for token as generation.decode does in PyTorch (fp32).
+
+    run = OnnxDecoder("export/W_gamma")                      # prefill.onnx, step.onnx, calofm.json
+    u = np.random.default_rng(0).random((B, run.max_hits, 2), dtype=np.float32)
+    result = run.decode(incident_feature(incident_MeV), u)   # voxel/energy tokens (B, max_hits), ...
+    showers = run.cells(result, rng)                          # (B, n_voxels) MeV, as calofm generate
+
+The uniforms are an array (B, steps, n_draws): row i, step t, draw j is the uniform of shower i's
+draw j at step t (j = 0 the voxel, 1 the energy); steps >= the steps decoded (max_hits covers every
+shower). What a C++ host does is the same loop (docs/export.md):
+- the cache of each attention is an array (B, H, W, D), W a multiple of WINDOW slots covering the
+  filled ones (prefill fills slots 0 and 1, step t writes slot t + 2), widened by WINDOW slots when
+  full: every step reads it in place, and attention skips most of the empty slots;
+- finished showers leave the batch (their rows of every array) once COMPACT_FRACTION of the rows in
+  flight have finished, as the eager PyTorch decoder does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from calofm.errors import CalofmError
+from calofm.generation.decode import COMPACT_FRACTION
+from calofm.tokenizer import PAD
+
+WINDOW = 64  # cache slots added at a time
+SPEC_FILE = "calofm.json"
+
+
+@dataclass
+class OnnxResult:
+    """As generation.decode.DecodeResult, in numpy."""
+
+    voxel_tokens: np.ndarray  # (B, max_hits) int64, PAD after the shower's last hit
+    energy_tokens: np.ndarray  # (B, max_hits)
+    n_hits: np.ndarray  # (B,)
+    capped: np.ndarray  # (B,) bool: reached max_hits without choosing EOS
+
+
+def ort_session(path: str, threads: int = 1):
+    """An onnxruntime CPU session of one graph, all graph optimizations on."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CalofmError("onnxruntime is not installed: pip install 'calofm[onnx]'") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxDecoder:
+    """The exported graphs of one class in onnxruntime, and the host loop around them."""
+
+    def __init__(self, folder: str, threads: int = 1):
+        path = os.path.join(folder, SPEC_FILE)
+        try:
+            with open(path) as fh:
+                self.spec = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise CalofmError(f"{folder}: no readable {SPEC_FILE} ({exc}); write one with calofm export") from None
+        self.prefill = ort_session(os.path.join(folder, self.spec["graphs"]["prefill"]), threads)
+        self.step = ort_session(os.path.join(folder, self.spec["graphs"]["step"]), threads)
+        cache = self.spec["cache"]
+        self.n_attn, self.n_heads, self.head_dim = cache["n_attentions"], cache["n_heads"], cache["head_dim"]
+        self.max_hits = self.spec["max_hits"]
+        self.sampling = self.spec["sampling"]
+
+    def decode(self, incident: np.ndarray, uniforms: np.ndarray, min_p_voxel: float | None = None,
+               min_p_energy: float | None = None, temperature: float = 1.0, compact: bool = True) -> OnnxResult:
+        """incident (B,) float32 log10(E / 10 GeV) (tokenizer.incident_feature), uniforms (B, steps, 2)
+        float32 -> tokens. min_p per head: None takes the export's default (sampler.DEFAULT_MIN_P)."""
+        incident = np.ascontiguousarray(incident, dtype=np.float32).reshape(-1)
+        B, max_hits = len(incident), self.max_hits
+        uniforms = np.asarray(uniforms, dtype=np.float32)
+        if uniforms.ndim != 3 or uniforms.shape[0] != B or uniforms.shape[2] < 2:
+            raise CalofmError(f"uniforms must be (B={B}, steps, 2), got {uniforms.shape}")
+        if not temperature > 0:
+            raise CalofmError(f"the exported step samples with a temperature > 0, got {temperature}")
+        lmp = []
+        for head, value in (("voxel", min_p_voxel), ("energy", min_p_energy)):
+            value = self.sampling[head]["min_p"] if value is None else value
+            if not 0 <= value <= 1:
+                raise CalofmError(f"min_p_{head} must be within [0, 1], got {value}")
+            lmp.append(math.log(value) if value > 0 else -math.inf)  # SamplingConfig.log_min_p, rounded to fp32
+        fixed = {"log_min_p": np.array(lmp, dtype=np.float32), "temperature": np.array([temperature], dtype=np.float32)}
+
+        h, *kv = self.prefill.run(None, {"incident": incident})
+        width = WINDOW
+        cache = [np.zeros((B, self.n_heads, width, self.head_dim), dtype=np.float32) for _ in kv]
+        for buf, x in zip(cache, kv):
+            buf[:, :, :2] = x
+        hits = np.full((B, max_hits), PAD, dtype=np.int64)
+        done = np.zeros(B, dtype=bool)
+        rows = np.arange(B)  # the original row of each row in flight
+        out_v, out_e = (np.full((B, max_hits), PAD, dtype=np.int64) for _ in range(2))
+        capped = np.zeros(B, dtype=bool)
+        for t in range(max_hits + 1):
+            if t == max_hits:  # EOS forced
+                capped[rows] = ~done
+                break
+            if t >= uniforms.shape[1]:
+                raise CalofmError(f"uniforms for {uniforms.shape[1]} steps, the decode needs more")
+            if t + 3 > width:  # slot t + 2 is written: widen the cache
+                width += WINDOW
+                cache = [np.concatenate([c, np.zeros(c.shape[:2] + (WINDOW,) + c.shape[3:], np.float32)], axis=2)
+                         for c in cache]
+            feeds = {"h": h, "hits": hits, "t": np.array(t, dtype=np.int64), "done": done,
+                     "u": np.ascontiguousarray(uniforms[rows, t, :2]), **fixed}
+            for i in range(self.n_attn):
+                feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
+            v, e, done, h, *new = self.step.run(None, feeds)
+            n_done = int(done.sum())
+            if n_done == len(done):
+                break
+            out_v[rows, t], out_e[rows, t], hits[:, t] = v, e, v
+            for buf, x in zip(cache, new):
+                buf[:, :, t + 2] = x
+            if compact and n_done >= COMPACT_FRACTION * len(done):
+                keep = ~done
+                rows, h, hits, done = rows[keep], h[keep], hits[keep], done[keep]
+                cache = [np.ascontiguousarray(c[keep]) for c in cache]
+        n_hits = (out_v != PAD).sum(axis=1)
+        return OnnxResult(out_v, out_e, n_hits, capped)
+
+    def cells(self, result: OnnxResult, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Tokens -> cell energies (B, n_voxels) MeV from the JSON alone, drawn log-uniformly inside each
+        energy bin (as calofm generate; centres without rng)."""
+        vox, en = self.spec["tokens"]["voxel_block"], self.spec["tokens"]["energy_block"]
+        bins = self.spec["energy_bins"]
+        v, e = result.voxel_tokens - vox["offset"], result.energy_tokens - en["offset"]
+        ok = (v >= 0) & (v < vox["size"]) & (e >= 0) & (e < en["size"])  # row-major, as tokenizer.decode_padded
+        idx = e[ok].astype(np.float64)
+        u = 0.5 if rng is None else rng.random(idx.shape)
+        out = np.zeros((len(v), vox["size"]), dtype=np.float32)
+        rows = np.broadcast_to(np.arange(len(v))[:, None], v.shape)
+        out[rows[ok], v[ok]] = (bins["e_min_MeV"] * np.exp(bins["log_step"] * (idx + u))).astype(np.float32)
+        return out
