@@ -19,34 +19,26 @@ import calofm  # noqa: E402
 from calofm.cli.main import main  # noqa: E402
 from calofm.export.onnx_export import export_onnx  # noqa: E402
 from calofm.export.onnx_runtime import OnnxDecoder  # noqa: E402
-from calofm.generation.decode import DecodeOptions, decode  # noqa: E402
+from calofm.generation.decode import DRAWS_PER_STEP, DecodeOptions, decode  # noqa: E402
 from calofm.generation.sampler import head_samplings  # noqa: E402
+from calofm.generation.streams import SMEAR, decode_uniforms, shower_uniforms  # noqa: E402
 from calofm.tokenizer import PAD, incident_feature  # noqa: E402
 
 
-def generator_uniforms(seed: int, B: int, steps: int) -> np.ndarray:
-    """(B, steps, 2): what the eager decoder draws from Generator(seed): at each step the voxel uniforms
-    of the B rows, then (if a row still runs) their energy uniforms (generation.decode._Run._draw)."""
-    g = torch.Generator().manual_seed(seed)
-    u = np.zeros((B, steps, 2), dtype=np.float32)
-    for t in range(steps):
-        for j in range(2):
-            u[:, t, j] = torch.empty(B, 1).uniform_(0, 1, generator=g)[:, 0].numpy()
-    return u
-
-
 def pytorch_and_onnx(sm, folder, material, particle, B, seed=3, temperature=1.0, min_p=(None, None)):
-    """The same B showers decoded by PyTorch (eager, fp32) and by the onnxruntime loop."""
+    """The same B showers decoded by PyTorch (eager, fp32) and by the onnxruntime loop, from the uniforms of
+    showers 0..B-1 of the run of `seed` (generation.streams)."""
     tok = sm.tokenizer
     inc = incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32))
     voxel_sampling, energy_sampling = head_samplings(temperature, min_p_voxel=min_p[0], min_p_energy=min_p[1])
     torch.set_num_threads(1)
+    uniforms = decode_uniforms(seed, np.arange(B), tok.max_hits, DRAWS_PER_STEP)
     ref = decode(sm.model, torch.from_numpy(inc), torch.full((B,), tok.material_id(material)),
                  torch.full((B,), tok.particle_id(particle)), tok.max_hits, tok.voxel_block, tok.energy_block,
-                 voxel_sampling, torch.Generator().manual_seed(seed), DecodeOptions(graph=False),
+                 voxel_sampling, uniforms, DecodeOptions(graph=False),
                  energy_sampling=energy_sampling)
     run = OnnxDecoder(folder)
-    res = run.decode(inc, generator_uniforms(seed, B, tok.max_hits), *min_p, temperature=temperature)
+    res = run.decode(inc, uniforms.numpy(), *min_p, temperature=temperature)
     return ref, res, run
 
 
@@ -97,14 +89,17 @@ def test_tiny_onnx_loop_reproduces_pytorch_token_for_token(tiny, temperature, mi
     assert len(set(ref.n_hits.tolist())) > 1  # showers end at different steps: the loop compacts
     assert_same_tokens(ref, res)
     # compaction changes nothing; the cells decoded from the JSON are the tokenizer's
-    uniforms = generator_uniforms(3, 8, sm.tokenizer.max_hits)
+    uniforms = decode_uniforms(3, np.arange(8), sm.tokenizer.max_hits, DRAWS_PER_STEP).numpy()
     inc = incident_feature(np.geomspace(1e4, 1e5, 8).astype(np.float32))
     whole = run.decode(inc, uniforms, *min_p, temperature=temperature, compact=False)
     np.testing.assert_array_equal(whole.voxel_tokens, res.voxel_tokens)
-    cells = run.cells(res, np.random.default_rng(5))
-    expected = sm.tokenizer.decode_padded(res.voxel_tokens, res.energy_tokens, mode="uniform",
-                                          rng=np.random.default_rng(5))
-    np.testing.assert_array_equal(cells, expected)
+    # the cells from the JSON alone: calofm generate's showers of the same seed and incident energies
+    _, generated = sm.generate(8, material="W", particle="gamma", seed=3, incident_MeV=np.geomspace(1e4, 1e5, 8),
+                               temperature=temperature, min_p_voxel=min_p[0], min_p_energy=min_p[1])
+    smear = shower_uniforms(3, np.arange(8), SMEAR, sm.tokenizer.max_hits).numpy()
+    np.testing.assert_array_equal(run.cells(res, smear), generated)
+    centres = sm.tokenizer.decode_padded(res.voxel_tokens, res.energy_tokens, mode="center")
+    np.testing.assert_array_equal(run.cells(res), centres)
 
 
 def test_export_refuses_bad_requests_and_keeps_what_is_there(tiny, tmp_path, capsys):

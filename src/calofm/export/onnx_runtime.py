@@ -2,13 +2,14 @@
 (onnx_export.py), given the uniforms, token for token as generation.decode does in PyTorch (fp32).
 
     run = OnnxDecoder("export/W_gamma")                      # prefill.onnx, step.onnx, calofm.json
-    u = np.random.default_rng(0).random((B, run.max_hits, 2), dtype=np.float32)
+    u = decode_uniforms(seed, showers, run.max_hits, DRAWS_PER_STEP).numpy()  # generation.streams
     result = run.decode(incident_feature(incident_MeV), u)   # voxel/energy tokens (B, max_hits), ...
-    showers = run.cells(result, rng)                          # (B, n_voxels) MeV, as calofm generate
+    cells = run.cells(result, shower_uniforms(seed, showers, SMEAR, run.max_hits).numpy())  # (B, n_voxels) MeV
 
-The uniforms are an array (B, steps, n_draws): row i, step t, draw j is the uniform of shower i's
-draw j at step t (j = 0 the voxel, 1 the energy); steps >= the steps decoded (max_hits covers every
-shower). What a C++ host does is the same loop (docs/export.md):
+The uniforms are the decoder's table (B, steps, draws per step): shower i's draws at step t are
+[i, t, DRAW_VOXEL] and [i, t, DRAW_ENERGY] (generation.decode); steps >= the steps decoded (max_hits
+covers every shower). With the tables of generation.streams, the showers are calofm generate's.
+What a C++ host does is the same loop (docs/export.md):
 - the cache of each attention is an array (B, H, W, D), W a multiple of WINDOW slots covering the
   filled ones (prefill fills slots 0 and 1, step t writes slot t + 2), widened by WINDOW slots when
   full: every step reads it in place, and attention skips most of the empty slots;
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calofm.errors import CalofmError
-from calofm.generation.decode import COMPACT_FRACTION
+from calofm.generation.decode import COMPACT_FRACTION, DRAW_ENERGY, DRAW_VOXEL
 from calofm.tokenizer import PAD
 
 WINDOW = 64  # cache slots added at a time
@@ -75,13 +76,14 @@ class OnnxDecoder:
 
     def decode(self, incident: np.ndarray, uniforms: np.ndarray, min_p_voxel: float | None = None,
                min_p_energy: float | None = None, temperature: float = 1.0, compact: bool = True) -> OnnxResult:
-        """incident (B,) float32 log10(E / 10 GeV) (tokenizer.incident_feature), uniforms (B, steps, 2)
+        """incident (B,) float32 log10(E / 10 GeV) (tokenizer.incident_feature), uniforms (B, steps, draws)
         float32 -> tokens. min_p per head: None takes the export's default (sampler.DEFAULT_MIN_P)."""
         incident = np.ascontiguousarray(incident, dtype=np.float32).reshape(-1)
         B, max_hits = len(incident), self.max_hits
         uniforms = np.asarray(uniforms, dtype=np.float32)
         if uniforms.ndim != 3 or uniforms.shape[0] != B or uniforms.shape[2] < 2:
-            raise CalofmError(f"uniforms must be (B={B}, steps, 2), got {uniforms.shape}")
+            raise CalofmError(f"uniforms must be (B={B}, steps, draws per step >= 2), got {uniforms.shape}")
+        uniforms = uniforms[:, :, [DRAW_VOXEL, DRAW_ENERGY]]  # the step's u: (voxel, energy)
         if not temperature > 0:
             raise CalofmError(f"the exported step samples with a temperature > 0, got {temperature}")
         lmp = []
@@ -113,7 +115,7 @@ class OnnxDecoder:
                 cache = [np.concatenate([c, np.zeros(c.shape[:2] + (WINDOW,) + c.shape[3:], np.float32)], axis=2)
                          for c in cache]
             feeds = {"h": h, "hits": hits, "t": np.array(t, dtype=np.int64), "done": done,
-                     "u": np.ascontiguousarray(uniforms[rows, t, :2]), **fixed}
+                     "u": np.ascontiguousarray(uniforms[rows, t]), **fixed}
             for i in range(self.n_attn):
                 feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = cache[2 * i], cache[2 * i + 1]
             v, e, done, h, *new = self.step.run(None, feeds)
@@ -130,16 +132,16 @@ class OnnxDecoder:
         n_hits = (out_v != PAD).sum(axis=1)
         return OnnxResult(out_v, out_e, n_hits, capped)
 
-    def cells(self, result: OnnxResult, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Tokens -> cell energies (B, n_voxels) MeV from the JSON alone, drawn log-uniformly inside each
-        energy bin (as calofm generate; centres without rng)."""
+    def cells(self, result: OnnxResult, u: np.ndarray | None = None) -> np.ndarray:
+        """Tokens -> cell energies (B, n_voxels) MeV from the JSON alone: each energy at position u
+        (B, max_hits) inside its bin's logarithm (calofm generate's: the SMEAR stream of
+        generation.streams), or at the bin's centre without u (tokenizer.decode_padded)."""
         vox, en = self.spec["tokens"]["voxel_block"], self.spec["tokens"]["energy_block"]
         bins = self.spec["energy_bins"]
         v, e = result.voxel_tokens - vox["offset"], result.energy_tokens - en["offset"]
-        ok = (v >= 0) & (v < vox["size"]) & (e >= 0) & (e < en["size"])  # row-major, as tokenizer.decode_padded
-        idx = e[ok].astype(np.float64)
-        u = 0.5 if rng is None else rng.random(idx.shape)
+        ok = (v >= 0) & (v < vox["size"]) & (e >= 0) & (e < en["size"])
+        w = 0.5 if u is None else np.asarray(u, dtype=np.float64)[ok]
         out = np.zeros((len(v), vox["size"]), dtype=np.float32)
         rows = np.broadcast_to(np.arange(len(v))[:, None], v.shape)
-        out[rows[ok], v[ok]] = (bins["e_min_MeV"] * np.exp(bins["log_step"] * (idx + u))).astype(np.float32)
+        out[rows[ok], v[ok]] = (bins["e_min_MeV"] * np.exp(bins["log_step"] * (e[ok] + w))).astype(np.float32)
         return out
