@@ -21,7 +21,7 @@ from calofm.export.onnx_export import export_onnx  # noqa: E402
 from calofm.export.onnx_runtime import OnnxDecoder  # noqa: E402
 from calofm.generation.decode import DRAWS_PER_STEP, DecodeOptions, decode  # noqa: E402
 from calofm.generation.sampler import head_samplings  # noqa: E402
-from calofm.generation.streams import SMEAR, decode_uniforms, shower_uniforms  # noqa: E402
+from calofm.generation.streams import decode_uniforms  # noqa: E402
 from calofm.tokenizer import PAD, incident_feature  # noqa: E402
 
 
@@ -93,11 +93,12 @@ def test_tiny_onnx_loop_reproduces_pytorch_token_for_token(tiny, temperature, mi
     inc = incident_feature(np.geomspace(1e4, 1e5, 8).astype(np.float32))
     whole = run.decode(inc, uniforms, *min_p, temperature=temperature, compact=False)
     np.testing.assert_array_equal(whole.voxel_tokens, res.voxel_tokens)
-    # the cells from the JSON alone: calofm generate's showers of the same seed and incident energies
-    _, generated = sm.generate(8, material="W", particle="gamma", seed=3, incident_MeV=np.geomspace(1e4, 1e5, 8),
-                               temperature=temperature, min_p_voxel=min_p[0], min_p_energy=min_p[1])
-    smear = shower_uniforms(3, np.arange(8), SMEAR, sm.tokenizer.max_hits).numpy()
-    np.testing.assert_array_equal(run.cells(res, smear), generated)
+    # the cells from the JSON alone: calofm generate's showers of the same seed
+    sampling = dict(temperature=temperature, min_p_voxel=min_p[0], min_p_energy=min_p[1])
+    incident, generated = sm.generate(8, material="W", particle="gamma", seed=3, batch_size=5, **sampling)
+    onnx_incident, cells, _ = run.generate(8, seed=3, batch_size=5, **sampling)
+    np.testing.assert_array_equal(onnx_incident, incident)
+    np.testing.assert_array_equal(cells, generated)
     centres = sm.tokenizer.decode_padded(res.voxel_tokens, res.energy_tokens, mode="center")
     np.testing.assert_array_equal(run.cells(res), centres)
 
@@ -131,3 +132,17 @@ def test_shipped_model_with_adapters_merged_matches_pytorch(tmp_path):
     export_onnx(sm, out, [("Pb", "e-")], log=lambda *a: None)
     ref, res, _ = pytorch_and_onnx(sm, os.path.join(out, "Pb_e-"), "Pb", "e-", 4)
     assert_same_tokens(ref, res)
+
+
+@pytest.mark.slow
+def test_bench_times_the_onnx_loop_beside_pytorch(tiny, tmp_path):
+    sm, out = tiny
+    model, report = os.path.dirname(out) + "/run", tmp_path / "bench.json"
+    assert main(["bench", "generate", "--model", model, "--runtime", "onnx", "--batches", "1,3", "--n", "3",
+                 "--energies", "", "--sim-n", "2", "--threads", "1", "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["results"]
+    onnx_rows = [r for r in rows if r.get("runtime") == "onnx"]
+    assert [r["batch"] for r in onnx_rows] == [1, 3] and len(rows) == 4
+    for r in onnx_rows:
+        assert r["ms_per_shower"] > 0 and r["export_seconds"] > 0 and r["mean_hits"] > 0
+        assert r["identical_to_torch"] == 1.0  # the same showers as the fp32 PyTorch row's

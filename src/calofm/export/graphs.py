@@ -21,7 +21,6 @@ mirror what changes for export:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from calofm.errors import CalofmError
@@ -168,7 +167,7 @@ class Prefill(nn.Module):
 
 
 class Step(nn.Module):
-    """One hit of every row (generation.decode's _Run._voxel then _run._advance):
+    """One hit of every row (generation.decode's _Run._voxel, then _Run._advance):
     h (B, d) hidden state at the last position, hits (B, N) voxels hit so far (PAD elsewhere), t ()
     int64 the step (the new tokens go to position t + 2, cache slots 0..t+1 are filled), done (B,)
     bool, u (B, 2) the step's uniforms (voxel, energy), log_min_p (2,) ln(min_p) per head (-inf: off),

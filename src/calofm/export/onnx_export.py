@@ -160,8 +160,8 @@ def export_class(shower_model, material: str, particle: str, folder: str) -> dic
 def export_onnx(shower_model, out: str, classes: list[tuple[str, str]], force: bool = False,
                 log=print) -> list[str]:
     """Export each class (material, particle) into out/<material>_<particle>/, written in a temporary
-    folder beside `out` and moved in place at the end (an existing export is replaced only with force, nothing else ever); out/manifest.json lists the
-    classes."""
+    folder beside `out` and moved in place at the end (an existing export is replaced only with force,
+    nothing else ever); out/manifest.json lists the classes."""
     from calofm.outputs import check_output_dir
 
     check_output_dir(out, force, "export folder", fmt=FORMAT)
@@ -178,9 +178,13 @@ def export_onnx(shower_model, out: str, classes: list[tuple[str, str]], force: b
                                                for m, p in classes]}
         with open(os.path.join(tmp, "manifest.json"), "w") as fh:
             json.dump(index, fh, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
+        old = None
+        if os.path.exists(out):  # the earlier export steps aside until the new one is in place
+            old = tempfile.mkdtemp(prefix=".calofm-export-old-", dir=parent)
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,10 +25,13 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from calofm.errors import CalofmError
-from calofm.generation.decode import COMPACT_FRACTION, DRAW_ENERGY, DRAW_VOXEL
-from calofm.tokenizer import PAD
+from calofm.generation.decode import COMPACT_FRACTION, DRAW_ENERGY, DRAW_VOXEL, DRAWS_PER_STEP
+from calofm.generation.streams import INCIDENT, SMEAR, decode_uniforms, shower_uniforms
+from calofm.simulation.runner import energies_from_uniforms, parse_energy
+from calofm.tokenizer import PAD, incident_feature
 
 WINDOW = 64  # cache slots added at a time
 SPEC_FILE = "calofm.json"
@@ -145,3 +148,20 @@ class OnnxDecoder:
         rows = np.broadcast_to(np.arange(len(v))[:, None], v.shape)
         out[rows[ok], v[ok]] = (bins["e_min_MeV"] * np.exp(bins["log_step"] * (e[ok] + w))).astype(np.float32)
         return out
+
+    def generate(self, n: int, seed: int = 0, energy_GeV=(10.0, 100.0), spectrum: str = "uniform",
+                 batch_size: int = 256, start: int = 0, **sampling) -> tuple[np.ndarray, np.ndarray, OnnxResult]:
+        """calofm generate's showers start..start+n-1 of the run of `seed` for this class, through the
+        graphs (every random number from generation.streams, as ShowerModel.generate draws it) ->
+        (incident energies (n,) MeV, cells (n, n_voxels) MeV, the last batch's tokens). sampling: decode's
+        min_p_voxel, min_p_energy, temperature."""
+        index = np.arange(start, start + n)
+        u = shower_uniforms(seed, index, INCIDENT, 1, torch.float64)
+        incident = energies_from_uniforms(u[:, 0].numpy(), parse_energy(energy_GeV), spectrum).astype(np.float32)
+        cells, result = [], None
+        for lo in range(0, n, batch_size):
+            rows = index[lo:lo + batch_size]
+            table = decode_uniforms(seed, rows, self.max_hits, DRAWS_PER_STEP).numpy()
+            result = self.decode(incident_feature(incident[lo:lo + batch_size]), table, **sampling)
+            cells.append(self.cells(result, shower_uniforms(seed, rows, SMEAR, self.max_hits).numpy()))
+        return incident, np.concatenate(cells), result
