@@ -146,3 +146,24 @@ def test_bench_times_the_onnx_loop_beside_pytorch(tiny, tmp_path):
     for r in onnx_rows:
         assert r["ms_per_shower"] > 0 and r["export_seconds"] > 0 and r["mean_hits"] > 0
         assert r["identical_to_torch"] == 1.0  # the same showers as the fp32 PyTorch row's
+
+
+@pytest.mark.slow
+def test_cross_attention_layout_exports_and_matches(tiny, tmp_path):
+    """The published layout (energy stream cross-attending to the voxel stream, its own caches), one
+    expert per material, no shared expert: untrained weights, so every shower runs to max_hits."""
+    from calofm.generation.api import ShowerModel
+    from calofm.model import ShowerTransformer
+    from calofm.model.config import get_preset
+
+    sm, _ = tiny
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", stream_combine="cross", shared_expert=False, experts_per_material=1)
+    cross = ShowerModel(ShowerTransformer(cfg.for_tokenizer(sm.tokenizer)), sm.tokenizer, sm.manifest)
+    export_onnx(cross, str(tmp_path / "export"), [("Cu", "gamma")], log=lambda *a: None)
+    run = OnnxDecoder(str(tmp_path / "export" / "Cu_gamma"))
+    assert run.n_attn == 2 * cfg.n_layers
+    _, cells = cross.generate(4, material="Cu", seed=2)
+    _, onnx_cells, last = run.generate(4, seed=2)
+    assert last.capped.all() and cross.last_stats["n_capped"] == 4
+    np.testing.assert_array_equal(onnx_cells, cells)
