@@ -167,3 +167,37 @@ def test_cross_attention_layout_exports_and_matches(tiny, tmp_path):
     _, onnx_cells, last = run.generate(4, seed=2)
     assert last.capped.all() and cross.last_stats["n_capped"] == 4
     np.testing.assert_array_equal(onnx_cells, cells)
+
+
+def test_force_replaces_an_earlier_export_whole(tiny, tmp_path, monkeypatch):
+    """--force swaps the new export in and removes the old one (no mixed folder is ever left); a failed
+    export leaves the old one as it was. The graphs themselves are stubbed: this is about the folders."""
+    import shutil
+
+    from calofm.export import onnx_export
+
+    sm, out = tiny
+    old = str(tmp_path / "old")
+    shutil.copytree(out, old)
+
+    def stub(shower_model, material, particle, folder):
+        os.makedirs(folder)
+        open(os.path.join(folder, "calofm.json"), "w").write("{}")
+    monkeypatch.setattr(onnx_export, "export_class", stub)
+    export_onnx(sm, old, [("Cu", "gamma")], force=True, log=lambda *a: None)
+    assert sorted(os.listdir(old)) == ["Cu_gamma", "manifest.json"]
+    assert oct(os.stat(old).st_mode & 0o777) == oct(0o777 & ~_umask())
+
+    def failing(*args):
+        raise RuntimeError("export failed")
+    monkeypatch.setattr(onnx_export, "export_class", failing)
+    with pytest.raises(RuntimeError):
+        export_onnx(sm, old, [("W", "gamma")], force=True, log=lambda *a: None)
+    assert sorted(os.listdir(old)) == ["Cu_gamma", "manifest.json"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".calofm-export")]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -95,7 +95,7 @@ def describe(shower_model, material: str, particle: str, n_attn: int) -> dict:
     order = "layer, y, x" if geo.grid.kind == "cartesian" else "layer, alpha, r"
     return {
         "format": FORMAT, "version": 1,
-        "model": {"path": shower_model.path, "sha256": shower_model.manifest.get("weights", {}).get("sha256", ""),
+        "model": {"name": os.path.basename(os.path.normpath(shower_model.path or "")), "sha256": shower_model.manifest.get("weights", {}).get("sha256", ""),
                   "adapters": [vars(s) for s in getattr(shower_model, "adapters", [])]},
         "class": {"material": material, "material_id": tok.material_id(material), "particle": particle,
                   "particle_id": tok.particle_id(particle)},
@@ -167,6 +167,9 @@ def export_onnx(shower_model, out: str, classes: list[tuple[str, str]], force: b
     check_output_dir(out, force, "export folder", fmt=FORMAT)
     parent = os.path.dirname(os.path.abspath(out))
     tmp = tempfile.mkdtemp(prefix=".calofm-export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a folder as mkdir makes it (mkdtemp's is private)
     try:
         folders = []
         for material, particle in classes:
