@@ -25,6 +25,7 @@ import calofm
 from calofm.checkpoint import atomic_write_text
 from calofm.generation.decode import DecodeOptions
 from calofm.generation.sampler import head_samplings
+from calofm.generation.streams import decode_uniforms
 from calofm.tokenizer import incident_feature
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     def run(opt, precision):
         t0 = time.perf_counter()
         res = sm.decoder.decode(inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block, voxel_sampling,
-                                torch.Generator(device=dev).manual_seed(5), replace(opt, precision=precision),
+                                decode_uniforms(5, range(B), tok.max_hits, sm.decoder.draws_per_step, dev), replace(opt, precision=precision),
                                 energy_sampling=energy_sampling)
         if dev.type == "cuda":
             torch.cuda.synchronize()

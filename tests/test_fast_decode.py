@@ -10,7 +10,8 @@ import torch
 
 import calofm
 from calofm.errors import CalofmError
-from calofm.generation.decode import DecodeOptions, Decoder, decode
+from calofm.generation.decode import DRAWS_PER_STEP, DecodeOptions, Decoder, decode
+from calofm.generation.streams import decode_uniforms
 from calofm.generation.sampler import SamplingConfig, sample
 from calofm.tokenizer import incident_feature
 
@@ -19,6 +20,11 @@ decode_module = importlib.import_module("calofm.generation.decode")  # the packa
 @pytest.fixture(scope="module")
 def small():
     return calofm.load("calofm-small", adapters=["Pb", "e-"])
+
+
+def draws(seed: int, n: int, max_hits: int) -> torch.Tensor:
+    """The uniform table of showers 0..n-1 of a run of this seed (what generate() passes the decoder)."""
+    return decode_uniforms(seed, range(n), max_hits, DRAWS_PER_STEP)
 
 
 def constants(monkeypatch, **values):
@@ -57,7 +63,7 @@ def test_ways_to_run_the_step_give_identical_tokens(small, monkeypatch, mats, mi
 
     def run(opt):
         return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block, voxel_sampling,
-                      generator=torch.Generator().manual_seed(7), options=opt, energy_sampling=energy_sampling)
+                      uniforms=draws(7, B, tok.max_hits), options=opt, energy_sampling=energy_sampling)
 
     ref = run(PLAIN)
     assert len(set(ref.n_hits.tolist())) > 1  # showers finish at different steps: compaction happens
@@ -71,7 +77,7 @@ def test_ways_to_run_the_step_give_identical_tokens(small, monkeypatch, mats, mi
     # a length cap with compaction: capped showers are reported at their original rows
     constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=3)
     capped = [decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block,
-                     generator=torch.Generator().manual_seed(7), options=o)
+                     uniforms=draws(7, B, 40), options=o)
               for o in (PLAIN, DecodeOptions(), DecodeOptions(graph=True))]
     assert capped[0].capped.any()
     for other in capped[1:]:
@@ -98,7 +104,7 @@ def test_ways_to_run_the_step_give_identical_tokens_with_model_options(monkeypat
 
     def run(opt):
         return decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block, SamplingConfig(),
-                      generator=torch.Generator().manual_seed(5), options=opt, target_hits=target)
+                      uniforms=draws(5, B, 40), options=opt, target_hits=target)
 
     ref = run(PLAIN)
     assert ref.n_hits.tolist() == target.clamp(max=40).tolist() and ref.capped[-2:].all()
@@ -132,7 +138,7 @@ def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
 
     def run(opt):
         return decode(net, inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block,
-                      generator=torch.Generator().manual_seed(11), options=opt)
+                      uniforms=draws(11, B, tok.max_hits), options=opt)
 
     res = run(DecodeOptions(graph=True))
     assert len(sizes) >= 2, sizes
@@ -158,7 +164,7 @@ def test_static_run_is_kept_for_the_next_batch_until_close(small, monkeypatch):
     def run(energies, seed, options, material=torch.full((B,), tok.material_id("W")), n=B):
         inc = torch.from_numpy(incident_feature(np.geomspace(*energies, n).astype(np.float32)))
         return decoder.decode(inc, material[:n], par[:n], tok.max_hits, tok.voxel_block, tok.energy_block,
-                              generator=torch.Generator().manual_seed(seed), options=options)
+                              uniforms=draws(seed, n, tok.max_hits), options=options)
 
     batches = [((1e3, 1e5), 1), ((2e4, 5e4), 2)]
     first = run(*batches[0], opt)
@@ -205,7 +211,7 @@ def test_compiled_graph_step(small, monkeypatch):
 
     def run(compile):
         return decoder.decode(inc, mat, par, 176, tok.voxel_block, tok.energy_block,
-                              generator=torch.Generator().manual_seed(5),
+                              uniforms=draws(5, B, 176),
                               options=DecodeOptions(graph=True, compile=compile))
 
     eager = run(False)
@@ -251,7 +257,7 @@ def test_graph_step_reads_nothing_back_from_the_device(small, monkeypatch):
     inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
     mat = torch.tensor([tok.material_id("W" if i % 2 else "Pb") for i in range(B)])
     par = torch.tensor([tok.particle_id("e-" if i % 3 == 0 else "gamma") for i in range(B)])
-    res = decode(net, inc, mat, par, 24, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(1),
+    res = decode(net, inc, mat, par, 24, tok.voxel_block, tok.energy_block, uniforms=draws(1, B, 24),
                  options=DecodeOptions(graph=True))
     assert int((res.n_hits > 0).sum()) == B and len(steps) >= 12
 
@@ -265,7 +271,7 @@ def test_both_ways_hold_showers_to_their_target_hits(small, monkeypatch):
     inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
     mat, par = torch.full((B,), tok.material_id("W")), torch.full((B,), tok.particle_id("gamma"))
     target = torch.tensor([5, 90, 17, 30, 1, 60, 45, 8, 70, 300])
-    res = [decode(net, inc, mat, par, 80, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(4),
+    res = [decode(net, inc, mat, par, 80, tok.voxel_block, tok.energy_block, uniforms=draws(4, B, 80),
                   options=o, target_hits=target) for o in (PLAIN, DecodeOptions(), DecodeOptions(graph=True))]
     assert torch.equal(res[0].n_hits, target.clamp(max=80))
     assert torch.equal(res[0].capped, target > 80)
@@ -303,7 +309,7 @@ def test_compaction_keeps_at_least_the_minimum_rows(small, monkeypatch):
     B = 10
     inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32)))
     decode(net, inc, torch.full((B,), tok.material_id("W")), torch.full((B,), tok.particle_id("gamma")),
-           tok.max_hits, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3))
+           tok.max_hits, tok.voxel_block, tok.energy_block, uniforms=draws(3, B, tok.max_hits))
     assert len(kept) >= 3 and min(kept) >= COMPACT_MIN_ROWS  # compacted often, never below the floor
 
 
@@ -326,9 +332,9 @@ def test_sampler_distribution_and_given_uniforms():
     assert not torch.any((draws == 2) | (draws == 5))  # masked tokens are never drawn
     freq = torch.bincount(draws, minlength=6).double() / len(draws)
     assert torch.allclose(freq, logits[0].softmax(-1).double(), atol=0.015)
-    # the uniforms a decoder draws itself (torch.rand's stream) give what the generator gives, row by row
+    # uniforms given (as the decoder gives each row its shower's) are read as the generator's, row by row
     full = sample(logits[:10], SamplingConfig(), torch.Generator().manual_seed(3))
-    u = torch.empty(11, 1).uniform_(0, 1, generator=torch.Generator().manual_seed(3))  # as the decoder draws
+    u = torch.empty(11, 1).uniform_(0, 1, generator=torch.Generator().manual_seed(3))  # torch.rand's stream
     assert torch.equal(sample(logits[:10], SamplingConfig(), u=u[:10]), full)
     rows = torch.tensor([1, 4, 9])
     assert torch.equal(sample(logits[rows], SamplingConfig(), u=u[rows]), full[rows])
@@ -395,7 +401,7 @@ def test_compiled_step_matches_eager_numerically_and_decodes(small):
     mat = torch.full((B,), tok.material_id("W"))
     for precision in ("fp32", "bf16"):  # bf16: the compiled attention reads the bf16 cache
         res = decoder.decode(inc, mat, torch.zeros(B, dtype=torch.long), 40, tok.voxel_block, tok.energy_block,
-                             generator=torch.Generator().manual_seed(3), options=DecodeOptions(precision, compile=True))
+                             uniforms=draws(3, B, 40), options=DecodeOptions(precision, compile=True))
         n = res.n_hits
         assert torch.all(n > 0)
         for i in range(B):  # valid, distinct voxels, like the eager path
@@ -456,7 +462,7 @@ def test_bf16_decode_uses_a_bf16_cache_and_gives_valid_showers(small):
         B = 6
         inc = torch.from_numpy(incident_feature(np.full(B, 3e4, dtype=np.float32)))
         res = decode(net, inc, torch.full((B,), tok.material_id("W")), torch.zeros(B, dtype=torch.long), 60,
-                     tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(3),
+                     tok.voxel_block, tok.energy_block, uniforms=draws(3, B, 60),
                      options=DecodeOptions("bf16"))
     finally:
         del net.setup_cache

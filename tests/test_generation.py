@@ -9,12 +9,18 @@ from conftest import train_tiny_model
 
 from calofm.errors import CalofmError
 from calofm.generation import SamplingConfig, decode, filter_logits, sample
+from calofm.generation.decode import DRAWS_PER_STEP
+from calofm.generation.streams import decode_uniforms
 from calofm.tokenizer import EOS, PAD, incident_feature
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return train_tiny_model(tmp_path_factory.mktemp("gen"))[0]
+
+
+def draws(seed: int, n: int, max_hits: int) -> torch.Tensor:
+    return decode_uniforms(seed, range(n), max_hits, DRAWS_PER_STEP)
 
 
 def test_sampler_rules():
@@ -47,7 +53,7 @@ def test_decode_stops_per_sequence_and_never_repeats_a_voxel(model):
     inc = torch.from_numpy(incident_feature(np.linspace(1e4, 1e5, B)))
     mat = torch.tensor([tok.material_id("W"), tok.material_id("Cu")] * (B // 2))
     res = decode(net, inc, mat, torch.zeros(B, dtype=torch.long), tok.max_hits, tok.voxel_block, tok.energy_block,
-                 generator=torch.Generator().manual_seed(1))
+                 uniforms=draws(1, B, tok.max_hits))
     v = res.voxel_tokens.numpy()
     assert len(set(res.n_hits.tolist())) > 1  # sequences end at their own EOS
     for i in range(B):
@@ -59,7 +65,7 @@ def test_decode_stops_per_sequence_and_never_repeats_a_voxel(model):
         assert np.all((e >= tok.energy_block.offset) & (e < tok.energy_block.offset + tok.energy_block.size))
     # a length cap forces EOS and is counted
     capped = decode(net, inc, mat, torch.zeros(B, dtype=torch.long), 3, tok.voxel_block, tok.energy_block,
-                    generator=torch.Generator().manual_seed(1))
+                    uniforms=draws(1, B, 3))
     assert capped.voxel_tokens.shape == (B, 3) and int(capped.capped.sum()) == int((capped.n_hits == 3).sum()) > 0
     assert EOS not in capped.voxel_tokens.tolist()
 
@@ -113,3 +119,53 @@ def test_generate_passes_each_head_its_own_min_p(model, monkeypatch, tmp_path):
     assert seen == {n_voxel: {DEFAULT_MIN_P["voxel"]}, n_energy: {DEFAULT_MIN_P["energy"]}}
     attrs = read_showers(str(tmp_path / "a.h5"))[2].attrs  # dicts are stored as JSON
     assert json.loads(attrs["sampling"])["min_p"] == 0.02 and json.loads(attrs["energy_sampling"])["min_p"] == 0.0
+
+
+def test_a_shower_depends_on_the_seed_and_its_index_only(model):
+    """300 showers in one batch, as three shards of 100 (start=...), in batches of 50 and of 7: the
+    same incident energies and the same cells (tokens and in-bin energies) for every shower, fp32 CPU."""
+    torch.set_num_threads(1)
+    kw = dict(material="W", energy_GeV=(10, 100), spectrum="log", seed=9)
+    e, s = model.generate(300, batch_size=300, **kw)
+    assert model.last_stats["n_capped"] < 300 and len(np.unique((s > 0).sum(1))) > 5  # showers of many lengths
+    shards = [model.generate(100, start=100 * k, batch_size=100, **kw) for k in range(3)]
+    assert np.array_equal(np.concatenate([x[0] for x in shards]), e)
+    assert np.array_equal(np.concatenate([x[1] for x in shards]), s)
+    for batch in (50, 7):
+        e_b, s_b = model.generate(300, batch_size=batch, **kw)
+        assert np.array_equal(e_b, e) and np.array_equal(s_b, s), batch
+    # two-stage totals too; the first showers of a run do not depend on how many follow
+    e_t, s_t = model.generate(40, batch_size=40, totals=True, **kw)
+    tail = model.generate(25, start=15, batch_size=6, totals=True, **kw)
+    assert np.array_equal(tail[0], e_t[15:]) and np.array_equal(tail[1], s_t[15:])
+    assert np.array_equal(model.generate(15, batch_size=4, totals=True, **kw)[1], s_t[:15])
+    # explicit incident energies take the same streams
+    _, s_given = model.generate(0, incident_MeV=e[100:130], start=100, **kw)
+    assert np.array_equal(s_given, s[100:130])
+    with pytest.raises(CalofmError, match="first shower index"):
+        model.generate(3, start=-1)
+
+
+def test_decoder_takes_a_uniform_table_per_shower(model):
+    """Rows of the table belong to showers: a shower decoded with others or alone (>= 4 rows, see
+    COMPACT_MIN_ROWS) gets the same tokens; greedy decoding needs no table; wrong tables are refused."""
+    torch.set_num_threads(1)
+    tok, net = model.tokenizer, model.model
+    B = 8
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 1e5, B)))
+    zeros = torch.zeros(B, dtype=torch.long)
+    table = draws(2, B, tok.max_hits)
+    full = decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block, uniforms=table)
+    rows = torch.tensor([6, 1, 3, 4])
+    part = decode(net, inc[rows], zeros[rows], zeros[rows], tok.max_hits, tok.voxel_block, tok.energy_block,
+                  uniforms=table[rows])
+    assert torch.equal(part.voxel_tokens, full.voxel_tokens[rows]) and torch.equal(part.energy_tokens, full.energy_tokens[rows])
+    greedy = SamplingConfig(temperature=0)
+    g = decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block, greedy)
+    assert torch.equal(g.voxel_tokens, decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block,
+                                              greedy, uniforms=table).voxel_tokens)
+    with pytest.raises(ValueError, match="uniforms"):
+        decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block)
+    for bad in (table[:5], table[:, :3], torch.rand(B, tok.max_hits + 1, 3)):
+        with pytest.raises(ValueError, match="uniforms of shape"):
+            decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block, uniforms=bad)

@@ -9,7 +9,8 @@ from test_model import make_corpus, make_tokenizer, tiny_model
 
 from calofm.detector.geometry import CylindricalGrid, Geometry, Layer
 from calofm.errors import CalofmError
-from calofm.generation.decode import DecodeOptions, decode
+from calofm.generation.decode import DRAWS_PER_STEP, DecodeOptions, decode
+from calofm.generation.streams import decode_uniforms
 from calofm.model import ModelConfig, get_preset
 from calofm.tokenizer import ShowerTokenizer
 
@@ -121,7 +122,7 @@ def test_factorized_decode_fills_a_small_grid_without_repeating_a_voxel(static):
     assert model.voxel_head.n_cells == 4 and model.voxel_head.cell_off.sum() == 1
     B = 6
     res = decode(model, torch.linspace(0, 1, B), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long),
-                 8, tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(1),
+                 8, tok.voxel_block, tok.energy_block, uniforms=decode_uniforms(1, range(B), 8, DRAWS_PER_STEP),
                  options=DecodeOptions(graph=static), target_hits=torch.full((B,), 7))
     assert (res.n_hits == 7).all() and not res.capped.any()
     for row in res.voxel_tokens:

@@ -9,6 +9,8 @@ from conftest import train_tiny_model
 
 from calofm.errors import CalofmError
 from calofm.generation import decode, load
+from calofm.generation.decode import DRAWS_PER_STEP
+from calofm.generation.streams import TOTALS, decode_uniforms, shower_normals
 from calofm.tokenizer import incident_feature
 from calofm.tokenizer.totals import ShowerTotals, rescale_to_total
 
@@ -69,14 +71,15 @@ def test_decoder_holds_each_shower_to_its_target_length(model):
     inc = torch.from_numpy(incident_feature(np.linspace(1e4, 1e5, B)))
     target = torch.tensor([1, 2, 3, 5, 8, 13, 21, 1, 4, 9, 16, tok.max_hits])
     res = decode(model.model, inc, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), tok.max_hits,
-                 tok.voxel_block, tok.energy_block, generator=torch.Generator().manual_seed(0), target_hits=target)
+                 tok.voxel_block, tok.energy_block, uniforms=decode_uniforms(0, range(B), tok.max_hits, DRAWS_PER_STEP), target_hits=target)
     assert res.n_hits.tolist() == target.tolist()
 
 
 def test_two_stage_generation_follows_the_drawn_totals(model):
     inc, showers = model.generate(30, material="W", seed=3, batch_size=7, totals=True)
     assert model.last_stats["totals"] is True
-    n_target, ratio = model.tokenizer.totals.sample("W/gamma", inc, np.random.default_rng([3, 2]))
+    normals = shower_normals(3, np.arange(30), TOTALS, 2).numpy()  # what generate() draws
+    n_target, ratio = model.tokenizer.totals.sample("W/gamma", inc, normals=normals)
     assert np.array_equal((showers > 0).sum(1), np.minimum(n_target, model.tokenizer.max_hits))
     assert np.allclose(showers.sum(1), ratio * inc, rtol=1e-4)
     _, one_stage = model.generate(30, material="W", seed=3, batch_size=7)  # the default

@@ -6,6 +6,7 @@ for comparison. See docs/speed.md."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -47,6 +48,10 @@ def register(sub) -> None:
                    help="decode set-ups timed at every batch size, comma-separated: a precision (fp32, bf16), then "
                         "any of +compile, +graph (the CUDA-graph step; on CPU it runs eagerly), +nocompact, "
                         "e.g. fp32,bf16+compile,bf16+graph (default fp32)")
+    g.add_argument("--runtime", default="torch", choices=["torch", "onnx"],
+                   help="onnx: also export the class's decode step (calofm export, untimed) and time the "
+                        "onnxruntime reference loop (calofm.export.onnx_runtime) at every batch size, beside the "
+                        "PyTorch set-ups (default torch: PyTorch only)")
     g.add_argument("--sim-n", type=POSITIVE, default=None,
                    help="showers to time the simulator on (default: the largest batch)")
     g.add_argument("--repeats", type=POSITIVE, default=1, help="timed repeats per point (median)")
@@ -177,6 +182,7 @@ def cmd_bench_generate(args) -> None:
         return peaks[precision]
 
     compiled_for = set()  # decode set-ups whose compiled functions exist already
+    showers = {}  # (options, batch) -> the showers of the last timed PyTorch run (the ONNX rows compare with fp32's)
 
     def timed(n, batch, options, energy=(10.0, 100.0), totals=None):
         flops_peak = peak(options.precision)
@@ -186,8 +192,8 @@ def cmd_bench_generate(args) -> None:
             compiled_for.add(options)
 
         def run():
-            sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy, seed=args.seed,
-                        batch_size=batch, options=options, totals=totals)
+            showers[options, batch] = sm.generate(n, material=args.material, particle=args.particle, energy_GeV=energy,
+                                         seed=args.seed, batch_size=batch, options=options, totals=totals)[1]
             _sync(device)
         first = None
         if options.graph:
@@ -240,6 +246,9 @@ def cmd_bench_generate(args) -> None:
             print(f"{s:18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  {r['ms_per_shower']:8.2f} ms/shower  "
                   f"{r['tokens_per_s']:9.0f} tokens/s  {100 * r['flops_fraction']:.2f}% of {opt.precision} peak"
                   + (f"  (first call {r['n'] / r['first_call_seconds']:.2f} showers/s)" if r["first_call_seconds"] else ""))
+    if args.runtime == "onnx":
+        fp32 = {b: cells for (opt, b), cells in showers.items() if opt == setups.get("fp32")}
+        _bench_onnx(args, sm, batches, results, fp32, report)
     for e in args.energies:
         r = timed(args.energy_n, args.energy_n, DecodeOptions(graph=False), energy=e)  # fp32 eager defaults
         energy_scan.append({"energy_GeV": e, "decode": "fp32", **r})
@@ -323,3 +332,50 @@ def _bench_baseline(args, device, peak: float) -> list[dict]:
                 print(f"diffusion baseline, batch {n}, {steps} steps{' (graph)' if graph else ''}: {n / dt:.2f} "
                       f"showers/s  {1e3 * dt / n:.1f} ms/shower  {100 * fl / peak:.1f}% of bf16 peak")
     return rows
+
+
+def _bench_onnx(args, sm, batches, results: list, reference: dict, report) -> None:
+    """The class's graphs exported to a temporary folder (timed apart), then the onnxruntime loop's
+    showers at each batch size, as calofm generate makes them (OnnxDecoder.generate), with as many
+    onnxruntime threads as torch uses; `identical_to_torch`: the share of showers equal, cell for
+    cell, to the fp32 PyTorch row's at that batch size (when timed)."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from calofm.export.onnx_export import export_onnx, require_onnx
+    from calofm.export.onnx_runtime import OnnxDecoder
+
+    require_onnx()
+    tmp = tempfile.mkdtemp(prefix="calofm-bench-onnx-")
+    try:
+        start = time.perf_counter()
+        folder = export_onnx(sm, os.path.join(tmp, "export"), [(args.material, args.particle)], log=lambda *a: None)[0]
+        export_s = time.perf_counter() - start
+        run = OnnxDecoder(folder, threads=torch.get_num_threads())
+        run.generate(2, seed=args.seed)  # warm-up
+        for b in batches:
+            n = args.n or (8 if b == 1 else b)
+            out = {}
+
+            def once():
+                out["cells"] = run.generate(n, seed=args.seed, batch_size=b)[1]
+            dt = _median_time(once, args.repeats)
+            mean_hits = float((out["cells"] > 0).sum(axis=1).mean())
+            same = None
+            if b in reference and len(reference[b]) == n:
+                same = float(np.mean(np.all(out["cells"] == reference[b], axis=1)))
+            r = {"decode": "onnxruntime fp32", "runtime": "onnx", "precision": "fp32", "batch": b, "n": n,
+                 "seconds": dt, "showers_per_s": n / dt, "ms_per_shower": 1e3 * dt / n,
+                 "tokens_per_s": 2 * mean_hits * n / dt, "positions_per_s": mean_hits * n / dt, "mean_hits": mean_hits,
+                 "export_seconds": export_s, "onnxruntime_threads": torch.get_num_threads(),
+                 "identical_to_torch": same}
+            results.append(r)
+            report(complete=False)
+            print(f"{'onnxruntime fp32':18s} batch {b:5d}: {r['showers_per_s']:8.2f} showers/s  "
+                  f"{r['ms_per_shower']:8.2f} ms/shower  {r['tokens_per_s']:9.0f} tokens/s"
+                  + ("" if same is None else f"  {100 * same:.1f}% of the showers identical to PyTorch's"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

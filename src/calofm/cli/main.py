@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "calofm.cli.extension_commands",  # extend material|particle, info
     "calofm.cli.baseline_commands",  # baseline train|generate (diffusion comparison model)
     "calofm.cli.bench_commands",  # bench generate (speed)
+    "calofm.cli.export_commands",  # export (ONNX graphs of the decode step)
 )
 
 

@@ -24,9 +24,10 @@ from calofm.errors import CalofmError
 from calofm.extension.adapters import apply_adapter
 from calofm.generation.decode import DecodeOptions, Decoder
 from calofm.generation.sampler import SamplingConfig, head_samplings
+from calofm.generation.streams import INCIDENT, SMEAR, TOTALS, decode_uniforms, shower_normals, shower_uniforms
 from calofm.model import ShowerTransformer
 from calofm.pretrained import DEFAULT_MODEL, resolve_adapter, resolve_model
-from calofm.simulation.runner import parse_energy, sample_energies
+from calofm.simulation.runner import energies_from_uniforms, parse_energy
 from calofm.tokenizer import ShowerTokenizer, canonical_particle, incident_feature
 from calofm.tokenizer.totals import class_key, rescale_to_total
 
@@ -65,8 +66,13 @@ class ShowerModel:
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  min_p_voxel: float | None = None, min_p_energy: float | None = None, batch_size: int = 256,
                  output: str | None = None, progress: bool = False, options: DecodeOptions | None = None,
-                 totals: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 totals: bool = False, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Generate n showers: (incident energies (n,) MeV, cell energies (n, n_voxels) MeV), float32.
+
+        Showers start, ..., start + n - 1 of the run of this seed: shower i draws every random number
+        (its incident energy, its totals, its tokens, its energies inside their bins) from (seed, i)
+        alone (calofm.generation.streams), so it does not depend on batch_size or on how the run is
+        split into shards (in fp32 on CPU, token for token; tests/test_generation.py).
 
         Incident energies are drawn like `calofm simulate` does (energy_GeV 'E' or (Emin, Emax),
         spectrum 'uniform' or 'log') unless given explicitly. Cell energies are decoded log-uniformly
@@ -81,6 +87,8 @@ class ShowerModel:
         visible energy first, hold the decoder to that count and rescale the hits to that energy.
         Off by default: it fixes those two totals but hurts the shower shape where showers leak
         (Cu: high-level AUC 0.65 -> 0.86), see docs/model.md."""
+        if not 0 <= start < 2 ** 31:
+            raise CalofmError(f"first shower index must be within [0, 2^31), got {start}")
         mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
         key = class_key(material, self.particles[par_id])
@@ -89,8 +97,11 @@ class ShowerModel:
         if incident_MeV is None:
             if n <= 0:
                 raise CalofmError(f"number of showers must be > 0, got {n}")
-            incident_MeV = sample_energies(n, parse_energy(energy_GeV), spectrum, np.random.default_rng([seed, 0]))
+            energy = parse_energy(energy_GeV)
+            u = shower_uniforms(seed, np.arange(start, start + n), INCIDENT, 1, torch.float64)[:, 0].numpy()
+            incident_MeV = energies_from_uniforms(u, energy, spectrum)
         incident_MeV = np.asarray(incident_MeV, dtype=np.float32).reshape(-1)
+        index = np.arange(start, start + len(incident_MeV))  # the showers' indices in the run
         if len(incident_MeV) == 0 or not np.all(np.isfinite(incident_MeV)) or np.any(incident_MeV <= 0):
             raise CalofmError("incident energies must be finite and > 0")
         if batch_size <= 0:
@@ -99,24 +110,26 @@ class ShowerModel:
             sampling, energy_sampling = head_samplings(temperature, top_k, top_p, min_p_voxel, min_p_energy)
         except ValueError as err:
             raise CalofmError(str(err)) from None
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        rng = np.random.default_rng([seed, 1])
+        greedy = max(sampling.temperature, energy_sampling.temperature) == 0
         if totals:
-            target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV, np.random.default_rng([seed, 2]))
+            target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV,
+                                                              normals=shower_normals(seed, index, TOTALS, 2).numpy())
             target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
         showers, n_capped, n_hits = [], 0, 0
         bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}", dynamic_ncols=True,
                    disable=not progress)
         for lo in range(0, len(incident_MeV), batch_size):
-            e = incident_MeV[lo:lo + batch_size]
-            b = len(e)
+            e, rows = incident_MeV[lo:lo + batch_size], index[lo:lo + batch_size]
+            b, max_hits = len(e), self.tokenizer.max_hits
+            uniforms = None if greedy else decode_uniforms(seed, rows, max_hits, self.decoder.draws_per_step,
+                                                           self.device)
             res = self.decoder.decode(
                 torch.from_numpy(incident_feature(e)).to(self.device), torch.full((b,), mat_id, device=self.device),
-                torch.full((b,), par_id, device=self.device), self.tokenizer.max_hits, self.tokenizer.voxel_block,
-                self.tokenizer.energy_block, sampling, gen, options,
+                torch.full((b,), par_id, device=self.device), max_hits, self.tokenizer.voxel_block,
+                self.tokenizer.energy_block, sampling, uniforms, options,
                 torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None, energy_sampling)
             batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
-                                                 mode="uniform", rng=rng)
+                                                 mode="uniform", u=shower_uniforms(seed, rows, SMEAR, max_hits).numpy())
             if totals:
                 batch = rescale_to_total(batch, ratio[lo:lo + b] * e, self.tokenizer.totals.min_hit_MeV(key))
             showers.append(batch)

@@ -6,12 +6,13 @@ _Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel b
 the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms per step at batch 1000
 on the 2-core CPU, the fill from the hit lists well under 1 ms); with target_hits (two-stage totals)
 EOS is masked before a shower's target and forced at it. Then energy ~ p(e | v, past), restricted to
-the energy-bin block, and the transformer runs the new position over the KV cache. Each head draws one
-uniform per row of the original batch (the sampler's inverse CDF), read by the rows still in flight,
-so no shower's draws depend on which others are still running. A factorized voxel head
-(model/voxel_head.py) draws the layer or EOS (masking the layers whose cells are all hit), then with a
-second uniform (u_cell) the cell within the layer (masking the cells already hit); per step the
-uniforms are drawn in the order voxel (layer), cell, energy. With running_inputs each row carries the
+the energy-bin block, and the transformer runs the new position over the KV cache. The sampler's
+inverse CDF reads one uniform per row and draw: each shower brings its own table of them, (max_hits + 1,
+draws per step) (generation.streams: drawn from the run's seed and the shower's index), and step t
+reads its column t. So a shower's tokens depend neither on the other showers of its batch nor on
+which of them are still running. A factorized voxel head (model/voxel_head.py) draws the layer or EOS
+(masking the layers whose cells are all hit), then with a second uniform (u_cell, column DRAW_CELL) the
+cell within the layer (masking the cells already hit). With running_inputs each row carries the
 visible energy of its hits so far (_Rows.energy), fed to the model with the next position.
 
 Two ways to run the step (DecodeOptions.graph), with the same showers for a seed (bit for bit in fp32
@@ -23,10 +24,10 @@ on CPU within one batch, tests/test_fast_decode.py):
   step is captured once as a CUDA graph and replayed with one launch per position (gpt-fast's recipe:
   on a GPU the eager step is a few hundred small kernels, each cheaper to run than to launch).
   "All finished?" is read every CHECK_EVERY steps; compaction moves the running showers into buckets
-  of powers of two (one graph each; fillers write into a sink row); attention reads the cache in
-  windows of GRAPH_WINDOW slots (one graph per window and bucket). The uniforms are drawn outside the
-  graph, also in the steps after the last shower finished, so the generator's state after a batch
-  (the next batch of a multi-batch generate()) differs from eager. On CPU it runs eagerly, for tests.
+  of powers of two (one graph each; fillers write into a sink row and read its fixed uniform);
+  attention reads the cache in windows of GRAPH_WINDOW slots (one graph per window and bucket). Step
+  t's column of the uniforms is copied into the graph's input buffers before each replay (finished
+  rows read theirs and ignore it). On CPU it runs eagerly, for tests.
 A Decoder (one per ShowerModel) keeps its compiled functions and the static run of the last
 one-material batch (buffers, caches of every bucket, held matrices, graphs: about twice the full static
 cache of that batch), reused by the next static batch with the same material, settings, precision and
@@ -71,6 +72,11 @@ GRAPH_MIN_ROWS = 32
 # bucket for calofm-small's 354 slots, and about half the cache read on average (at batch 10 000 the
 # bf16 cache is 7 GB: reading all of it every step bounds the step).
 GRAPH_WINDOW = 64
+# Uniforms a step reads per shower, in this order in the last axis of the table (streams.decode_uniforms).
+# (DRAW_CELL: the cell of the chosen layer, read by a factorized voxel head only; the table has the
+# column whatever the head, so a shower's other draws do not depend on it.)
+DRAW_VOXEL, DRAW_CELL, DRAW_ENERGY = 0, 1, 2
+DRAWS_PER_STEP = 3
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,11 @@ class Decoder:
         if self.model.ln_f.weight.is_cuda:
             torch.cuda.empty_cache()  # the freed memory back to the device, not only to torch's allocator
 
+    @property
+    def draws_per_step(self) -> int:
+        """The last axis of the uniform table decode() takes (streams.decode_uniforms)."""
+        return DRAWS_PER_STEP
+
     def compiled(self, name: str):
         """torch.compile (dynamic shapes: the batch shrinks on compaction) of one of the decode's
         functions, made once per decoder."""
@@ -203,15 +214,26 @@ class Decoder:
     @torch.no_grad()
     def decode(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor, max_hits: int,
                voxel_block: Block, energy_block: Block, sampling: SamplingConfig = SamplingConfig(),
-               generator: torch.Generator | None = None, options: DecodeOptions | None = None,
+               uniforms: torch.Tensor | None = None, options: DecodeOptions | None = None,
                target_hits: torch.Tensor | None = None, energy_sampling: SamplingConfig | None = None) -> DecodeResult:
         """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens.
 
         sampling: how voxels are drawn, and energies too unless energy_sampling is given.
+        uniforms (B, >= max_hits, draws_per_step) float32 in [0, 1): shower i's draw k at step t is
+        uniforms[i, t, k] (streams.decode_uniforms); None only when both heads are greedy.
         target_hits (B,): hold shower i to exactly target_hits[i] hits (EOS masked before, forced there);
-        values above max_hits are capped. The random stream is the same with or without it."""
+        values above max_hits are capped. The uniforms are read the same with or without it."""
         opt = options or DecodeOptions()
         device = incident.device
+        energy_sampling = energy_sampling or sampling
+        if uniforms is None and max(sampling.temperature, energy_sampling.temperature) > 0:
+            raise ValueError("sampling at temperature > 0 needs the showers' uniforms (streams.decode_uniforms)")
+        if uniforms is not None:
+            if uniforms.dim() != 3 or uniforms.shape[0] != len(incident) or uniforms.shape[1] < max_hits \
+                    or uniforms.shape[2] != self.draws_per_step:
+                raise ValueError(f"uniforms of shape {tuple(uniforms.shape)} for {len(incident)} showers: want "
+                                 f"({len(incident)}, >= {max_hits}, {self.draws_per_step})")
+            uniforms = uniforms.to(device=device, dtype=torch.float32)
         static = opt.graph if opt.graph is not None else device.type == "cuda"
         target = None if target_hits is None else target_hits.to(device=device, dtype=torch.long)
         with autocast(device, opt.precision):
@@ -221,11 +243,11 @@ class Decoder:
                          if self.model.factorized else _off(cfg.n_voxel_tokens, voxel_block, True, device))
             settings = dict(max_hits=max_hits, voxel_off=voxel_off,
                             energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device),
-                            sampling=sampling, energy_sampling=energy_sampling or sampling, opt=opt, static=static,
+                            sampling=sampling, energy_sampling=energy_sampling, opt=opt, static=static,
                             targeted=target is not None, cache_dtype=_cache_dtype(device))
             run = self._static_run(incident, material, settings) if static else _Run(self, len(incident), **settings)
             try:
-                return (run.static if static else run.eager)(incident, material, particle, target, generator)
+                return (run.static if static else run.eager)(incident, material, particle, target, uniforms)
             except BaseException:
                 if self.kept is run:  # whatever failed (a capture, memory) must not be kept
                     self.kept = None
@@ -350,10 +372,15 @@ class _Run:
             r.energy.add_(self.model.running.energy(e_in))
         return v_in
 
-    def _draw(self, u: torch.Tensor, cfg: SamplingConfig, n: int, generator) -> None:
-        """The uniforms of one head for the n rows of the original batch (greedy draws none)."""
-        if cfg.temperature > 0:
-            u[:n].uniform_(0, 1, generator=generator)  # what torch.rand((n, 1)) draws
+    def _draw(self, uniforms: torch.Tensor | None, t: int) -> None:
+        """Step t's uniforms of both heads for the rows of the original batch (greedy reads none)."""
+        n = 0 if uniforms is None else len(uniforms)
+        if self.sampling.temperature > 0:
+            self.u_voxel[:n, 0].copy_(uniforms[:, t, DRAW_VOXEL])
+            if self.model.factorized:
+                self.u_cell[:n, 0].copy_(uniforms[:, t, DRAW_CELL])
+        if self.energy_sampling.temperature > 0:
+            self.u_energy[:n, 0].copy_(uniforms[:, t, DRAW_ENERGY])
 
     def _result(self, B: int) -> DecodeResult:
         out_v, out_e = self.out_voxel[:B].clone(), self.out_energy[:B].clone()  # the buffers are the next batch's
@@ -376,7 +403,7 @@ class _Run:
         return rows
 
     # --- eager -----------------------------------------------------------------------------------
-    def eager(self, incident, material, particle, target, generator) -> DecodeResult:
+    def eager(self, incident, material, particle, target, uniforms) -> DecodeResult:
         model, B0 = self.model, self.B0
         rows = self.rows = self._start(incident, material, particle, target, self.max_hits)
         attend = self.decoder.compiled("attend") if self.opt.compile else None
@@ -388,14 +415,11 @@ class _Run:
             if t == self.max_hits:  # EOS forced
                 self.capped[r.orig] = ~r.done
                 break
-            self._draw(self.u_voxel, self.sampling, B0, generator)
-            if model.factorized:
-                self._draw(self.u_cell, self.sampling, B0, generator)
+            self._draw(uniforms, t)
             v, is_hit = self._voxel(t, t)
             B, n_done = len(r.done), int(r.done.sum())  # the one host sync per step
             if n_done == B:
                 break
-            self._draw(self.u_energy, self.energy_sampling, B0, generator)
             if not r.plan.one_material and plan_at != (B, n_done):  # finished rows leave the MoE
                 r.plan, plan_at = routing_plan(r.material, None if n_done == 0 else ~r.done), (B, n_done)
             r.hits[:, t] = self._advance(t, v, is_hit)
@@ -481,7 +505,7 @@ class _Run:
             torch.index_select(k_old, 0, src, out=k)
             torch.index_select(v_old, 0, src, out=v)
 
-    def static(self, incident, material, particle, target, generator) -> DecodeResult:
+    def static(self, incident, material, particle, target, uniforms) -> DecodeResult:
         """A batch of B <= B0 rows through the static step."""
         model, device, B0, B = self.model, incident.device, self.B0, incident.shape[0]
         # hits wider than any window: a compiled step then reads a strict prefix at every window (one at
@@ -508,11 +532,7 @@ class _Run:
         on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         with on_device, _no_autocast_cache(device):  # streams and graphs on the batch's GPU
             for t in range(1, self.max_hits + 1):
-                # drawn as the eager loop draws them for the B rows
-                self._draw(self.u_voxel, self.sampling, B, generator)
-                if model.factorized:
-                    self._draw(self.u_cell, self.sampling, B, generator)
-                self._draw(self.u_energy, self.energy_sampling, B, generator)
+                self._draw(uniforms, t - 1)  # the step reads self.t = t - 1
                 self._run_step(self._window(t - 1))
                 if t % CHECK_EVERY and t < self.max_hits:
                     continue

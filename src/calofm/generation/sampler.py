@@ -1,8 +1,8 @@
 """Next-token sampling: temperature, top-k, top-p, min-p, without host synchronization.
 
 Sampling is exact and sync-free (no multinomial), by inverse CDF: the first token i with
-cumsum(p)_i > u * sum(p), u ~ U[0, 1): one uniform per row, which the decoder draws itself for the whole
-original batch (see generation.decode). Searched in two levels, first among chunks of CHUNK tokens
+cumsum(p)_i > u * sum(p), u ~ U[0, 1): one uniform per row, which the decoder reads from each shower's
+own table (see generation.decode and generation.streams). Searched in two levels, first among chunks of CHUNK tokens
 (sums of each chunk, then a short cumsum), then inside the chosen chunk: a cumsum over the whole
 vocabulary is a sequential scan, several times slower than the chunk sums on CPU. The probabilities
 are never stored: one pass over the logits gives the chunk sums, and only the chosen chunk's CHUNK
@@ -129,8 +129,8 @@ def _below(x: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None,
            cdf_fn=None, u: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits (masked entries -inf) -> (B,) token ids. cdf_fn: a compiled chunk_sums.
-    u (B, 1): the uniforms, drawn by the caller instead of from `generator` (the decoder draws them for
-    its whole batch, and a CUDA graph cannot draw from a Python-held generator)."""
+    u (B, 1): the uniforms, given by the caller instead of drawn from `generator` (the decoder reads
+    each shower's own, and a CUDA graph cannot draw from a Python-held generator)."""
     if cfg.temperature <= 0:
         return logits.argmax(dim=-1)
     B, V = logits.shape

@@ -117,11 +117,17 @@ def parse_beam(geometry: Geometry, position=None, angle=None) -> Beam:
 
 def sample_energies(n: int, energy_GeV: tuple[float, float], spectrum: str, rng: np.random.Generator) -> np.ndarray:
     """Incident energies in MeV; (n,) float64."""
+    return energies_from_uniforms(rng.random(n), energy_GeV, spectrum)
+
+
+def energies_from_uniforms(u: np.ndarray, energy_GeV: tuple[float, float], spectrum: str) -> np.ndarray:
+    """Incident energies in MeV (float64) from uniforms u in [0, 1): lo + (hi - lo) u in GeV for the
+    uniform spectrum, its logarithm's for the log one (numpy's uniform(lo, hi) computes the same)."""
     lo, hi = energy_GeV
     if spectrum == "uniform":
-        e = rng.uniform(lo, hi, n)
+        e = lo + (hi - lo) * np.asarray(u, dtype=np.float64)
     elif spectrum == "log":
-        e = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
+        e = np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) * np.asarray(u, dtype=np.float64))
     else:
         raise CalofmError(f"unknown spectrum {spectrum!r}; use 'uniform' or 'log'")
     return e * 1000.0

@@ -56,13 +56,15 @@ class LogEnergyBins:
         under, over = int(np.count_nonzero(idx < 0)), int(np.count_nonzero(idx >= self.n_bins))
         return np.clip(idx, 0, self.n_bins - 1), under, over
 
-    def decode(self, idx: np.ndarray, mode: str = "center", rng: np.random.Generator | None = None) -> np.ndarray:
-        """Energy in MeV for bin indices: geometric centre, or log-uniform within the bin."""
+    def decode(self, idx: np.ndarray, mode: str = "center", rng: np.random.Generator | None = None,
+               u: np.ndarray | None = None) -> np.ndarray:
+        """Energy in MeV for bin indices: geometric centre, or log-uniform within the bin (the position
+        in the bin's logarithm: `u` (idx's shape) in [0, 1), or drawn from rng)."""
         idx = np.asarray(idx, dtype=np.float64)
         if mode == "center":
             u = 0.5
         elif mode == "uniform":
-            u = (rng or np.random.default_rng()).random(idx.shape)
+            u = (rng or np.random.default_rng()).random(idx.shape) if u is None else np.asarray(u, dtype=np.float64)
         else:
             raise CalofmError(f"unknown energy decoding mode {mode!r} (center, uniform)")
         return (self.e_min_MeV * np.exp(self.log_step * (idx + u))).astype(np.float32)

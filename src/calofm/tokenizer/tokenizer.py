@@ -203,8 +203,9 @@ class ShowerTokenizer:
 
     # --- decoding ----------------------------------------------------------------------------
     def decode(self, voxel_tokens: np.ndarray, energy_tokens: np.ndarray, rows: np.ndarray, n_showers: int,
-               mode: str = "center", rng: np.random.Generator | None = None) -> np.ndarray:
+               mode: str = "center", rng: np.random.Generator | None = None, u: np.ndarray | None = None) -> np.ndarray:
         """Flat hit tokens with their shower index -> dense showers (n_showers, n_voxels) in MeV.
+        mode "uniform": each energy placed log-uniformly in its bin, by u (one per token) or rng.
 
         Tokens that are not a voxel of this geometry or not an energy bin (specials, padding) are
         skipped; a voxel given twice keeps its last energy (generation never emits duplicates)."""
@@ -212,7 +213,8 @@ class ShowerTokenizer:
         e = np.asarray(energy_tokens, dtype=np.int64) - self.energy_block.offset
         ok = (v >= 0) & (v < self.voxel_block.size) & (e >= 0) & (e < self.energy_block.size)
         out = np.zeros((n_showers, self.geometry.n_voxels), dtype=np.float32)
-        out[np.asarray(rows)[ok], v[ok]] = self.bins.decode(e[ok], mode=mode, rng=rng)
+        out[np.asarray(rows)[ok], v[ok]] = self.bins.decode(e[ok], mode=mode, rng=rng,
+                                                            u=None if u is None else np.asarray(u).ravel()[ok])
         return out
 
     def decode_tokenized(self, tokens: TokenizedShowers, mode: str = "center",
@@ -221,11 +223,12 @@ class ShowerTokenizer:
         return self.decode(tokens.voxel_tokens, tokens.energy_tokens, rows, len(tokens), mode, rng)
 
     def decode_padded(self, voxel_tokens: np.ndarray, energy_tokens: np.ndarray, mode: str = "center",
-                      rng: np.random.Generator | None = None) -> np.ndarray:
-        """(n, T) token arrays, padded with PAD (or anything outside the blocks) -> dense showers."""
+                      rng: np.random.Generator | None = None, u: np.ndarray | None = None) -> np.ndarray:
+        """(n, T) token arrays, padded with PAD (or anything outside the blocks) -> dense showers;
+        u: (n, T) uniforms for mode "uniform" (hit t of shower i at u[i, t])."""
         voxel_tokens, energy_tokens = np.asarray(voxel_tokens), np.asarray(energy_tokens)
         rows = np.repeat(np.arange(voxel_tokens.shape[0]), voxel_tokens.shape[1])
-        return self.decode(voxel_tokens.ravel(), energy_tokens.ravel(), rows, voxel_tokens.shape[0], mode, rng)
+        return self.decode(voxel_tokens.ravel(), energy_tokens.ravel(), rows, voxel_tokens.shape[0], mode, rng, u)
 
     # --- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -103,8 +103,10 @@ class ShowerTotals:
     def min_hit_MeV(self, key: str) -> float:
         return self.tables[key]["min_hit_MeV"]
 
-    def sample(self, key: str, incident_MeV: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(n hits (N,) int, E_vis/E_inc (N,)) for showers of class `key` at the given energies."""
+    def sample(self, key: str, incident_MeV: np.ndarray, rng: np.random.Generator | None = None,
+               normals: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(n hits (N,) int, E_vis/E_inc (N,)) for showers of class `key` at the given energies, from
+        two standard normals per shower: `normals` (N, 2), or drawn from rng."""
         if key not in self.tables:
             raise CalofmError(f"no shower totals for {key}; known: {', '.join(self.tables) or 'none'}")
         t = self.tables[key]
@@ -120,7 +122,7 @@ class ShowerTotals:
             lo = hi - 1
             w = np.clip((log_e - centres[lo]) / (centres[hi] - centres[lo]), 0.0, 1.0)
         c = (1 - w) * rho[lo] + w * rho[hi]
-        z1, z2 = rng.standard_normal((2, len(log_e)))
+        z1, z2 = rng.standard_normal((2, len(log_e))) if normals is None else np.asarray(normals, dtype=np.float64).T
         u_n, u_r = ndtr(z1), ndtr(c * z1 + np.sqrt(np.clip(1 - c * c, 0.0, 1.0)) * z2)
 
         def at_bins(q: np.ndarray, u: np.ndarray, bins: np.ndarray) -> np.ndarray:
