@@ -84,6 +84,7 @@ class ShowerModel:
         mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
         key = class_key(material, self.particles[par_id])
+        max_hits = self.tokenizer.class_max_hits(material, particle)  # an adapter's class: the adapter's cap
         if totals and key not in self.tokenizer.totals:
             raise CalofmError(f"the model has no shower totals for {key} (calofm fit-totals adds them)")
         if incident_MeV is None:
@@ -103,7 +104,7 @@ class ShowerModel:
         rng = np.random.default_rng([seed, 1])
         if totals:
             target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV, np.random.default_rng([seed, 2]))
-            target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
+            target_hits = np.minimum(target_hits, max_hits)
         showers, n_capped, n_hits = [], 0, 0
         bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}", dynamic_ncols=True,
                    disable=not progress)
@@ -112,7 +113,7 @@ class ShowerModel:
             b = len(e)
             res = self.decoder.decode(
                 torch.from_numpy(incident_feature(e)).to(self.device), torch.full((b,), mat_id, device=self.device),
-                torch.full((b,), par_id, device=self.device), self.tokenizer.max_hits, self.tokenizer.voxel_block,
+                torch.full((b,), par_id, device=self.device), max_hits, self.tokenizer.voxel_block,
                 self.tokenizer.energy_block, sampling, gen, options,
                 torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None, energy_sampling)
             batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
@@ -126,7 +127,7 @@ class ShowerModel:
         bar.close()
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
-                           "max_hits": self.tokenizer.max_hits, "totals": bool(totals)}
+                           "max_hits": max_hits, "totals": bool(totals)}
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling, energy_sampling)
         return incident_MeV, showers

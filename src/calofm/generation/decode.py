@@ -1,7 +1,8 @@
 """Batched autoregressive decoding: one step, run eagerly (CPU) or as a captured static step (CUDA).
 
 All showers of a batch advance together, one position per step, each until its own EOS (then fed PAD,
-its outputs ignored) or max_hits (EOS forced, the shower counted as capped). A step (_Run._voxel, then
+its outputs ignored) or its cap (EOS forced, the shower counted as capped): max_hits, or per row (a
+batch mixing classes whose caps differ: the base's and an adapter's, see calofm.extension). A step (_Run._voxel, then
 _Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel block and the voxels
 the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms per step at batch 1000
 on the 2-core CPU, the fill from the hit lists well under 1 ms); with target_hits (two-stage totals)
@@ -100,6 +101,7 @@ class _Rows:
     material: torch.Tensor  # (B,)
     particle: torch.Tensor  # (B,)
     target: torch.Tensor | None  # (B,) hit count to hold each shower to (two-stage totals)
+    cap: torch.Tensor | None  # (B,) the row's hit cap, where the batch's caps differ (None: max_hits for all)
     plan: RoutingPlan | None
 
     def tensors(self) -> list[torch.Tensor | None]:
@@ -196,11 +198,16 @@ class Decoder:
         return self._compiled[name]
 
     @torch.no_grad()
-    def decode(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor, max_hits: int,
+    def decode(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
+               max_hits: int | torch.Tensor,
                voxel_block: Block, energy_block: Block, sampling: SamplingConfig = SamplingConfig(),
                generator: torch.Generator | None = None, options: DecodeOptions | None = None,
                target_hits: torch.Tensor | None = None, energy_sampling: SamplingConfig | None = None) -> DecodeResult:
         """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens.
+
+        max_hits: the hit cap of every shower, or (B,) each row's (EOS forced there, the row counted as
+        capped); the outputs are as wide as the largest. A row's showers are the same whichever other
+        caps share its batch.
 
         sampling: how voxels are drawn, and energies too unless energy_sampling is given.
         target_hits (B,): hold shower i to exactly target_hits[i] hits (EOS masked before, forced there);
@@ -209,14 +216,22 @@ class Decoder:
         device = incident.device
         static = opt.graph if opt.graph is not None else device.type == "cuda"
         target = None if target_hits is None else target_hits.to(device=device, dtype=torch.long)
+        caps = None
+        if isinstance(max_hits, torch.Tensor):
+            caps = max_hits.to(device=device, dtype=torch.long).reshape(-1)
+            if len(caps) != len(incident) or int(caps.min()) < 1:
+                raise ValueError(f"max_hits: one positive cap per shower, got {tuple(max_hits.shape)}")
+            max_hits = int(caps.max())
+            if bool((caps == max_hits).all()):
+                caps = None  # one cap for all: the plain decode
         with autocast(device, opt.precision):
             settings = dict(max_hits=max_hits, voxel_off=_off(self.model.cfg.n_voxel_tokens, voxel_block, True, device),
                             energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device),
                             sampling=sampling, energy_sampling=energy_sampling or sampling, opt=opt, static=static,
-                            targeted=target is not None, cache_dtype=_cache_dtype(device))
+                            targeted=target is not None, row_caps=caps is not None, cache_dtype=_cache_dtype(device))
             run = self._static_run(incident, material, settings) if static else _Run(self, len(incident), **settings)
             try:
-                return (run.static if static else run.eager)(incident, material, particle, target, generator)
+                return (run.static if static else run.eager)(incident, material, particle, target, caps, generator)
             except BaseException:
                 if self.kept is run:  # whatever failed (a capture, memory) must not be kept
                     self.kept = None
@@ -252,10 +267,11 @@ class _Run:
 
     def __init__(self, decoder: Decoder, B0: int, max_hits: int, voxel_off: torch.Tensor, energy_off: torch.Tensor,
                  sampling: SamplingConfig, energy_sampling: SamplingConfig, opt: DecodeOptions, static: bool,
-                 targeted: bool, cache_dtype: torch.dtype | None, key: tuple = ()):
+                 targeted: bool, row_caps: bool, cache_dtype: torch.dtype | None, key: tuple = ()):
         self.decoder, self.model, self.B0, self.max_hits = decoder, decoder.model, B0, max_hits
         self.voxel_off, self.energy_off, self.sampling, self.energy_sampling = voxel_off, energy_off, sampling, energy_sampling
-        self.opt, self.cache_dtype, self.key = opt, cache_dtype, key  # targeted: in the key (buffers hold targets)
+        # targeted, row_caps: in the key (the buffers hold targets, caps)
+        self.opt, self.cache_dtype, self.key = opt, cache_dtype, key
         device = voxel_off.device
         # the heads and the sampler's chunk sums; compiled one by one only in the eager loop (the static
         # step compiles as a whole)
@@ -290,6 +306,10 @@ class _Run:
         v = sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
         if r.target is not None:
             v = torch.where(stop, EOS, v)
+        if r.cap is not None:  # EOS forced at the row's own cap
+            over = r.cap <= t  # (B,)
+            self.capped[r.orig] = self.capped[r.orig] | (over & ~r.done)
+            v = torch.where(over, EOS, v)
         is_hit = ~r.done & (v != EOS)
         v = torch.where(r.done, PAD, v)
         r.done.logical_or_(v == EOS)
@@ -318,7 +338,7 @@ class _Run:
         out_v, out_e = self.out_voxel[:B].clone(), self.out_energy[:B].clone()  # the buffers are the next batch's
         return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), self.capped[:B].clone())
 
-    def _start(self, incident, material, particle, target, hits_width: int) -> _Rows:
+    def _start(self, incident, material, particle, target, caps, hits_width: int) -> _Rows:
         """Clear the outputs -> the rows of a batch of B <= B0 showers, padded to B0 rows with finished
         copies of the first that write into the sink row; h is left for the prefill."""
         self.out_voxel.fill_(PAD)
@@ -329,14 +349,14 @@ class _Run:
         orig = torch.arange(B0, device=device).masked_fill_(torch.arange(B0, device=device) >= B, B0)
         rows = _Rows(torch.zeros(B0, self.model.cfg.d_model, device=device), orig == B0,
                      torch.full((B0, hits_width), PAD, dtype=torch.long, device=device), orig, pad(incident),
-                     pad(material), pad(particle), pad(target), None)
+                     pad(material), pad(particle), pad(target), pad(caps), None)
         rows.plan = routing_plan(rows.material)
         return rows
 
     # --- eager -----------------------------------------------------------------------------------
-    def eager(self, incident, material, particle, target, generator) -> DecodeResult:
+    def eager(self, incident, material, particle, target, caps, generator) -> DecodeResult:
         model, B0 = self.model, self.B0
-        rows = self.rows = self._start(incident, material, particle, target, self.max_hits)
+        rows = self.rows = self._start(incident, material, particle, target, caps, self.max_hits)
         attend = self.decoder.compiled("attend") if self.opt.compile else None
         model.setup_cache(B0, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=True, attend=attend)
         rows.h = model.prefill(incident, material, particle, rows.plan)
@@ -344,7 +364,7 @@ class _Run:
         for t in range(self.max_hits + 1):
             r = self.rows
             if t == self.max_hits:  # EOS forced
-                self.capped[r.orig] = ~r.done
+                self.capped[r.orig] |= ~r.done
                 break
             self._draw(self.u_voxel, self.sampling, B0, generator)
             v, is_hit = self._voxel(t, t)
@@ -437,12 +457,12 @@ class _Run:
             torch.index_select(k_old, 0, src, out=k)
             torch.index_select(v_old, 0, src, out=v)
 
-    def static(self, incident, material, particle, target, generator) -> DecodeResult:
+    def static(self, incident, material, particle, target, caps, generator) -> DecodeResult:
         """A batch of B <= B0 rows through the static step."""
         model, device, B0, B = self.model, incident.device, self.B0, incident.shape[0]
         # hits wider than any window: a compiled step then reads a strict prefix at every window (one at
         # the buffer's width recompiled)
-        new = self._start(incident, material, particle, target, self.max_hits + 3)
+        new = self._start(incident, material, particle, target, caps, self.max_hits + 3)
         if self.state is None:  # the first call: the model's caches and held matrices, the top bucket
             # one slot more than a window ever reads, where the model has room: then every window is a
             # strided view of the buffer, none the whole (contiguous) buffer, which a compiled step would
@@ -474,7 +494,7 @@ class _Run:
                 if n_live == 0:
                     break
                 if t == self.max_hits:  # EOS forced
-                    self.capped[self.rows.orig] = ~self.rows.done
+                    self.capped[self.rows.orig] |= ~self.rows.done
                 elif self.opt.compact and 2 * n_live <= len(self.rows.done):
                     self._compact(n_live)
         return self._result(B)
