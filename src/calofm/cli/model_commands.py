@@ -245,7 +245,8 @@ def cmd_info(args) -> None:
     manifests = getattr(model, "adapter_manifests", [])
     for path, am in zip(args.adapter, manifests):
         spec, n = am["spec"], am["weights"]["n_parameters"]
+        cap = spec.get("max_hits") or f"{m['tokenizer']['max_hits']} (the base's)"
         print(f"  adapter {path}: {spec['kind']} {', '.join(spec['names'])} (initialized from {spec['init_from']}), "
-              f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base")
+              f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base, max_hits {cap}")
     totals = model.tokenizer.totals.keys()
     print(f"  two-stage totals (hit count, E_vis) for: {', '.join(totals) if totals else 'none (one-stage generation)'}")

@@ -1,15 +1,15 @@
 """Batched autoregressive decoding: one step, run eagerly (CPU) or as a captured static step (CUDA).
 
 All showers of a batch advance together, one position per step, each until its own EOS (then fed PAD,
-its outputs ignored) or its cap (EOS forced, the shower counted as capped): max_hits, or per row (a
-batch mixing classes whose caps differ: the base's and an adapter's, see calofm.extension). A step (_Run._voxel, then
-_Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel block and the voxels
-the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms per step at batch 1000
-on the 2-core CPU, the fill from the hit lists well under 1 ms); with target_hits (two-stage totals)
-EOS is masked before a shower's target and forced at it. Then energy ~ p(e | v, past), restricted to
-the energy-bin block, and the transformer runs the new position over the KV cache. Each head draws one
-uniform per row of the original batch (the sampler's inverse CDF), read by the rows still in flight,
-so no shower's draws depend on which others are still running.
+its outputs ignored) or its cap (EOS forced, the shower counted as capped): max_hits, or one per row
+(a batch mixing classes whose caps differ, the base's and an adapter's: see calofm.extension). A step
+(_Run._voxel, then _Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel
+block and the voxels the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms
+per step at batch 1000 on the 2-core CPU, the fill from the hit lists well under 1 ms); with
+target_hits (two-stage totals) EOS is masked before a shower's target and forced at it. Then
+energy ~ p(e | v, past), restricted to the energy-bin block, and the transformer runs the new position
+over the KV cache. Each head draws one uniform per row of the original batch (the sampler's inverse
+CDF), read by the rows still in flight, so no shower's draws depend on which others are still running.
 
 Two ways to run the step (DecodeOptions.graph), with the same showers for a seed (bit for bit in fp32
 on CPU within one batch, tests/test_fast_decode.py):
