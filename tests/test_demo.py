@@ -66,3 +66,79 @@ def test_load_by_name_generates():
     assert showers.shape == (3, 4500) and (showers > 0).sum() > 0
     with pytest.raises(calofm.errors.CalofmError):
         model.generate(3, material="Fe")
+
+
+@pytest.fixture(scope="module")
+def ild_weights(tmp_path_factory):
+    """A shipped-model folder holding a tiny `calofm-ild`: an `ild`-geometry base trained on W photons,
+    a Pb material adapter, and an e- particle adapter trained on W and Pb electrons on top of it."""
+    from calofm.checkpoint import export_model
+    from calofm.extension.train import extend
+    from calofm.training import TrainConfig, train
+    from calofm.training.synthetic import write_synthetic
+
+    d = tmp_path_factory.mktemp("ild")
+    f = {(m, p): write_synthetic(str(d / f"{m}_{p}.h5"), 16, material=m, particle=p, geometry="ild", seed=i,
+                                 mean_hits=8)
+         for i, (m, p) in enumerate([("W", "gamma"), ("Pb", "gamma"), ("W", "e-"), ("Pb", "e-")])}
+    quiet = lambda *a, **k: None  # noqa: E731
+    train(TrainConfig(data=(f["W", "gamma"],), out=str(d / "run"), preset="tiny", steps=2, batch_size=4, warmup=1,
+                      eval_every=2, ckpt_every=2, log_every=2, max_val=2, device="cpu"), threads=1, progress=False,
+          log=quiet)
+    weights = d / "weights"
+    base = str(weights / "calofm-ild")
+    export_model(str(d / "run"), base)
+    kw = dict(steps=1, batch_size=4, warmup=1, progress=False, log=quiet, threads=1, max_val=2)
+    os.makedirs(os.path.join(base, "adapters"))
+    # written in the order that a plain name sort would get wrong: e- needs Pb first
+    extend("material", base, [f["Pb", "gamma"]], os.path.join(base, "adapters", "Pb"), **kw)
+    extend("particle", base, [f["W", "e-"], f["Pb", "e-"]], os.path.join(base, "adapters", "e-"),
+           adapters=(os.path.join(base, "adapters", "Pb"),), **kw)
+    return weights
+
+
+def test_demo_and_bench_take_any_shipped_model(ild_weights, tmp_path, monkeypatch):
+    """`--model calofm-ild`: found by name in the weights folder, its shipped adapters loaded in the order
+    they require, its classes from its training data, reference showers simulated in its own geometry."""
+    import calofm.demo as demo
+    import calofm.evaluate.report as report
+    import calofm.pretrained as pretrained
+    from calofm.cli.main import main
+    from calofm.data.showers import inspect_file
+
+    monkeypatch.setattr(pretrained, "weights_dir", lambda: str(ild_weights))
+    assert "calofm-ild" in shipped_models()
+    model_dir = resolve_model("calofm-ild")
+    assert demo.demo_adapters(model_dir) == ["Pb", "e-"]  # not the name order: e- requires Pb
+    seen = {}
+
+    def evaluate_files(refs, gens, output, **kw):  # the evaluation itself is tested on its own
+        seen.update(refs=refs, gens=gens)
+        return {"materials": {}}
+
+    monkeypatch.setattr(report, "evaluate_files", evaluate_files)
+    summary = demo.run_demo(str(tmp_path / "demo"), n=100, model="calofm-ild", log=lambda *a: None)
+    assert summary["adapters"] == ["Pb", "e-"] and summary["geometry"] == "ild"
+    assert summary["samples"] == ["W_gamma", "Pb_gamma", "W_e-", "Pb_e-"]
+    for ref, gen, (material, particle) in zip(seen["refs"], seen["gens"],
+                                              [("W", "gamma"), ("Pb", "gamma"), ("W", "e-"), ("Pb", "e-")]):
+        r, g = inspect_file(ref), inspect_file(gen)
+        assert r.geometry.name == g.geometry.name == "ild" and r.geometry.n_voxels == 27_000
+        assert (r.material, r.particle) == (g.material, g.particle) == (material, particle)
+        assert r.n_showers == g.n_showers == 100
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "generate", "--model", "calofm-ild", "--adapter", "Pb", "--material", "Pb",
+                 "--batches", "2", "--energies", "", "--sim-n", "2", "--threads", "1", "--json", str(out)]) == 0
+    bench = json.loads(out.read_text())
+    assert bench["geometry"] == "ild" and bench["simulator_showers_per_s"] > 0
+    assert bench["results"][0]["batch"] == 2 and bench["results"][0]["showers_per_s"] > 0
+
+
+def test_demo_classes_of_the_small_model():
+    import calofm
+    from calofm.demo import demo_adapters, demo_samples
+
+    adapters = demo_adapters(resolve_model("calofm-small"))
+    assert adapters == ["Pb", "e-"]
+    assert {f"{m}_{p}" for m, p in demo_samples(calofm.load("calofm-small", adapters=adapters))} == SAMPLES

@@ -44,6 +44,8 @@ def check_schema(m: dict, n_ref: int, n_gen: int) -> None:
         assert 0.0 <= m[key] <= 1.0 and 0.0 <= m["noise_floor"][key] <= 1.0
     assert "e_ratio" in m["separation_power"] and "radial_profile" in m["wasserstein"]
     assert set(m["separation_power"]) == set(m["wasserstein"]) == set(m["noise_floor"]["separation_power"])
+    # the published paper's W1 and KL, beside the floor
+    assert set(m["published"]["kl"]) == set(m["noise_floor"]["published"]["wasserstein"]) >= {"n_hits", "cog_z"}
 
 
 @pytest.mark.slow  # ~20 s: every figure of the report

@@ -147,7 +147,7 @@ def test_command_line_extend_and_info(setup, tmp_path, capsys):
                  "--threads", "1"]) == 0
     assert main(["info", setup["base"], "--adapter", out]) == 0
     text = capsys.readouterr().out
-    assert "Fe" in text and "% of the base" in text
+    assert "Fe" in text and "% of the base" in text and "max_hits" in text
     assert main(["extend", "material", "--base", setup["base"], "--data", setup["files"]["W", "gamma"],
                  "-o", str(tmp_path / "z")]) == 2
 

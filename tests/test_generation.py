@@ -166,6 +166,6 @@ def test_decoder_takes_a_uniform_table_per_shower(model):
                                               greedy, uniforms=table).voxel_tokens)
     with pytest.raises(ValueError, match="uniforms"):
         decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block)
-    for bad in (table[:5], table[:, :3], torch.rand(B, tok.max_hits + 1, 3)):
+    for bad in (table[:5], table[:, :3], torch.rand(B, tok.max_hits + 1, DRAWS_PER_STEP - 1)):
         with pytest.raises(ValueError, match="uniforms of shape"):
             decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block, uniforms=bad)

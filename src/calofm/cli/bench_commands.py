@@ -218,6 +218,7 @@ def cmd_bench_generate(args) -> None:
         out = {"device": f"{device.type}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
                          + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
                "torch": torch.__version__, "model": args.model, "adapters": args.adapter,
+               "geometry": sm.geometry.name,
                "model_params": net.num_parameters(), "material": args.material, "particle": args.particle,
                "matmul_peak_flops": dict(peaks), "flops_per_position": flops_per_position(net, mean_hits / 2),
                "results": results, "energy_scan": energy_scan, "ablation": ablation, "baseline": baseline,
@@ -279,8 +280,8 @@ def cmd_bench_generate(args) -> None:
 
     n_sim = args.sim_n or max(batches)
     sim_dt = _median_time(lambda: simulate(n_sim, material=args.material, particle=args.particle,
-                                           energy_GeV=(10, 100), seed=args.seed), args.repeats)
-    print(f"simulator: {n_sim / sim_dt:.1f} showers/s")
+                                           energy_GeV=(10, 100), geometry=sm.geometry, seed=args.seed), args.repeats)
+    print(f"simulator ({sm.geometry.name} geometry, one process): {n_sim / sim_dt:.1f} showers/s")
 
     if args.baseline:
         baseline = _bench_baseline(args, device, peak("bf16"))

@@ -15,7 +15,7 @@ def register(sub) -> None:
         e.add_argument("--adapter", action="append", default=[], help="adapters to apply first (in order)")
         e.add_argument("--data", action="append", default=[], help="shower file(s) of the new "
                        + ("material(s), one file per material" if kind == "material" else "particle"))
-        add_stream_arguments(e, particle=kind == "material")
+        add_stream_arguments(e, particle=kind == "material", geometry=None)
         e.add_argument("-o", "--output", required=True,
                        help="adapter directory to write: a new or empty directory, or an adapter to replace (--force)")
         add_force(e, "an adapter already in --output (nothing else is ever deleted)")
@@ -50,9 +50,26 @@ def cmd_extend(args) -> None:
         particle = args.particle
         if particle is None:  # extend particle: the new particle is the one to simulate
             raise CalofmError("--simulate needs --particle (the new particle to simulate)")
-        stream = StreamSpec.parse(args.simulate, particle, args.energy, args.geometry)
+        stream = StreamSpec.parse(args.simulate, particle, args.energy, args.geometry or base_geometry(args.base))
     extend(args.kind, args.base, data, args.output, adapters=tuple(args.adapter),
            particle=args.particle if args.kind == "particle" else None, init_from=args.init_from, rank=args.rank,
            head_rank=getattr(args, "head_rank", 16), alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
            lr=args.lr, max_showers=args.max_showers, precision=args.precision, seed=args.seed, threads=args.threads,
            stream=stream, workers=args.workers, force=args.force)
+
+
+def base_geometry(base: str) -> str:
+    """The readout a base model was trained on, as --geometry takes it: a preset's name, else its JSON."""
+    from calofm.checkpoint import read_manifest
+    from calofm.detector.geometry import PRESETS, Geometry
+    from calofm.errors import CalofmError
+    from calofm.pretrained import resolve_model
+
+    try:
+        geometry = Geometry.from_dict(read_manifest(resolve_model(base))["tokenizer"]["geometry"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CalofmError(f"{base}: malformed model manifest ({exc!r})") from None
+    preset = PRESETS.get(geometry.name)
+    if preset is not None and preset.with_absorber(geometry.layers[0].absorber).to_json() == geometry.to_json():
+        return geometry.name
+    return geometry.to_json()

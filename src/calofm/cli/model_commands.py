@@ -110,16 +110,17 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
-def add_stream_arguments(p, particle: bool = True) -> None:
+def add_stream_arguments(p, particle: bool = True, geometry: str | None = "cpu") -> None:
     """The streamed-simulation options of `calofm train` and `calofm extend` (particle=False: the
-    command has its own --particle)."""
+    command has its own --particle; geometry None: the default is the base model's readout)."""
     p.add_argument("--simulate", default=None, metavar="MATERIALS",
                    help="stream fresh showers of these materials (comma-separated, e.g. W,Ta,Cu) from the embedded "
                         "simulator in background processes; alone or beside --data")
     if particle:
         p.add_argument("--particle", default="gamma", help="streamed particle (default gamma)")
     p.add_argument("--energy", default="10:100", help="streamed incident energies in GeV, uniform: E or Emin:Emax")
-    p.add_argument("--geometry", default="cpu", help="streamed readout geometry (default cpu)")
+    p.add_argument("--geometry", default=geometry, help="streamed readout geometry (default "
+                   + (f"{geometry})" if geometry else "the base model's)"))
     p.add_argument("--workers", type=count(0, 1024), default=None,
                    help="simulation worker processes (default: one per core but the trainer's, at most 16; 0: inline)")
 
@@ -244,7 +245,8 @@ def cmd_info(args) -> None:
     manifests = getattr(model, "adapter_manifests", [])
     for path, am in zip(args.adapter, manifests):
         spec, n = am["spec"], am["weights"]["n_parameters"]
+        cap = spec.get("max_hits") or f"{m['tokenizer']['max_hits']} (the base's)"
         print(f"  adapter {path}: {spec['kind']} {', '.join(spec['names'])} (initialized from {spec['init_from']}), "
-              f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base")
+              f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base, max_hits {cap}")
     totals = model.tokenizer.totals.keys()
     print(f"  two-stage totals (hit count, E_vis) for: {', '.join(totals) if totals else 'none (one-stage generation)'}")

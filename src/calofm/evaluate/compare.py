@@ -2,7 +2,8 @@
 
 `compare` fills the metrics.json object of one material (schema in docs/evaluation.md):
 classifier AUC/JSD on low- and high-level inputs, FPD, KPD, and per feature the separation power
-and Wasserstein distance, each with its uncertainty. `noise_floor` runs the same on two disjoint
+and Wasserstein distance, each with its uncertainty; and the published paper's W1 and KL of its ten
+observables (published.py). `noise_floor` runs the same on two disjoint
 random halves of the reference: what a perfect generator would score (at half the statistics).
 The input checks refuse comparisons that would be meaningless: other geometry, other energies.
 """
@@ -19,6 +20,7 @@ from calofm.errors import CalofmError
 from calofm.evaluate import metrics as M
 from calofm.evaluate.classifier import classifier_test, high_level_inputs
 from calofm.evaluate.features import Features
+from calofm.evaluate.published import published_metrics
 
 KPD_FPD_SCALE = 1e3  # FPD and KPD are quoted x 10^3, as in the CaloChallenge tables
 ENERGY_MAX_KS = 0.1  # refuse when the incident-energy CDFs differ by more than this ...
@@ -185,6 +187,10 @@ def _compare(ref: Prepared, gen: Prepared, opts: Options, what: str) -> dict:
         result["uncertainties"][f"classifier_auc_{level}"] = None if r is None else r.auc_err
         result["uncertainties"][f"jsd_{level}"] = None if r is None else r.jsd_err
     result["classifier"] = {k: v.to_dict() for k, v in details.items()}
+    if ref.features.hits is not None and gen.features.hits is not None:
+        t = time.perf_counter()
+        result["published"] = published_metrics(ref.features.hits, gen.features.hits)
+        timings["published"] = time.perf_counter() - t
     result["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     return result
 

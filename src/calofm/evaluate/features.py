@@ -7,6 +7,7 @@ treated alike. Two kinds:
   they are histogrammed, compared one by one, and stacked into the high-level vector.
 - profiles: distributions pooled over all showers (longitudinal and radial energy profiles,
   hit-energy spectrum), kept as per-shower contents of fixed bins so they can be resampled.
+And the hits themselves (energy, x, y, layer), for the published paper's observables (published.py).
 Empty layers get centre and width 0, as in the CaloChallenge.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from calofm.detector.geometry import Geometry
 from calofm.errors import CalofmError
+from calofm.evaluate.published import HitList, hit_list
 
 PER_LAYER = ("e_layer", "cx", "cy", "cr", "wx", "wy", "wr", "sparsity")  # groups with one feature per layer
 GLOBAL = ("e_ratio", "long_cog", "long_width", "n_hits")
@@ -67,6 +69,7 @@ class Features:
     scalars: dict[str, np.ndarray]  # name -> (N,), in report order
     profiles: dict[str, Profile]
     threshold_MeV: float
+    hits: HitList | None = None  # every hit above the threshold (published.py)
 
     def __len__(self) -> int:
         return len(self.incident_MeV)
@@ -75,7 +78,7 @@ class Features:
         return Features(
             self.incident_MeV[idx], {k: v[idx] for k, v in self.scalars.items()},
             {k: Profile(p.edges, p.weights[idx], p.label, p.unit, p.log_x) for k, p in self.profiles.items()},
-            self.threshold_MeV,
+            self.threshold_MeV, None if self.hits is None else self.hits.subset(idx),
         )
 
     def matrix(self) -> np.ndarray:
@@ -187,4 +190,5 @@ def compute_features(incident_MeV: np.ndarray, showers: np.ndarray, geometry: Ge
         "radial_profile": Profile(r_edges, radial, "radius", "mm", False),
         "hit_energy_spectrum": Profile(np.asarray(hit_edges, dtype=np.float64), hit_counts, "hit energy", "MeV", True),
     }
-    return Features(incident_MeV, scalars, profiles, float(threshold_MeV))
+    return Features(incident_MeV, scalars, profiles, float(threshold_MeV),
+                    hit_list(showers, geometry, threshold_MeV, chunk))

@@ -31,6 +31,7 @@ from calofm.evaluate.compare import (
     KPD_FPD_SCALE, Options, Prepared, check_energies, check_geometries, compare, noise_floor,
 )
 from calofm.evaluate.features import compute_features
+from calofm.evaluate.published import N_KL_BINS, OBSERVABLES
 from calofm.outputs import check_output_dir, write_error
 
 UNITS = {
@@ -42,6 +43,9 @@ UNITS = {
     "separation_power": "dimensionless, 0 = identical to 1 = disjoint",
     "wasserstein": "unit of the feature: MeV (e_layer_*), mm (c*, w*), layers (long_*, longitudinal_profile), "
                    "mm (radial_profile), log10(E/MeV) (hit_energy_spectrum), none otherwise",
+    "published": "the published paper's metrics (calofm.evaluate.published): wasserstein = W1 of the raw values in "
+                 "the observable's unit (" + ", ".join(f"{k} {u}" for k, (_, u) in OBSERVABLES.items()) + "); kl = "
+                 f"KL(reference || generated) in nats over {N_KL_BINS} reference-quantile bins",
 }
 
 
@@ -294,6 +298,22 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
+def published_table(r: dict) -> str:
+    """The published paper's W1 and KL of one comparison, beside its noise floor, as an HTML table."""
+    esc = html.escape
+    p, nf = r["published"], r["noise_floor"].get("published", {"wasserstein": {}, "kl": {}})
+    rows = ["<h3>The published paper's metrics</h3><table><tr><th>observable</th><th>unit</th><th>W1</th>"
+            "<th>floor</th><th>KL(ref‖gen)</th><th>floor</th></tr>"]
+    for k, (label, unit) in OBSERVABLES.items():
+        rows.append(f"<tr><td>{esc(label)}</td><td>{esc(unit)}</td><td>{_fmt(p['wasserstein'].get(k))}</td>"
+                    f"<td>{_fmt(nf['wasserstein'].get(k))}</td><td>{_fmt(p['kl'].get(k))}</td>"
+                    f"<td>{_fmt(nf['kl'].get(k))}</td></tr>")
+    rows.append(f"</table><p class='floor'>W1 of the raw values; KL in nats over {N_KL_BINS} bins at quantiles of "
+                "the reference (definitions: docs/evaluation.md). Against calofm's embedded simulator, not Geant4: "
+                "not the same numbers as the paper's.</p>")
+    return "\n".join(rows)
+
+
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1500px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}th{background:#eee}td:first-child{text-align:left}
 .floor{color:#777;font-size:85%}figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}
@@ -343,5 +363,7 @@ def render_html(results: dict, figures: dict, outdir: str, meta: dict,
                          f"<td>{_fmt(r['wasserstein'][k], u['wasserstein'][k])}</td>"
                          f"<td>{_fmt(nf['wasserstein'][k])}</td></tr>")
         lines.append("</table></details>")
+        if "published" in r:
+            lines.append(published_table(r))
     lines.append("</body></html>")
     return "\n".join(lines) + "\n"

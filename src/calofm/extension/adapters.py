@@ -15,10 +15,19 @@ Either way the base parameters are frozen and never written, every new token get
 existing ones, and adapters are saved as their own directory:
     adapter.safetensors   the new parameters only
     manifest.json         kind, names, ranks, init_from, the base model's weight sha256, the sha256
-                          of the adapters it was trained on top of (`requires`), training summary
+                          of the adapters it was trained on top of (`requires`), its own max_hits,
+                          training summary
 An adapter is refused on any other base, or without the adapters it requires (applied before it, in
 their order). Independent adapters (say a material and a particle) stack in any order: new ids are
 assigned when an adapter is attached and its tensors are keyed by name.
+
+Sequence length: a new material or particle may shower longer than anything the base saw. An adapter
+records its own max_hits, fitted on its training data by the rule training uses
+(ShowerTokenizer.fit_max_hits); its classes are generated (and trained) up to that cap, a class
+served by two adapters (a new material with a new particle) up to the larger of theirs, and the base's
+classes keep the base's cap (tokenizer.class_max_hits). The model's position tables grow to the
+longest cap with their existing rows unchanged (ShowerTransformer.grow_positions), so the base's
+outputs stay bit-identical. Adapters written without the field have the base's cap.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ class AdapterSpec:
     head_rank: int = 16  # particle adapters: rank of the output-head correction
     base_sha256: str = ""
     requires: list[str] = field(default_factory=list)  # sha256 of the adapters it was trained on top of
+    max_hits: int | None = None  # its classes' hit cap, fitted on its data; None (older adapters): the base's
 
     @classmethod
     def from_dict(cls, d, where: str) -> AdapterSpec:
@@ -146,7 +156,23 @@ def attach(shower_model, spec: AdapterSpec) -> dict[str, nn.Parameter]:
     else:
         raise CalofmError(f"unknown adapter kind {spec.kind!r}")
     shower_model.adapters = getattr(shower_model, "adapters", []) + [spec]
+    # an adapter written without a cap of its own (or one still to be fitted: extend) has the base's
+    set_max_hits(shower_model, spec, tok.max_hits if spec.max_hits is None else spec.max_hits)
     return params
+
+
+def adapter_keys(spec: AdapterSpec) -> tuple[tuple[str, str], ...]:
+    """The tokenizer's vocabulary entries an adapter adds, as (kind, name)."""
+    return tuple((spec.kind, name) for name in spec.names)
+
+
+def set_max_hits(shower_model, spec: AdapterSpec, max_hits: int) -> None:
+    """Record an adapter's hit cap for its classes (tokenizer.class_max_hits) and grow the model's
+    position tables to the longest cap (existing rows unchanged)."""
+    tok = shower_model.tokenizer
+    for key in adapter_keys(spec):
+        tok.adapter_max_hits[key] = int(max_hits)
+    shower_model.model.grow_positions(tok.longest_seq_len)
 
 
 # --- choosing where a new material starts --------------------------------------------------------
@@ -270,10 +296,12 @@ def _read_spec(directory: str, manifest: dict) -> AdapterSpec:
           and isinstance(spec.init_from, dict) and all(isinstance(spec.init_from.get(n), str) for n in spec.names)
           and positive_int(spec.rank) and positive_int(spec.head_rank)
           and isinstance(spec.alpha, (int, float)) and not isinstance(spec.alpha, bool) and np.isfinite(spec.alpha)
-          and isinstance(spec.base_sha256, str) and strings(spec.requires))
+          and isinstance(spec.base_sha256, str) and strings(spec.requires)
+          and (spec.max_hits is None or positive_int(spec.max_hits)))
     if not ok:
         raise CalofmError(f"{directory}: malformed adapter manifest: \"spec\" needs kind material/particle, a list "
-                          f"of names, init_from for each, positive integer ranks, a finite alpha ({manifest['spec']})")
+                          f"of names, init_from for each, positive integer ranks, a finite alpha, max_hits absent "
+                          f"or a positive integer ({manifest['spec']})")
     return spec
 
 
@@ -290,6 +318,9 @@ def apply_adapter(shower_model, directory: str) -> dict:
     if [s for s in applied if s in spec.requires] != spec.requires:
         raise CalofmError(f"{directory}: adapter was trained on top of adapters {[s[:12] for s in spec.requires]}, "
                           f"but {[s[:12] for s in applied]} are applied; give those first, in that order")
+    n_voxels = shower_model.tokenizer.geometry.n_voxels
+    if spec.max_hits is not None and spec.max_hits > n_voxels:  # bounds the position tables attach grows
+        raise CalofmError(f"{directory}: max_hits {spec.max_hits} exceeds the model's {n_voxels} voxels")
     weights = os.path.join(directory, manifest["weights"]["file"])
     if not os.path.isfile(weights) or sha256_file(weights) != manifest["weights"]["sha256"]:
         raise CalofmError(f"{weights}: missing, or its sha256 does not match the adapter manifest")

@@ -18,8 +18,8 @@ from tqdm import tqdm
 from calofm.data.showers import inspect_file
 from calofm.errors import CalofmError
 from calofm.extension.adapters import (
-    AdapterSpec, applied_sha256, attach, base_sha256, check_adapter_output, check_new_names, closest_material,
-    save_adapter,
+    AdapterSpec, adapter_keys, applied_sha256, attach, base_sha256, check_adapter_output, check_new_names,
+    closest_material, save_adapter, set_max_hits,
 )
 from calofm.generation.api import load
 from calofm.model.precision import autocast, describe_precision, resolve_precision
@@ -113,9 +113,16 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
 
     paths = list(data)
     workers = default_workers() if workers is None else workers
+    # the adapter's own hit cap is fitted on its data (files and the streamed classes' reference sample)
+    # before anything is tokenized; its classes are trained and generated up to it
     d = prepare_data(paths, tokenizer=tok, max_val=max_val, log=log, stream=stream, seed=seed,
-                     n_reference=n_reference, workers=max(1, workers))
+                     n_reference=n_reference, workers=max(1, workers), adapter_keys=adapter_keys(spec))
     tokenizer, train_set, val_sets, summary = d.tokenizer, d.train, d.val, d.summary
+    spec.max_hits = summary["adapter_max_hits"]
+    set_max_hits(shower_model, spec, spec.max_hits)
+    log(f"max_hits {spec.max_hits} for {'+'.join(spec.names)} (base {tok.max_hits}; hit counts: mean "
+        f"{summary['hit_counts']['mean']:.0f}, p99.9 {summary['hit_counts']['p99.9']:.0f}, "
+        f"max {summary['hit_counts']['max']})")
     if max_showers is not None:  # the fine-tuning budget (e.g. 1k showers) counts training showers only
         if train_set is None:
             raise CalofmError("--max-showers limits the showers read from --data files; a stream has no such limit")
@@ -158,7 +165,7 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
     n_streamed = steps * feed.n_stream
     training = {"data": [str(p) for p in paths], "n_train_showers": (len(train_set) if train_set is not None else 0)
                 + n_streamed, "n_streamed_showers": n_streamed, "steps": steps,
-                "batch_size": batch_size, "lr": lr, "rank": rank, "seed": seed, "precision": precision_used,
+                "batch_size": batch_size, "lr": lr, "rank": rank, "seed": seed, "max_hits": spec.max_hits, "precision": precision_used,
                 "precision_requested": precision, **({"stream_rate": sim_stats} if sim_stats else {}),
                 "wall_time_s": wall, "initial_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-20:])),
                 "validation": val, "trainable_parameters": n_train, "base_parameters": n_base,

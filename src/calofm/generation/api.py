@@ -92,6 +92,7 @@ class ShowerModel:
         mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
         key = class_key(material, self.particles[par_id])
+        max_hits = self.tokenizer.class_max_hits(material, particle)  # an adapter's class: the adapter's cap
         if totals and key not in self.tokenizer.totals:
             raise CalofmError(f"the model has no shower totals for {key} (calofm fit-totals adds them)")
         if incident_MeV is None:
@@ -114,13 +115,13 @@ class ShowerModel:
         if totals:
             target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV,
                                                               normals=shower_normals(seed, index, TOTALS, 2).numpy())
-            target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
+            target_hits = np.minimum(target_hits, max_hits)
         showers, n_capped, n_hits = [], 0, 0
         bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}", dynamic_ncols=True,
                    disable=not progress)
         for lo in range(0, len(incident_MeV), batch_size):
             e, rows = incident_MeV[lo:lo + batch_size], index[lo:lo + batch_size]
-            b, max_hits = len(e), self.tokenizer.max_hits
+            b = len(e)
             uniforms = None if greedy else decode_uniforms(seed, rows, max_hits, self.decoder.draws_per_step,
                                                            self.device)
             res = self.decoder.decode(
@@ -139,7 +140,7 @@ class ShowerModel:
         bar.close()
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
-                           "max_hits": self.tokenizer.max_hits, "totals": bool(totals)}
+                           "max_hits": max_hits, "totals": bool(totals)}
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling, energy_sampling)
         return incident_MeV, showers

@@ -1,15 +1,16 @@
 """Batched autoregressive decoding: one step, run eagerly (CPU) or as a captured static step (CUDA).
 
 All showers of a batch advance together, one position per step, each until its own EOS (then fed PAD,
-its outputs ignored) or max_hits (EOS forced, the shower counted as capped). A step (_Run._voxel, then
-_Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel block and the voxels
-the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms per step at batch 1000
-on the 2-core CPU, the fill from the hit lists well under 1 ms); with target_hits (two-stage totals)
-EOS is masked before a shower's target and forced at it. Then energy ~ p(e | v, past), restricted to
-the energy-bin block, and the transformer runs the new position over the KV cache. The sampler's
-inverse CDF reads one uniform per row and draw: each shower brings its own table of them, (max_hits + 1,
-draws per step) (generation.streams: drawn from the run's seed and the shower's index), and step t
-reads its column t. So a shower's tokens depend neither on the other showers of its batch nor on
+its outputs ignored) or its cap (EOS forced, the shower counted as capped): max_hits, or one per row
+(a batch mixing classes whose caps differ, the base's and an adapter's: see calofm.extension). A step
+(_Run._voxel, then _Run._advance) draws voxel ~ p(v | past), masking the tokens outside the voxel
+block and the voxels the shower already hit (from its hit list: a dense (B, V) masked_fill took 8 ms
+per step at batch 1000 on the 2-core CPU, the fill from the hit lists well under 1 ms); with
+target_hits (two-stage totals) EOS is masked before a shower's target and forced at it. Then
+energy ~ p(e | v, past), restricted to the energy-bin block, and the transformer runs the new position
+over the KV cache. The sampler's inverse CDF reads one uniform per row and draw: each shower brings its
+own table of them, (max_hits + 1, draws per step) (generation.streams: drawn from the run's seed and
+the shower's index), and step t reads its column t. So a shower's tokens depend neither on the other showers of its batch nor on
 which of them are still running. A factorized voxel head (model/voxel_head.py) draws the layer or EOS
 (masking the layers whose cells are all hit), then with a second uniform (u_cell, column DRAW_CELL) the
 cell within the layer (masking the cells already hit). With running_inputs each row carries the
@@ -111,6 +112,7 @@ class _Rows:
     particle: torch.Tensor  # (B,)
     target: torch.Tensor | None  # (B,) hit count to hold each shower to (two-stage totals)
     energy: torch.Tensor | None  # (B,) running_inputs: visible energy (MeV) of the hits fed so far
+    cap: torch.Tensor | None  # (B,) the row's hit cap, where the batch's caps differ (None: max_hits for all)
     plan: RoutingPlan | None
 
     def tensors(self) -> list[torch.Tensor | None]:
@@ -212,11 +214,16 @@ class Decoder:
         return self._compiled[name]
 
     @torch.no_grad()
-    def decode(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor, max_hits: int,
+    def decode(self, incident: torch.Tensor, material: torch.Tensor, particle: torch.Tensor,
+               max_hits: int | torch.Tensor,
                voxel_block: Block, energy_block: Block, sampling: SamplingConfig = SamplingConfig(),
                uniforms: torch.Tensor | None = None, options: DecodeOptions | None = None,
                target_hits: torch.Tensor | None = None, energy_sampling: SamplingConfig | None = None) -> DecodeResult:
         """incident (B,) log-energy feature, material (B,), particle (B,) ids -> hit tokens.
+
+        max_hits: the hit cap of every shower, or (B,) each row's (EOS forced there, the row counted as
+        capped); the outputs are as wide as the largest. A row's showers are the same whichever other
+        caps share its batch.
 
         sampling: how voxels are drawn, and energies too unless energy_sampling is given.
         uniforms (B, >= max_hits, draws_per_step) float32 in [0, 1): shower i's draw k at step t is
@@ -226,6 +233,14 @@ class Decoder:
         opt = options or DecodeOptions()
         device = incident.device
         energy_sampling = energy_sampling or sampling
+        caps = None
+        if isinstance(max_hits, torch.Tensor):
+            caps = max_hits.to(device=device, dtype=torch.long).reshape(-1)
+            if len(caps) != len(incident) or int(caps.min()) < 1:
+                raise ValueError(f"max_hits: one positive cap per shower, got {tuple(max_hits.shape)}")
+            max_hits = int(caps.max())
+            if bool((caps == max_hits).all()):
+                caps = None  # one cap for all: the plain decode
         if uniforms is None and max(sampling.temperature, energy_sampling.temperature) > 0:
             raise ValueError("sampling at temperature > 0 needs the showers' uniforms (streams.decode_uniforms)")
         if uniforms is not None:
@@ -244,10 +259,10 @@ class Decoder:
             settings = dict(max_hits=max_hits, voxel_off=voxel_off,
                             energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device),
                             sampling=sampling, energy_sampling=energy_sampling, opt=opt, static=static,
-                            targeted=target is not None, cache_dtype=_cache_dtype(device))
+                            targeted=target is not None, row_caps=caps is not None, cache_dtype=_cache_dtype(device))
             run = self._static_run(incident, material, settings) if static else _Run(self, len(incident), **settings)
             try:
-                return (run.static if static else run.eager)(incident, material, particle, target, uniforms)
+                return (run.static if static else run.eager)(incident, material, particle, target, caps, uniforms)
             except BaseException:
                 if self.kept is run:  # whatever failed (a capture, memory) must not be kept
                     self.kept = None
@@ -283,10 +298,11 @@ class _Run:
 
     def __init__(self, decoder: Decoder, B0: int, max_hits: int, voxel_off: torch.Tensor, energy_off: torch.Tensor,
                  sampling: SamplingConfig, energy_sampling: SamplingConfig, opt: DecodeOptions, static: bool,
-                 targeted: bool, cache_dtype: torch.dtype | None, key: tuple = ()):
+                 targeted: bool, row_caps: bool, cache_dtype: torch.dtype | None, key: tuple = ()):
         self.decoder, self.model, self.B0, self.max_hits = decoder, decoder.model, B0, max_hits
         self.voxel_off, self.energy_off, self.sampling, self.energy_sampling = voxel_off, energy_off, sampling, energy_sampling
-        self.opt, self.cache_dtype, self.key = opt, cache_dtype, key  # targeted: in the key (buffers hold targets)
+        # targeted, row_caps: in the key (the buffers hold targets, caps)
+        self.opt, self.cache_dtype, self.key = opt, cache_dtype, key
         device = voxel_off.device
         # the heads and the sampler's chunk sums; compiled one by one only in the eager loop (the static
         # step compiles as a whole)
@@ -317,6 +333,10 @@ class _Run:
         v = (self._layer_then_cell if self.model.factorized else self._flat_voxel)(stop, n_read)
         if stop is not None:
             v = torch.where(stop, EOS, v)
+        if r.cap is not None:  # EOS forced at the row's own cap
+            over = r.cap <= t  # (B,)
+            self.capped[r.orig] = self.capped[r.orig] | (over & ~r.done)
+            v = torch.where(over, EOS, v)
         is_hit = ~r.done & (v != EOS)
         v = torch.where(r.done, PAD, v)
         r.done.logical_or_(v == EOS)
@@ -386,7 +406,7 @@ class _Run:
         out_v, out_e = self.out_voxel[:B].clone(), self.out_energy[:B].clone()  # the buffers are the next batch's
         return DecodeResult(out_v, out_e, (out_v != PAD).sum(dim=1), self.capped[:B].clone())
 
-    def _start(self, incident, material, particle, target, hits_width: int) -> _Rows:
+    def _start(self, incident, material, particle, target, caps, hits_width: int) -> _Rows:
         """Clear the outputs -> the rows of a batch of B <= B0 showers, padded to B0 rows with finished
         copies of the first that write into the sink row; h is left for the prefill."""
         self.out_voxel.fill_(PAD)
@@ -398,14 +418,14 @@ class _Run:
         rows = _Rows(torch.zeros(B0, self.model.cfg.d_model, device=device), orig == B0,
                      torch.full((B0, hits_width), PAD, dtype=torch.long, device=device), orig, pad(incident),
                      pad(material), pad(particle), pad(target),
-                     torch.zeros(B0, device=device) if self.model.running is not None else None, None)
+                     torch.zeros(B0, device=device) if self.model.running is not None else None, pad(caps), None)
         rows.plan = routing_plan(rows.material)
         return rows
 
     # --- eager -----------------------------------------------------------------------------------
-    def eager(self, incident, material, particle, target, uniforms) -> DecodeResult:
+    def eager(self, incident, material, particle, target, caps, uniforms) -> DecodeResult:
         model, B0 = self.model, self.B0
-        rows = self.rows = self._start(incident, material, particle, target, self.max_hits)
+        rows = self.rows = self._start(incident, material, particle, target, caps, self.max_hits)
         attend = self.decoder.compiled("attend") if self.opt.compile else None
         model.setup_cache(B0, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=True, attend=attend)
         rows.h = model.prefill(incident, material, particle, rows.plan)
@@ -413,7 +433,7 @@ class _Run:
         for t in range(self.max_hits + 1):
             r = self.rows
             if t == self.max_hits:  # EOS forced
-                self.capped[r.orig] = ~r.done
+                self.capped[r.orig] |= ~r.done
                 break
             self._draw(uniforms, t)
             v, is_hit = self._voxel(t, t)
@@ -505,12 +525,12 @@ class _Run:
             torch.index_select(k_old, 0, src, out=k)
             torch.index_select(v_old, 0, src, out=v)
 
-    def static(self, incident, material, particle, target, uniforms) -> DecodeResult:
+    def static(self, incident, material, particle, target, caps, uniforms) -> DecodeResult:
         """A batch of B <= B0 rows through the static step."""
         model, device, B0, B = self.model, incident.device, self.B0, incident.shape[0]
         # hits wider than any window: a compiled step then reads a strict prefix at every window (one at
         # the buffer's width recompiled)
-        new = self._start(incident, material, particle, target, self.max_hits + 3)
+        new = self._start(incident, material, particle, target, caps, self.max_hits + 3)
         if self.state is None:  # the first call: the model's caches and held matrices, the top bucket
             # one slot more than a window ever reads, where the model has room: then every window is a
             # strided view of the buffer, none the whole (contiguous) buffer, which a compiled step would
@@ -540,7 +560,7 @@ class _Run:
                 if n_live == 0:
                     break
                 if t == self.max_hits:  # EOS forced
-                    self.capped[self.rows.orig] = ~self.rows.done
+                    self.capped[self.rows.orig] |= ~self.rows.done
                 elif self.opt.compact and 2 * n_live <= len(self.rows.done):
                     self._compact(n_live)
         return self._result(B)

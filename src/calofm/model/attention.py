@@ -23,11 +23,24 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, fraction: float, max_len: int, base: float = 10000.0):
         super().__init__()
-        self.rot_dim = 2 * int(head_dim * fraction / 2)
-        inv_freq = 1.0 / base ** (torch.arange(0, self.rot_dim, 2, dtype=torch.float64) / max(self.rot_dim, 1))
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (S, rot_dim / 2)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.rot_dim, self.base = 2 * int(head_dim * fraction / 2), base
+        cos, sin = self._tables(0, max_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (stop - start, rot_dim / 2) of positions start..stop-1, fp32 (computed in fp64)."""
+        inv_freq = 1.0 / self.base ** (torch.arange(0, self.rot_dim, 2, dtype=torch.float64) / max(self.rot_dim, 1))
+        angles = torch.outer(torch.arange(start, stop, dtype=torch.float64), inv_freq)  # (S, rot_dim / 2)
+        return angles.cos().float(), angles.sin().float()
+
+    def grow(self, max_len: int) -> None:
+        """Tables for max_len positions: the rows already there are kept as they are (bit for bit), the
+        new ones appended (an adapter whose showers run longer than the base's)."""
+        n = self.cos.shape[0]
+        if max_len > n:
+            cos, sin = self._tables(n, max_len)
+            self.cos, self.sin = (torch.cat([old, new.to(old.device)]) for old, new in ((self.cos, cos), (self.sin, sin)))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # x (B, H, T, D), pos (T,)
         if self.rot_dim == 0:

@@ -309,6 +309,17 @@ class ShowerTransformer(nn.Module):
         self.voxel_head.append_block(size)
         self.cfg = replace(self.cfg, voxel_blocks=self.cfg.voxel_blocks + (size,))
 
+    def grow_positions(self, max_seq_len: int) -> None:
+        """Room for sequences of max_seq_len positions (an adapter's showers may run longer than the
+        base's): the rotary tables and the causal mask grow, their existing rows unchanged, so the
+        base's outputs stay bit-identical. No parameter depends on the length."""
+        if max_seq_len <= self.cfg.max_seq_len:
+            return
+        self.rotary.grow(max_seq_len)
+        self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool,
+                                      device=self.causal_mask.device).tril()
+        self.cfg = replace(self.cfg, max_seq_len=max_seq_len)
+
     def add_material(self, n_experts: int | None = None) -> int:
         """Append one material: one embedding row (a new vocabulary block) and one expert group per
         MoE layer. Existing parameters are untouched. Returns the new material id."""

@@ -19,7 +19,11 @@ placeholders. Hits come in `order`:
   the highest-energy hits and only then reorders them.
 
 `max_hits` is derived from the data (`fit_max_hits`: a high percentile of the hit counts plus a
-margin); showers longer than it are truncated and counted, never silently.
+margin); showers longer than it are truncated and counted, never silently. An adapter (calofm.extension)
+may bring classes that shower longer: it records a cap of its own, fitted by the same rule on its
+data, kept here per vocabulary entry it adds (`adapter_max_hits`, not saved with the base model); a
+class's cap (`class_max_hits`) is the largest of the adapters serving its material or its particle,
+else the base's.
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ class ShowerTokenizer:
         # per-class hit-count / visible-energy laws for two-stage generation (see totals.py); fitted
         # by training on its training rows, extended by adapters
         self.totals = ShowerTotals()
+        # ("material" | "particle", name) -> max_hits of the adapter that added that entry (see class_max_hits)
+        self.adapter_max_hits: dict[tuple[str, str], int] = {}
         self.voxel_block = voxels.block(f"geometry:{geometry.name}")
         self.energy_block = energies.block("energy:log")
         if self.voxel_block.size != geometry.n_voxels or self.energy_block.size != bins.n_bins:
@@ -151,6 +157,21 @@ class ShowerTokenizer:
             raise CalofmError("the tokenizer has no max_hits yet; call fit_max_hits on the training data")
         return self.max_hits + 3
 
+    @property
+    def longest_seq_len(self) -> int:
+        """Positions a model needs for the longest class cap (the base's or an adapter's)."""
+        return max([self.max_seq_len - 3, *self.adapter_max_hits.values()]) + 3
+
+    def class_max_hits(self, material: str, particle: str) -> int:
+        """The hit cap of a (material, particle) class: the largest of the caps of the adapters that added
+        its material or its particle; the base's max_hits for a class no such adapter serves."""
+        if self.max_hits is None:
+            raise CalofmError("the tokenizer has no max_hits yet; call fit_max_hits on the training data")
+        keys = (("material", self.materials.names()[self.material_id(material)]),
+                ("particle", self.particles.names()[self.particle_id(particle)]))
+        caps = [self.adapter_max_hits[k] for k in keys if k in self.adapter_max_hits]
+        return max(caps) if caps else self.max_hits
+
     def material_id(self, name: str) -> int:
         try:
             name = get_material(name).name  # any spelling the materials table knows
@@ -165,23 +186,39 @@ class ShowerTokenizer:
     def fit_max_hits(self, counts: np.ndarray, percentile: float = 99.9, margin: float = 1.10,
                      multiple: int = 8) -> int:
         """max_hits = percentile of the hit counts times a margin, rounded up to a multiple of 8."""
+        self.max_hits = self.max_hits_for(counts, percentile, margin, multiple)
+        return self.max_hits
+
+    def max_hits_for(self, counts: np.ndarray, percentile: float = 99.9, margin: float = 1.10,
+                     multiple: int = 8) -> int:
+        """The cap fit_max_hits derives from these hit counts, without setting it."""
         counts = np.asarray(counts)
         if counts.size == 0:
             raise CalofmError("cannot derive a sequence length from zero showers")
         p = float(np.percentile(counts, percentile))
-        self.max_hits = int(min(self.geometry.n_voxels, max(multiple, math.ceil(p * margin / multiple) * multiple)))
-        return self.max_hits
+        return int(min(self.geometry.n_voxels, max(multiple, math.ceil(p * margin / multiple) * multiple)))
+
+    def fit_adapter_max_hits(self, keys, counts: np.ndarray) -> int:
+        """An adapter's own cap, fitted on its data's hit counts by fit_max_hits's rule, recorded for its
+        vocabulary entries `keys` (("material" | "particle", name), ...); returns it."""
+        cap = self.max_hits_for(counts)
+        for key in keys:
+            self.adapter_max_hits[tuple(key)] = cap
+        return cap
 
     # --- encoding ----------------------------------------------------------------------------
-    def encode(self, hits: Hits) -> TokenizedShowers:
-        """Hits -> tokens: cap at max_hits (keeping the highest-energy hits), order, map to ids."""
+    def encode(self, hits: Hits, max_hits: np.ndarray | None = None) -> TokenizedShowers:
+        """Hits -> tokens: cap at max_hits (keeping the highest-energy hits), order, map to ids.
+        max_hits: per-shower caps (n,) (each shower's class_max_hits); None: the base's max_hits."""
         if self.max_hits is None:
             raise CalofmError("the tokenizer has no max_hits yet; call fit_max_hits on the training data")
         if len(hits.voxel) and (hits.voxel.min() < 0 or hits.voxel.max() >= self.geometry.n_voxels):
             raise CalofmError(f"voxel index outside geometry {self.geometry.name!r}")
         counts = hits.counts
-        keep = _within_segment_index(hits.offsets) < self.max_hits  # input is energy-descending
-        new_counts = np.minimum(counts, self.max_hits)
+        cap = self.max_hits if max_hits is None else np.asarray(max_hits, dtype=np.int64)
+        cap_per_hit = cap if max_hits is None else np.repeat(cap, counts)
+        keep = _within_segment_index(hits.offsets) < cap_per_hit  # input is energy-descending
+        new_counts = np.minimum(counts, cap)
         offsets = np.concatenate([[0], np.cumsum(new_counts)]).astype(np.int64)
         voxel, energy = hits.voxel[keep], hits.energy[keep]
         if self.order == "spatial":
@@ -192,7 +229,7 @@ class ShowerTokenizer:
         total_energy = float(hits.energy.sum(dtype=np.float64))
         stats = {
             "n_showers": len(counts), "n_hits": int(counts.sum()),
-            "n_truncated_showers": int(np.count_nonzero(counts > self.max_hits)),
+            "n_truncated_showers": int(np.count_nonzero(counts > cap)),
             "n_dropped_hits": int(counts.sum() - new_counts.sum()),
             "dropped_energy_fraction": (float(hits.energy[~keep].sum(dtype=np.float64)) / total_energy
                                         if total_energy > 0 else 0.0),

@@ -140,7 +140,11 @@ def read_file(path: str) -> tuple[FileData, object]:
 
 def _corpus(tokenizer: ShowerTokenizer, files: list[FileData], rows: list[slice]) -> tuple[Corpus, dict]:
     hits = Hits.concat([_slice_hits(f.hits, r) for f, r in zip(files, rows)])
-    tokens = tokenizer.encode(hits)
+    caps = None  # each shower at its class's cap, where an adapter's differs from the base's
+    if tokenizer.adapter_max_hits:
+        caps = np.concatenate([np.full(r.stop - r.start, tokenizer.class_max_hits(f.material, f.particle))
+                               for f, r in zip(files, rows)])
+    tokens = tokenizer.encode(hits, caps)
     mat = np.concatenate([np.full(r.stop - r.start, tokenizer.material_id(f.material)) for f, r in zip(files, rows)])
     par = np.concatenate([np.full(r.stop - r.start, tokenizer.particle_id(f.particle)) for f, r in zip(files, rows)])
     inc = np.concatenate([f.incident_MeV[r] for f, r in zip(files, rows)]).astype(np.float32)
@@ -191,8 +195,13 @@ def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, orde
 
 def prepare_data(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = "energy",
                  max_hits: int | None = None, val_fraction: float = 0.05, max_val: int = 1000, log=print,
-                 stream=None, seed: int = 0, n_reference: int = 2000, workers: int = 1) -> TrainingData:
+                 stream=None, seed: int = 0, n_reference: int = 2000, workers: int = 1,
+                 adapter_keys: tuple = ()) -> TrainingData:
     """Files and/or a simulated stream (a training.stream.StreamSpec) -> tokenizer, corpora, summary.
+
+    adapter_keys: with a given tokenizer, the vocabulary entries ((kind, name), ...) of an adapter being
+    trained; its own max_hits is fitted on this data's hit counts (tokenizer.fit_adapter_max_hits)
+    before anything is tokenized.
 
     For the stream, `max_val` validation showers and `n_reference` reference showers per source are
     simulated here (seeded by `seed`, apart from the training stream's seeds)."""
@@ -229,6 +238,8 @@ def prepare_data(paths: list[str], tokenizer: ShowerTokenizer | None = None, ord
             tokenizer.fit_max_hits(counts)
     elif tokenizer.geometry.n_voxels != geometry.n_voxels:
         raise CalofmError(f"data geometry {geometry.name!r} does not match the model's {tokenizer.geometry.name!r}")
+    elif adapter_keys:
+        tokenizer.fit_adapter_max_hits(adapter_keys, counts)
 
     train_rows, val_rows = [], []
     for f in files:
@@ -252,7 +263,9 @@ def prepare_data(paths: list[str], tokenizer: ShowerTokenizer | None = None, ord
         "hit_counts": {"mean": float(counts.mean()), "p50": float(np.percentile(counts, 50)),
                        "p99": float(np.percentile(counts, 99)), "p99.9": float(np.percentile(counts, 99.9)),
                        "max": int(counts.max())},
-        "max_hits": tokenizer.max_hits, "max_hits_rule": "ceil(1.10 * p99.9 / 8) * 8" if max_hits is None else "set by user",
+        "max_hits": tokenizer.max_hits,
+        **({"adapter_max_hits": tokenizer.adapter_max_hits[tuple(adapter_keys[0])]} if adapter_keys else {}),
+        "max_hits_rule": "ceil(1.10 * p99.9 / 8) * 8" if max_hits is None else "set by user",
         # truncation and energy-range counts: of the files' training rows, else of the simulated reference
         "train_tokenization": train_stats if train_stats is not None else ref_stats,
     }
