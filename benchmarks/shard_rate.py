@@ -30,7 +30,7 @@ from provenance import provenance  # benchmarks/ is the script's directory
 
 # the summary lines of calofm.sharding.summarize: torchrun's rank 0 total, or a lone process's own line
 TOTAL = re.compile(r"all \d+ ranks: \d+ showers in [\d.]+ s \(([\d.]+) showers/s\)")
-ALONE = re.compile(r"^generate: \d+ showers in [\d.]+ s \(([\d.]+) showers/s\)", re.M)
+ALONE = re.compile(r"^wrote (\d+) showers to \S+ in ([\d.]+) s", re.M)
 
 
 def run(cmd: list[str], threads: int) -> tuple[float, float, str]:
@@ -41,8 +41,8 @@ def run(cmd: list[str], threads: int) -> tuple[float, float, str]:
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
-    m = TOTAL.search(out.stdout) or ALONE.search(out.stdout)
-    return float(m[1]), wall, out.stdout
+    total, alone = TOTAL.search(out.stdout), ALONE.search(out.stdout)
+    return float(total[1]) if total else int(alone[1]) / float(alone[2]), wall, out.stdout
 
 
 def main() -> None:

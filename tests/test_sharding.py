@@ -161,6 +161,13 @@ def test_generate_under_torchrun_with_two_processes(tiny, tmp_path, capfd):
     shards = [str(tmp_path / f"g.shard-{k}-of-2.h5") for k in range(2)]
     assert main(["merge", *shards, "-o", str(tmp_path / "merged.h5")]) == 0
     same_file(tmp_path / "merged.h5", tmp_path / "single.h5", ignore=("attr:run",))
+    # simulation too: two chunks of 256, one per rank
+    sim = ["simulate", "--n", "300", "--seed", "2", "--workers", "1"]
+    mp.spawn(_torchrun_rank, args=(2, _free_port(), sim + ["-o", str(tmp_path / "s.h5")]), nprocs=2, join=True)
+    assert "all 2 ranks: 300 showers" in capfd.readouterr().out
+    assert main(sim + ["-o", str(tmp_path / "s1.h5")]) == 0
+    assert main(["merge", *(str(tmp_path / f"s.shard-{k}-of-2.h5") for k in range(2)), "-o", str(tmp_path / "sm.h5")]) == 0
+    same_file(tmp_path / "sm.h5", tmp_path / "s1.h5", ignore=("attr:run",))
     with pytest.raises(CalofmError, match="--shard and torchrun"):
         os.environ["WORLD_SIZE"] = "2"
         try:

@@ -97,8 +97,11 @@ def join_group(shard: Shard, device: str) -> None:
 
 
 def summarize(shard: Shard, mine: dict, what: str) -> None:
-    """Print the run's summary: every shard's own line; under torchrun rank 0 also gathers every rank's
-    {"n", "seconds"} and prints them with the total (all showers over the slowest rank's time)."""
+    """Print a shard's summary line (nothing for a run of one: its command says it); under torchrun
+    rank 0 also gathers every rank's {"n", "seconds"} and prints them with the total (all showers over
+    the slowest rank's time)."""
+    if shard.alone:
+        return
     rate = mine["n"] / max(mine["seconds"], 1e-9)
     print(f"{shard.tag}{what}: {mine['n']} showers in {mine['seconds']:.1f} s ({rate:.2f} showers/s)", flush=True)
     if not shard.torchrun:

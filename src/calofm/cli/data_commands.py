@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -34,7 +35,8 @@ def register(sub) -> None:
                         "'random:SXxSY' around the default; default: the centre of a cell at the grid centre")
     p.add_argument("--angle", default=None, help="angle of incidence THETA,PHI in degrees (default 0,0: perpendicular)")
     p.add_argument("--seed", type=SEED, default=1)
-    p.add_argument("--workers", type=count(1, 1024), default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=count(1, 1024), default=None,
+                   help="processes (default: all cores, at most 8; under torchrun shared among a node's ranks)")
     p.add_argument("-o", "--output", default="showers.h5", help="output HDF5 file")
     add_force(p, "an existing output file")
     p.add_argument("--shard", default=None, metavar="K/N",
@@ -98,10 +100,13 @@ def cmd_simulate(args) -> None:
     check_output_file(output, args.force)
     check_free_space(output, shower_file_bytes(hi - lo, get_geometry(args.geometry).n_voxels), f"{hi - lo} showers")
     join_group(shard, "cpu")
+    workers = args.workers
+    if workers is None and shard.torchrun:  # the node's cores shared among its ranks
+        workers = max(1, min(os.cpu_count() or 1, 8) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     start = time.perf_counter()
     simulate_to_file(output, args.n, material=args.material, particle=args.particle,
                      energy_GeV=args.energy, spectrum=args.spectrum, geometry=args.geometry, seed=args.seed,
-                     threshold_mip=args.threshold, workers=args.workers, noise_mip=args.noise_mip,
+                     threshold_mip=args.threshold, workers=workers, noise_mip=args.noise_mip,
                      position=args.position, angle=args.angle, shard=None if shard.alone else shard)
     elapsed = time.perf_counter() - start
     print(f"{shard.tag}wrote {hi - lo} showers{'' if shard.alone else f' [{lo}, {hi})'} to {output} in "
@@ -112,8 +117,6 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    import os
-
     from calofm.data.shards import merge_shards
     from calofm.errors import CalofmError
     from calofm.outputs import check_free_space, check_output_file
@@ -127,8 +130,8 @@ def cmd_merge(args) -> None:
     start = time.perf_counter()
     done = merge_shards(list(args.shards), args.output)
     for path, n, seconds in done["shards"]:
-        print(f"  {path}: {n} showers, {n / seconds:.2f} showers/s")
-    total_rate = sum(n / seconds for _, n, seconds in done["shards"])
+        print(f"  {path}: {n} showers, {n / max(seconds, 1e-3):.2f} showers/s")
+    total_rate = sum(n / max(seconds, 1e-3) for _, n, seconds in done["shards"])
     print(f"wrote {done['n']} showers of {len(done['shards'])} shards to {args.output} in "
           f"{time.perf_counter() - start:.1f} s; the shards together made {total_rate:.2f} showers/s "
           "(the sum of their rates, for shards run side by side)")

@@ -87,8 +87,8 @@ class ShowerModel:
         visible energy first, hold the decoder to that count and rescale the hits to that energy.
         Off by default: it fixes those two totals but hurts the shower shape where showers leak
         (Cu: high-level AUC 0.65 -> 0.86), see docs/model.md. progress_tag: the progress line's prefix."""
-        if not 0 <= start < 2 ** 31:
-            raise CalofmError(f"first shower index must be within [0, 2^31), got {start}")
+        if not 0 <= start <= 2 ** 32 - max(n, 1):
+            raise CalofmError(f"first shower index must be within [0, 2^32 - n], got {start}")
         mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
         key = class_key(material, self.particles[par_id])
@@ -116,8 +116,8 @@ class ShowerModel:
                                                               normals=shower_normals(seed, index, TOTALS, 2).numpy())
             target_hits = np.minimum(target_hits, self.tokenizer.max_hits)
         showers, n_capped, n_hits = [], 0, 0
-        bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"{progress_tag}generate {material} {particle}", dynamic_ncols=True,
-                   disable=not progress)
+        bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"{progress_tag}generate {material} {particle}",
+                   dynamic_ncols=True, disable=not progress)
         for lo in range(0, len(incident_MeV), batch_size):
             e, rows = incident_MeV[lo:lo + batch_size], index[lo:lo + batch_size]
             b, max_hits = len(e), self.tokenizer.max_hits
