@@ -1,8 +1,8 @@
 """Sharded generation: N processes x 1 thread under torchrun against 1 process x N threads.
 
-Runs `calofm generate` once in one process with --threads N and once under torchrun with N ranks of
-one thread each (gloo, CPU), on the same showers (model, seed, n), merges the shards and checks that
-the merged file holds the one-process showers. Records the generation rate each prints (showers/s over
+Runs `calofm generate` in one process with --threads N, under torchrun with N ranks of one thread
+each (gloo, CPU), and, for scale, in one process with one thread, on the same showers (model, seed,
+n); merges the shards and checks that the merged file holds the one-process showers. Records the generation rate each prints (showers/s over
 the generation itself; under torchrun all showers over the slowest rank's time) and the wall time of
 each command (start-up and model loading included). Repeats alternate the two set-ups. Prints a
 table and writes JSON (commit, device, command).
@@ -62,13 +62,16 @@ def main() -> None:
         single, sharded = os.path.join(tmp, "single.h5"), os.path.join(tmp, "sharded.h5")
         for r in range(args.repeats):
             rate1, wall1, _ = run(calofm + gen + ["--threads", str(N), "-o", single, "--force"], N)
+            rate_one, wall_one, _ = run(calofm + gen + ["--threads", "1", "-o", single + ".1", "--force"], 1)
             rateN, wallN, out = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(N),
                                      "-m", "--", "calofm.cli.main"] + gen + ["--threads", "1", "-o", sharded, "--force"], 1)
             rows.append({"repeat": r, "one_process_showers_per_s": rate1, "one_process_wall_s": round(wall1, 2),
+                         "one_thread_showers_per_s": rate_one, "one_thread_wall_s": round(wall_one, 2),
                          "torchrun_showers_per_s": rateN, "torchrun_wall_s": round(wallN, 2),
                          "ratio": round(rateN / rate1, 3), "torchrun_stdout": out.strip().splitlines()[-N - 1:]})
             print(f"repeat {r}: 1 x {N} threads {rate1:.2f} showers/s ({wall1:.1f} s wall), torchrun {N} x 1 thread "
-                  f"{rateN:.2f} showers/s ({wallN:.1f} s wall): x{rateN / rate1:.3f}", flush=True)
+                  f"{rateN:.2f} showers/s ({wallN:.1f} s wall): x{rateN / rate1:.3f}; 1 x 1 thread {rate_one:.2f} "
+                  f"showers/s ({wall_one:.1f} s wall)", flush=True)
         merged = os.path.join(tmp, "merged.h5")
         shards = [os.path.join(tmp, f"sharded.shard-{k}-of-{N}.h5") for k in range(N)]
         subprocess.run(calofm + ["merge", *shards, "-o", merged], check=True, capture_output=True)
@@ -79,10 +82,12 @@ def main() -> None:
     result = {**provenance(), "model": args.model, "n": args.n, "processes": N, "rows": rows,
               "one_process_showers_per_s": round(mean("one_process_showers_per_s"), 2),
               "torchrun_showers_per_s": round(mean("torchrun_showers_per_s"), 2),
+              "one_thread_showers_per_s": round(mean("one_thread_showers_per_s"), 2),
               "ratio": round(mean("torchrun_showers_per_s") / mean("one_process_showers_per_s"), 3),
               "identical_showers": identical}
     print(f"mean: 1 x {N} threads {result['one_process_showers_per_s']:.2f} showers/s, torchrun {N} x 1 thread "
-          f"{result['torchrun_showers_per_s']:.2f} showers/s (x{result['ratio']:.3f}); merged shards identical to "
+          f"{result['torchrun_showers_per_s']:.2f} showers/s (x{result['ratio']:.3f}), 1 x 1 thread "
+          f"{result['one_thread_showers_per_s']:.2f} showers/s; merged shards identical to "
           f"the one-process file: {identical}")
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=1))
