@@ -2,10 +2,10 @@
 
 Runs `calofm generate` in one process with --threads N, under torchrun with N ranks of one thread
 each (gloo, CPU), and, for scale, in one process with one thread, on the same showers (model, seed,
-n); merges the shards and checks that the merged file holds the one-process showers. Records the generation rate each prints (showers/s over
-the generation itself; under torchrun all showers over the slowest rank's time) and the wall time of
-each command (start-up and model loading included). Repeats alternate the two set-ups. Prints a
-table and writes JSON (commit, device, command).
+n); merges the shards and checks that the merged file holds the one-process showers. Records the
+generation rate each prints (showers/s over the generation itself; under torchrun all showers over
+the slowest rank's time) and the wall time of each command (start-up and model loading included).
+Repeats alternate the set-ups. Prints a table and writes JSON (commit, device, command).
 
     python benchmarks/shard_rate.py --model calofm-small --n 200 --processes 2 --repeats 2 \\
         --json benchmarks/results/shard_rate_cpu.json
@@ -63,8 +63,10 @@ def main() -> None:
         for r in range(args.repeats):
             rate1, wall1, _ = run(calofm + gen + ["--threads", str(N), "-o", single, "--force"], N)
             rate_one, wall_one, _ = run(calofm + gen + ["--threads", "1", "-o", single + ".1", "--force"], 1)
-            rateN, wallN, out = run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(N),
-                                     "-m", "--", "calofm.cli.main"] + gen + ["--threads", "1", "-o", sharded, "--force"], 1)
+            # "--": torchrun would take calofm's --n for an abbreviation of one of its own options
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(N), "-m", "--",
+                        "calofm.cli.main"]
+            rateN, wallN, out = run(torchrun + gen + ["--threads", "1", "-o", sharded, "--force"], 1)
             rows.append({"repeat": r, "one_process_showers_per_s": rate1, "one_process_wall_s": round(wall1, 2),
                          "one_thread_showers_per_s": rate_one, "one_thread_wall_s": round(wall_one, 2),
                          "torchrun_showers_per_s": rateN, "torchrun_wall_s": round(wallN, 2),

@@ -221,9 +221,10 @@ def cmd_generate(args) -> None:
         model.write(output, incident, showers, material, particle, args.seed, sampling, energy_sampling,
                     attrs=shard_attrs(run, shard.index, shard.count, start, stop, seconds))
     s = model.last_stats
+    stages = "two-stage: hit count and energy sum from the fitted totals" if s["totals"] else "one-stage"
     print(f"{shard.tag}wrote {s['n_showers']} showers{'' if shard.alone else f' [{start}, {stop})'} to {output} "
           f"in {seconds:.1f} s ({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits "
-          f"{s['max_hits']}; {'two-stage: hit count and energy sum from the fitted totals' if s['totals'] else 'one-stage'})")
+          f"{s['max_hits']}; {stages})")
     summarize(shard, {"n": n, "seconds": seconds}, "generate")
 
 
