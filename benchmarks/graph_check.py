@@ -51,7 +51,8 @@ def main() -> None:
     def run(opt, precision):
         t0 = time.perf_counter()
         res = sm.decoder.decode(inc, mat, par, tok.max_hits, tok.voxel_block, tok.energy_block, voxel_sampling,
-                                decode_uniforms(5, range(B), tok.max_hits, sm.decoder.draws_per_step, dev), replace(opt, precision=precision),
+                                decode_uniforms(5, range(B), tok.max_hits, sm.decoder.draws_per_step, dev),
+                                replace(opt, precision=precision),
                                 energy_sampling=energy_sampling)
         if dev.type == "cuda":
             torch.cuda.synchronize()

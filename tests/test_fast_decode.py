@@ -282,7 +282,8 @@ def test_both_ways_hold_showers_to_their_target_hits(small, monkeypatch):
 
 
 def test_generate_graph_flag(small, tmp_path, monkeypatch):
-    """--graph decodes on CPU too (eagerly), with --totals as well; one batch gives the eager showers."""
+    """--graph decodes on CPU too (eagerly), with --totals as well, and gives the eager showers, in one
+    batch or several (every shower reads its own uniforms)."""
     from calofm.cli.main import main
 
     for extra in ([], ["--totals"]):
@@ -293,7 +294,10 @@ def test_generate_graph_flag(small, tmp_path, monkeypatch):
     constants(monkeypatch, GRAPH_MIN_ROWS=4)
     plain = small.generate(5, material="W", seed=4, batch_size=5, options=PLAIN)[1]
     graph = small.generate(5, material="W", seed=4, batch_size=5, options=DecodeOptions(graph=True))[1]
-    assert np.array_equal(plain, graph)  # one batch: the same showers
+    assert np.array_equal(plain, graph)
+    constants(monkeypatch, GRAPH_MIN_ROWS=4)
+    graph = small.generate(5, material="W", seed=4, batch_size=4, options=DecodeOptions(graph=True))[1]
+    assert np.array_equal(plain, graph)  # the kept run's second, partial batch
     small.close()
 
 
@@ -311,6 +315,32 @@ def test_compaction_keeps_at_least_the_minimum_rows(small, monkeypatch):
     decode(net, inc, torch.full((B,), tok.material_id("W")), torch.full((B,), tok.particle_id("gamma")),
            tok.max_hits, tok.voxel_block, tok.energy_block, uniforms=draws(3, B, tok.max_hits))
     assert len(kept) >= 3 and min(kept) >= COMPACT_MIN_ROWS  # compacted often, never below the floor
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_small_batches_run_at_least_the_minimum_rows(small, monkeypatch, graph):
+    """A batch of 1-3 showers runs padded to COMPACT_MIN_ROWS rows (finished fillers): its tokens are
+    those of the same showers decoded among more, whatever the batch size."""
+    from calofm.generation.decode import COMPACT_MIN_ROWS
+
+    torch.set_num_threads(1)
+    net, tok = small.model, small.tokenizer
+    seen = []
+    heads = net.voxel_logits
+    monkeypatch.setattr(net, "voxel_logits", lambda h: (seen.append(len(h)), heads(h))[1])
+    B = 6
+    inc = torch.from_numpy(incident_feature(np.geomspace(1e4, 5e4, B).astype(np.float32)))
+    mat, par = torch.full((B,), tok.material_id("W")), torch.full((B,), tok.particle_id("gamma"))
+    table = draws(8, B, 60)
+    opt = DecodeOptions(graph=graph)
+    ref = decode(net, inc, mat, par, 60, tok.voxel_block, tok.energy_block, uniforms=table, options=opt)
+    for rows in ([0], [4, 1], [5, 2, 3]):
+        seen.clear()
+        res = decode(net, inc[rows], mat[rows], par[rows], 60, tok.voxel_block, tok.energy_block, uniforms=table[rows],
+                     options=opt)
+        assert min(seen) >= COMPACT_MIN_ROWS and res.voxel_tokens.shape[0] == len(rows)
+        assert torch.equal(res.voxel_tokens, ref.voxel_tokens[rows]) and torch.equal(res.energy_tokens, ref.energy_tokens[rows])
+        assert torch.equal(res.n_hits, ref.n_hits[rows]) and torch.equal(res.capped, ref.capped[rows])
 
 
 def test_generate_options_plumbing(small):

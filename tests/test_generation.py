@@ -159,7 +159,8 @@ def test_decoder_takes_a_uniform_table_per_shower(model):
     rows = torch.tensor([6, 1, 3, 4])
     part = decode(net, inc[rows], zeros[rows], zeros[rows], tok.max_hits, tok.voxel_block, tok.energy_block,
                   uniforms=table[rows])
-    assert torch.equal(part.voxel_tokens, full.voxel_tokens[rows]) and torch.equal(part.energy_tokens, full.energy_tokens[rows])
+    assert torch.equal(part.voxel_tokens, full.voxel_tokens[rows])
+    assert torch.equal(part.energy_tokens, full.energy_tokens[rows])
     greedy = SamplingConfig(temperature=0)
     g = decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block, greedy)
     assert torch.equal(g.voxel_tokens, decode(net, inc, zeros, zeros, tok.max_hits, tok.voxel_block, tok.energy_block,

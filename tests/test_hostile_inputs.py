@@ -124,7 +124,7 @@ def _device(path):
 
 
 @pytest.mark.parametrize("make, word", [(_fifo, "FIFO"), (_dir, "directory"), (_device, "device")])
-@pytest.mark.parametrize("command", ["simulate", "generate", "bench", "baseline"])
+@pytest.mark.parametrize("command", ["simulate", "generate", "bench", "baseline", "merge"])
 def test_outputs_must_be_regular_files(tmp_path, capsys, make, word, command):
     target = tmp_path / "out"
     make(str(target))
@@ -133,7 +133,8 @@ def test_outputs_must_be_regular_files(tmp_path, capsys, make, word, command):
             "generate": ["generate", "--model", "calofm-small", "--n", "2", "-o", str(target)],
             "bench": ["bench", "generate", "--json", str(target)],
             "baseline": ["baseline", "generate", "--model", str(tmp_path / "nomodel"), "--material", "W",
-                         "-o", str(target)]}[command]
+                         "-o", str(target)],
+            "merge": ["merge", str(tmp_path / "a.shard-0-of-2.h5"), "-o", str(target)]}[command]
     refused(capsys, argv, str(target), word)
     refused(capsys, [*argv, "--force"], str(target), word)  # --force never turns a node into a file
     assert snapshot(tmp_path) == before

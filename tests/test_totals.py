@@ -71,7 +71,8 @@ def test_decoder_holds_each_shower_to_its_target_length(model):
     inc = torch.from_numpy(incident_feature(np.linspace(1e4, 1e5, B)))
     target = torch.tensor([1, 2, 3, 5, 8, 13, 21, 1, 4, 9, 16, tok.max_hits])
     res = decode(model.model, inc, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), tok.max_hits,
-                 tok.voxel_block, tok.energy_block, uniforms=decode_uniforms(0, range(B), tok.max_hits, DRAWS_PER_STEP), target_hits=target)
+                 tok.voxel_block, tok.energy_block, uniforms=decode_uniforms(0, range(B), tok.max_hits, DRAWS_PER_STEP),
+                 target_hits=target)
     assert res.n_hits.tolist() == target.tolist()
 
 

@@ -8,6 +8,9 @@ from calofm.errors import CalofmError
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """cpu, cuda (device local_rank), cuda:N or auto (cuda if there is one)."""
+    if name.startswith("cuda:") and name[5:].isdigit():
+        name, local_rank = "cuda", int(name[5:])
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":

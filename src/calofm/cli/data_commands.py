@@ -1,7 +1,8 @@
-"""Data subcommands: materials, geometry, simulate, inspect."""
+"""Data subcommands: materials, geometry, simulate, merge, inspect."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -34,10 +35,22 @@ def register(sub) -> None:
                         "'random:SXxSY' around the default; default: the centre of a cell at the grid centre")
     p.add_argument("--angle", default=None, help="angle of incidence THETA,PHI in degrees (default 0,0: perpendicular)")
     p.add_argument("--seed", type=SEED, default=1)
-    p.add_argument("--workers", type=count(1, 1024), default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=count(1, 1024), default=None,
+                   help="processes (default: all cores, at most 8; under torchrun shared among a node's ranks)")
     p.add_argument("-o", "--output", default="showers.h5", help="output HDF5 file")
     add_force(p, "an existing output file")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="simulate only shard K (0 ... N-1) of the run, whole chunks of 256 showers, into "
+                        "OUTPUT.shard-K-of-N.h5 (for array jobs; under torchrun each rank is its shard by itself); "
+                        "`calofm merge` joins the shards")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("merge", help="join the shard files of one `calofm generate`/`simulate` run (--shard K/N "
+                       "or torchrun) into one file, in shower order")
+    p.add_argument("shards", nargs="+", metavar="SHARD", help="the shard files (any order)")
+    p.add_argument("-o", "--output", required=True, help="output HDF5 file")
+    add_force(p, "an existing output file")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="summarize a shower file")
     p.add_argument("file")
@@ -76,21 +89,52 @@ def cmd_geometry(args) -> None:
 def cmd_simulate(args) -> None:
     from calofm.detector.geometry import get_geometry
     from calofm.outputs import check_free_space, check_output_file, shower_file_bytes
+    from calofm.sharding import join_group, parse_shard, summarize
     from calofm.simulation import simulate_to_file
-    from calofm.simulation.runner import parse_energy
+    from calofm.simulation.runner import CHUNK, parse_energy
 
     parse_energy(args.energy)  # a bad energy fails before the output is touched
-    check_output_file(args.output, args.force)
-    check_free_space(args.output, shower_file_bytes(args.n, get_geometry(args.geometry).n_voxels),
-                     f"{args.n} showers")
+    shard = parse_shard(args.shard)
+    lo, hi = shard.range(args.n, CHUNK)
+    output = shard.path(args.output)
+    check_output_file(output, args.force)
+    check_free_space(output, shower_file_bytes(hi - lo, get_geometry(args.geometry).n_voxels), f"{hi - lo} showers")
+    join_group(shard, "cpu")
+    workers = args.workers
+    if workers is None and shard.torchrun:  # the node's cores shared among its ranks
+        workers = max(1, min(os.cpu_count() or 1, 8) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     start = time.perf_counter()
-    simulate_to_file(args.output, args.n, material=args.material, particle=args.particle,
+    simulate_to_file(output, args.n, material=args.material, particle=args.particle,
                      energy_GeV=args.energy, spectrum=args.spectrum, geometry=args.geometry, seed=args.seed,
-                     threshold_mip=args.threshold, workers=args.workers, noise_mip=args.noise_mip,
-                     position=args.position, angle=args.angle)
+                     threshold_mip=args.threshold, workers=workers, noise_mip=args.noise_mip,
+                     position=args.position, angle=args.angle, shard=None if shard.alone else shard)
     elapsed = time.perf_counter() - start
-    print(f"wrote {args.n} showers to {args.output} in {elapsed:.1f} s ({args.n / elapsed:.0f} showers/s)")
-    _summary(args.output, None)
+    print(f"{shard.tag}wrote {hi - lo} showers{'' if shard.alone else f' [{lo}, {hi})'} to {output} in "
+          f"{elapsed:.1f} s ({(hi - lo) / elapsed:.0f} showers/s)")
+    if shard.alone:
+        _summary(output, None)
+    summarize(shard, {"n": hi - lo, "seconds": elapsed}, "simulate")
+
+
+def cmd_merge(args) -> None:
+    from calofm.data.shards import merge_shards
+    from calofm.errors import CalofmError
+    from calofm.outputs import check_free_space, check_output_file
+
+    check_output_file(args.output, args.force)
+    inputs = {os.path.realpath(p) for p in args.shards}
+    if os.path.realpath(args.output) in inputs:
+        raise CalofmError(f"output {args.output} is one of the shards; write the merged file elsewhere")
+    check_free_space(args.output, sum(os.path.getsize(p) for p in args.shards if os.path.isfile(p)),
+                     f"{len(args.shards)} shards")
+    start = time.perf_counter()
+    done = merge_shards(list(args.shards), args.output)
+    for path, n, seconds in done["shards"]:
+        print(f"  {path}: {n} showers, {n / max(seconds, 1e-3):.2f} showers/s")
+    total_rate = sum(n / max(seconds, 1e-3) for _, n, seconds in done["shards"])
+    print(f"wrote {done['n']} showers of {len(done['shards'])} shards to {args.output} in "
+          f"{time.perf_counter() - start:.1f} s; the shards together made {total_rate:.2f} showers/s "
+          "(the sum of their rates, for shards run side by side)")
 
 
 def cmd_inspect(args) -> None:

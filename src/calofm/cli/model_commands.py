@@ -90,6 +90,9 @@ def register(sub) -> None:
     p.add_argument("--graph", action="store_true",
                    help="decode with the static-shape step captured as a CUDA graph (the default on a GPU; "
                         "on CPU it runs eagerly and is slower), see docs/speed.md")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="make only shard K (0 ... N-1) of the run's showers, into OUTPUT.shard-K-of-N.h5 (for array "
+                        "jobs; under torchrun each rank is its shard by itself); `calofm merge` joins the shards")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -174,30 +177,56 @@ def cmd_train(args) -> None:
 def cmd_generate(args) -> None:
     import torch
 
+    from calofm.data.shards import shard_attrs
     from calofm.generation import DecodeOptions, load
+    from calofm.generation.sampler import head_samplings
     from calofm.model.precision import resolve_precision
     from calofm.outputs import check_free_space, check_memory, check_output_file, shower_file_bytes
+    from calofm.sharding import device_for, join_group, parse_shard, summarize
+    from calofm.simulation.runner import parse_energy
 
+    shard = parse_shard(args.shard)
+    start, stop = shard.range(args.n)  # the whole run when not sharded
+    n, output = stop - start, shard.path(args.output)
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_output_file(args.output, args.force)
-    model = load(args.model, args.adapter, device=args.device)
+    check_output_file(output, args.force)
+    model = load(args.model, args.adapter, device=device_for(shard, args.device))
+    join_group(shard, str(model.device))
     n_voxels = model.geometry.n_voxels
     # the showers are held in memory (float32, and once more when joined) before the file is written
-    check_memory(2 * 4 * args.n * n_voxels, f"--n {args.n} ({n_voxels} voxels per shower)")
-    check_free_space(args.output, shower_file_bytes(args.n, n_voxels), f"{args.n} showers")
-    t0 = time.time()
-    model.generate(args.n, material=args.material, particle=args.particle, energy_GeV=args.energy,
-                   spectrum=args.spectrum, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy,
-                   batch_size=args.batch_size, output=args.output,
-                   progress=not args.no_progress, totals=args.totals,
-                   options=DecodeOptions(resolve_precision(args.precision, model.device), compile=args.compile,
-                                         graph=True if args.graph else None))
+    check_memory(2 * 4 * n * n_voxels, f"--n {n} ({n_voxels} voxels per shower)")
+    check_free_space(output, shower_file_bytes(n, n_voxels), f"{n} showers")
+    options = DecodeOptions(resolve_precision(args.precision, model.device), compile=args.compile,
+                            graph=True if args.graph else None)
+    t0 = time.perf_counter()
+    incident, showers = model.generate(
+        n, material=args.material, particle=args.particle, energy_GeV=args.energy, spectrum=args.spectrum,
+        seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p_voxel=args.min_p_voxel, min_p_energy=args.min_p_energy, batch_size=args.batch_size,
+        output=output if shard.alone else None, progress=not args.no_progress, totals=args.totals, options=options,
+        start=start, progress_tag=shard.tag)
+    seconds = time.perf_counter() - t0
+    if not shard.alone:  # the file says which showers of which run it holds (calofm merge checks)
+        sampling, energy_sampling = head_samplings(args.temperature, args.top_k, args.top_p, args.min_p_voxel,
+                                                   args.min_p_energy)
+        material = model.materials[model.tokenizer.material_id(args.material)]
+        particle = model.particles[model.tokenizer.particle_id(args.particle)]
+        run = {"command": "generate", "model_sha256": model.manifest.get("weights", {}).get("sha256", ""),
+               "adapter_sha256": list(getattr(model, "adapter_sha256", [])), "seed": args.seed,
+               "material": material, "particle": particle,
+               "geometry": model.geometry.with_absorber(material).to_json(),
+               "energy_GeV": list(parse_energy(args.energy)), "spectrum": args.spectrum, "sampling": vars(sampling),
+               "energy_sampling": vars(energy_sampling), "totals": bool(args.totals), "precision": options.precision,
+               "n": args.n}
+        model.write(output, incident, showers, material, particle, args.seed, sampling, energy_sampling,
+                    attrs=shard_attrs(run, shard.index, shard.count, start, stop, seconds))
     s = model.last_stats
-    print(f"wrote {s['n_showers']} showers to {args.output} in {time.time() - t0:.1f} s "
-          f"({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits {s['max_hits']}; "
-          f"{'two-stage: hit count and energy sum from the fitted totals' if s['totals'] else 'one-stage'})")
+    stages = "two-stage: hit count and energy sum from the fitted totals" if s["totals"] else "one-stage"
+    print(f"{shard.tag}wrote {s['n_showers']} showers{'' if shard.alone else f' [{start}, {stop})'} to {output} "
+          f"in {seconds:.1f} s ({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits "
+          f"{s['max_hits']}; {stages})")
+    summarize(shard, {"n": n, "seconds": seconds}, "generate")
 
 
 def cmd_fit_totals(args) -> None:

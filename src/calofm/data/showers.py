@@ -217,8 +217,17 @@ class ShowerWriter:
         attrs = {"material": material, "particle": particle, "geometry": geometry.to_json(),
                  "generator": generator, "seed": "" if seed is None else int(seed)}
         attrs.update(extra_attrs or {})
-        for key, value in attrs.items():
-            self.file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        self.set_attrs(attrs)
+
+    def set_attrs(self, attrs: dict) -> None:
+        """More file attributes (dicts and lists as JSON), before the file is closed: what is known only
+        once the showers are written (a shard's time)."""
+        try:
+            for key, value in attrs.items():
+                self.file.attrs[key] = value if not isinstance(value, (dict, list)) else json.dumps(value)
+        except OSError as exc:
+            self.abort()
+            raise write_error(self.path, exc) from None
 
     def write(self, energies: np.ndarray, showers: np.ndarray, positions: np.ndarray | None = None,
               angles: np.ndarray | None = None) -> None:

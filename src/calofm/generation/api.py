@@ -66,7 +66,7 @@ class ShowerModel:
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  min_p_voxel: float | None = None, min_p_energy: float | None = None, batch_size: int = 256,
                  output: str | None = None, progress: bool = False, options: DecodeOptions | None = None,
-                 totals: bool = False, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 totals: bool = False, start: int = 0, progress_tag: str = "") -> tuple[np.ndarray, np.ndarray]:
         """Generate n showers: (incident energies (n,) MeV, cell energies (n, n_voxels) MeV), float32.
 
         Showers start, ..., start + n - 1 of the run of this seed: shower i draws every random number
@@ -86,9 +86,9 @@ class ShowerModel:
         `totals`: two-stage generation (calofm.tokenizer.totals) - draw each shower's hit count and
         visible energy first, hold the decoder to that count and rescale the hits to that energy.
         Off by default: it fixes those two totals but hurts the shower shape where showers leak
-        (Cu: high-level AUC 0.65 -> 0.86), see docs/model.md."""
-        if not 0 <= start < 2 ** 31:
-            raise CalofmError(f"first shower index must be within [0, 2^31), got {start}")
+        (Cu: high-level AUC 0.65 -> 0.86), see docs/model.md. progress_tag: the progress line's prefix."""
+        if not 0 <= start <= 2 ** 32 - max(n, 1):
+            raise CalofmError(f"first shower index must be within [0, 2^32 - n], got {start}")
         mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
         key = class_key(material, self.particles[par_id])
@@ -117,8 +117,8 @@ class ShowerModel:
                                                               normals=shower_normals(seed, index, TOTALS, 2).numpy())
             target_hits = np.minimum(target_hits, max_hits)
         showers, n_capped, n_hits = [], 0, 0
-        bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"generate {material} {particle}", dynamic_ncols=True,
-                   disable=not progress)
+        bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"{progress_tag}generate {material} {particle}",
+                   dynamic_ncols=True, disable=not progress)
         for lo in range(0, len(incident_MeV), batch_size):
             e, rows = incident_MeV[lo:lo + batch_size], index[lo:lo + batch_size]
             b = len(e)
@@ -146,12 +146,15 @@ class ShowerModel:
         return incident_MeV, showers
 
     def write(self, path: str, incident_MeV, showers, material: str, particle: str, seed: int,
-              sampling: SamplingConfig | None = None, energy_sampling: SamplingConfig | None = None) -> None:
+              sampling: SamplingConfig | None = None, energy_sampling: SamplingConfig | None = None,
+              attrs: dict | None = None) -> None:
+        """Write showers as generate(output=...) does; attrs: more file attributes (a shard's)."""
         energy_sampling = energy_sampling or sampling  # one config: both heads
         digest = self.manifest.get("weights", {}).get("sha256", "")[:12]
         extra = {"model_sha256": self.manifest.get("weights", {}).get("sha256", ""),
                  "sampling": {} if sampling is None else vars(sampling),
-                 "energy_sampling": {} if energy_sampling is None else vars(energy_sampling), **self.last_stats}
+                 "energy_sampling": {} if energy_sampling is None else vars(energy_sampling), **self.last_stats,
+                 **(attrs or {})}
         with ShowerWriter(path, self.geometry.with_absorber(material), material, canonical_particle(particle),
                           f"calofm {__version__} next-token model {digest}", seed, extra_attrs=extra) as w:
             w.write(incident_MeV, showers)

@@ -59,9 +59,10 @@ from calofm.tokenizer import EOS, PAD, Block
 # Eager: compact once this fraction of the rows in flight has finished (10 % and 5 %: within noise of
 # 25 % on the 2-core CPU).
 COMPACT_FRACTION = 0.25
-# Eager compaction leaves at least this many rows: this CPU's sgemm rounds a row differently when given
-# 1-3 rows than 4 or more (every layer shape of calofm-small, one thread), so a smaller compacted batch
-# could flip a token against the uncompacted decode.
+# A batch never runs fewer rows: this CPU's sgemm rounds a row differently when given 1-3 rows than 4
+# or more (every layer shape of calofm-small, one thread), so a smaller batch, or a batch compacted
+# further, could flip a token against the same shower decoded among more. Batches of 1-3 showers are
+# padded with finished rows up to it; eager compaction stops at it.
 COMPACT_MIN_ROWS = 4
 # Static: steps between reads of "all finished?" (each a host sync that drains the GPU's queue): at
 # most 7 idle steps per batch, of ~180 for a 50 GeV shower.
@@ -260,7 +261,8 @@ class Decoder:
                             energy_off=_off(self.model.cfg.n_energy_tokens, energy_block, False, device),
                             sampling=sampling, energy_sampling=energy_sampling, opt=opt, static=static,
                             targeted=target is not None, row_caps=caps is not None, cache_dtype=_cache_dtype(device))
-            run = self._static_run(incident, material, settings) if static else _Run(self, len(incident), **settings)
+            rows = max(len(incident), COMPACT_MIN_ROWS)  # the rows past the batch start finished
+            run = self._static_run(incident, material, settings) if static else _Run(self, rows, **settings)
             try:
                 return (run.static if static else run.eager)(incident, material, particle, target, caps, uniforms)
             except BaseException:
@@ -286,9 +288,9 @@ class Decoder:
         if kept is not None and one_material and kept.key == key and len(material) <= kept.B0:
             return kept
         if not one_material:
-            return _Run(self, len(incident), key=key, **settings)
+            return _Run(self, max(len(incident), COMPACT_MIN_ROWS), key=key, **settings)
         self.kept = None  # free the old run's buffers and graphs before allocating new ones
-        self.kept = _Run(self, len(incident), key=key, **settings)
+        self.kept = _Run(self, max(len(incident), COMPACT_MIN_ROWS), key=key, **settings)
         return self.kept
 
 
@@ -428,7 +430,7 @@ class _Run:
         rows = self.rows = self._start(incident, material, particle, target, caps, self.max_hits)
         attend = self.decoder.compiled("attend") if self.opt.compile else None
         model.setup_cache(B0, max_len=self.max_hits + 2, dtype=self.cache_dtype, sliced=True, attend=attend)
-        rows.h = model.prefill(incident, material, particle, rows.plan)
+        rows.h = model.prefill(rows.incident, rows.material, rows.particle, rows.plan)
         plan_at = (B0, 0)  # (rows in flight, finished among them) when the plan was made
         for t in range(self.max_hits + 1):
             r = self.rows
@@ -447,7 +449,7 @@ class _Run:
                 keep = (~r.done).nonzero().squeeze(1)
                 self.rows = r.select(keep)
                 model.select_cache_rows(keep)
-        return self._result(B0)
+        return self._result(len(incident))
 
     # --- static ----------------------------------------------------------------------------------
     def _caches(self) -> list:

@@ -2,7 +2,10 @@
 
 Reproducibility: showers are made in fixed-size chunks and chunk k draws from
 numpy.random.default_rng([seed, k]); a file is therefore bit-identical for the same seed whatever
-the number of worker processes, and its first showers do not depend on how many follow.
+the number of worker processes. Shower i depends on the seed and i (its chunk, its place there), and
+on the run's size n only in the last chunk when n is not a whole number of chunks (a short chunk
+draws its random numbers in another order). A shard (calofm.sharding) therefore makes whole chunks:
+its showers are the one-process run's.
 
 The beam: an impact point on the front face (mm; by default the centre of a cell next to the grid
 centre) or a uniform spread over a rectangle, and an angle of incidence (theta from the axis, phi
@@ -12,6 +15,7 @@ azimuth, degrees). Every shower's impact point and angles are returned / written
 from __future__ import annotations
 
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -160,10 +164,13 @@ def _setup(material, particle, energy_GeV, spectrum, geometry, threshold_mip, no
     return geometry, particle, energy, Medium.from_geometry(geometry, threshold_mip, noise_mip), beam
 
 
-def _chunks(n: int, seed: int, workers: int, progress: bool, desc: str, **kw):
-    sizes = [min(CHUNK, n - lo) for lo in range(0, n, CHUNK)]
-    jobs = [partial(_chunk, k, size, seed, **kw) for k, size in enumerate(sizes)]
-    bar = tqdm(total=n, unit="shower", desc=desc, disable=not progress, dynamic_ncols=True)
+def _chunks(n: int, seed: int, workers: int, progress: bool, desc: str, start: int = 0, stop: int | None = None,
+            **kw):
+    """The chunks of a run of n showers that make showers [start, stop) (start a whole number of chunks)."""
+    stop = n if stop is None else stop
+    sizes = {lo // CHUNK: min(CHUNK, n - lo) for lo in range(start, stop, CHUNK)}
+    jobs = [partial(_chunk, k, size, seed, **kw) for k, size in sizes.items()]
+    bar = tqdm(total=stop - start, unit="shower", desc=desc, disable=not progress, dynamic_ncols=True)
     if workers <= 1 or len(jobs) <= 2:
         results = (job() for job in jobs)
         pool = None
@@ -209,9 +216,12 @@ def simulate(n: int, material: str = "W", particle: str = "gamma", energy_GeV=(1
 def simulate_to_file(path: str, n: int, material: str = "W", particle: str = "gamma", energy_GeV=(10.0, 100.0),
                      spectrum: str = "uniform", geometry: str | Geometry = "cpu", seed: int = 0,
                      threshold_mip: float = 0.5, workers: int | None = None, progress: bool = True,
-                     noise_mip: float = 0.0, position=None, angle=None) -> Geometry:
+                     noise_mip: float = 0.0, position=None, angle=None, shard=None) -> Geometry:
     """Stream n simulated showers into a CaloChallenge-layout HDF5 file (atomic; memory ~ one chunk per
-    worker), with each shower's impact point and angles beside its incident energy."""
+    worker), with each shower's impact point and angles beside its incident energy.
+    shard (calofm.sharding.Shard): only that shard's showers, whole chunks of the run
+    (shard.range(n, CHUNK)), with the attributes `calofm merge` reads (calofm.data.shards)."""
+    from calofm.data.shards import shard_attrs
     from calofm.data.showers import ShowerWriter
 
     if n <= 0:
@@ -221,12 +231,19 @@ def simulate_to_file(path: str, n: int, material: str = "W", particle: str = "ga
     workers = workers or min(os.cpu_count() or 1, 8)
     extra = {"energy_GeV": f"{energy[0]:g}:{energy[1]:g}", "spectrum": spectrum, "threshold_mip": threshold_mip,
              "noise_mip": noise_mip, "beam": beam.describe(), "simulator_version": SIMULATOR_VERSION}
-    with ShowerWriter(path, geometry, geometry.absorber, particle, GENERATOR, seed, expected=n, extra_attrs=extra,
-                      beam=True) as w:
+    start, stop = (0, n) if shard is None else shard.range(n, CHUNK)
+    run = {"command": "simulate", "generator": GENERATOR, "seed": int(seed), "material": geometry.absorber,
+           "particle": particle, "geometry": geometry.to_json(), **extra, "n": n}
+    t0 = time.perf_counter()
+    with ShowerWriter(path, geometry, geometry.absorber, particle, GENERATOR, seed, expected=stop - start,
+                      extra_attrs=extra, beam=True) as w:
         for energies, showers, positions, angles in _chunks(
-                n, seed, workers, progress, f"simulate {geometry.absorber} {particle}", geometry=geometry,
-                medium=medium, particle=particle, energy_GeV=energy, spectrum=spectrum, beam=beam):
+                n, seed, workers, progress, f"{'' if shard is None else shard.tag}simulate {geometry.absorber} "
+                f"{particle}", start, stop, geometry=geometry, medium=medium, particle=particle, energy_GeV=energy,
+                spectrum=spectrum, beam=beam):
             w.write(energies, showers, positions, angles)
+        if shard is not None and not shard.alone:
+            w.set_attrs(shard_attrs(run, shard.index, shard.count, start, stop, time.perf_counter() - t0))
     return geometry
 
 
