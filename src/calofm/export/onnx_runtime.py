@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from calofm.errors import CalofmError
-from calofm.generation.decode import COMPACT_FRACTION, DRAW_ENERGY, DRAW_VOXEL, DRAWS_PER_STEP
+from calofm.generation.decode import COMPACT_FRACTION, COMPACT_MIN_ROWS, DRAW_ENERGY, DRAW_VOXEL, DRAWS_PER_STEP
 from calofm.generation.streams import INCIDENT, SMEAR, decode_uniforms, shower_uniforms
 from calofm.simulation.runner import energies_from_uniforms, parse_energy
 from calofm.tokenizer import PAD, incident_feature
@@ -97,16 +97,21 @@ class OnnxDecoder:
             lmp.append(math.log(value) if value > 0 else -math.inf)  # SamplingConfig.log_min_p, rounded to fp32
         fixed = {"log_min_p": np.array(lmp, dtype=np.float32), "temperature": np.array([temperature], dtype=np.float32)}
 
+        # as the PyTorch decoder: at least COMPACT_MIN_ROWS rows (the CPU's matrix kernels may round 1-3
+        # rows differently), the extra rows finished from the start
+        B0 = max(B, COMPACT_MIN_ROWS)
+        incident = np.concatenate([incident, np.repeat(incident[:1], B0 - B)])
+        uniforms = np.concatenate([uniforms, np.repeat(uniforms[:1], B0 - B, axis=0)])
         h, *kv = self.prefill.run(None, {"incident": incident})
         width = WINDOW
-        cache = [np.zeros((B, self.n_heads, width, self.head_dim), dtype=np.float32) for _ in kv]
+        cache = [np.zeros((B0, self.n_heads, width, self.head_dim), dtype=np.float32) for _ in kv]
         for buf, x in zip(cache, kv):
             buf[:, :, :2] = x
-        hits = np.full((B, max_hits), PAD, dtype=np.int64)
-        done = np.zeros(B, dtype=bool)
-        rows = np.arange(B)  # the original row of each row in flight
-        out_v, out_e = (np.full((B, max_hits), PAD, dtype=np.int64) for _ in range(2))
-        capped = np.zeros(B, dtype=bool)
+        hits = np.full((B0, max_hits), PAD, dtype=np.int64)
+        done = np.arange(B0) >= B
+        rows = np.arange(B0)  # the original row of each row in flight
+        out_v, out_e = (np.full((B0, max_hits), PAD, dtype=np.int64) for _ in range(2))
+        capped = np.zeros(B0, dtype=bool)
         for t in range(max_hits + 1):
             if t == max_hits:  # EOS forced
                 capped[rows] = ~done
@@ -128,12 +133,12 @@ class OnnxDecoder:
             out_v[rows, t], out_e[rows, t], hits[:, t] = v, e, v
             for buf, x in zip(cache, new):
                 buf[:, :, t + 2] = x
-            if compact and n_done >= COMPACT_FRACTION * len(done):
+            if compact and n_done >= COMPACT_FRACTION * len(done) and len(done) - n_done >= COMPACT_MIN_ROWS:
                 keep = ~done
                 rows, h, hits, done = rows[keep], h[keep], hits[keep], done[keep]
                 cache = [np.ascontiguousarray(c[keep]) for c in cache]
-        n_hits = (out_v != PAD).sum(axis=1)
-        return OnnxResult(out_v, out_e, n_hits, capped)
+        out_v, out_e, capped = out_v[:B], out_e[:B], capped[:B]
+        return OnnxResult(out_v, out_e, (out_v != PAD).sum(axis=1), capped)
 
     def cells(self, result: OnnxResult, u: np.ndarray | None = None) -> np.ndarray:
         """Tokens -> cell energies (B, n_voxels) MeV from the JSON alone: each energy at position u
