@@ -10,7 +10,7 @@ import torch
 
 import calofm
 from calofm.errors import CalofmError
-from calofm.generation.decode import DRAWS_PER_STEP, DecodeOptions, Decoder, decode
+from calofm.generation.decode import DRAWS_PER_STEP, DecodeOptions, Decoder, decode, draws_per_step
 from calofm.generation.streams import decode_uniforms
 from calofm.generation.sampler import SamplingConfig, sample
 from calofm.tokenizer import incident_feature
@@ -22,9 +22,9 @@ def small():
     return calofm.load("calofm-small", adapters=["Pb", "e-"])
 
 
-def draws(seed: int, n: int, max_hits: int) -> torch.Tensor:
+def draws(seed: int, n: int, max_hits: int, model=None) -> torch.Tensor:
     """The uniform table of showers 0..n-1 of a run of this seed (what generate() passes the decoder)."""
-    return decode_uniforms(seed, range(n), max_hits, DRAWS_PER_STEP)
+    return decode_uniforms(seed, range(n), max_hits, DRAWS_PER_STEP if model is None else draws_per_step(model))
 
 
 def constants(monkeypatch, **values):
@@ -104,7 +104,7 @@ def test_ways_to_run_the_step_give_identical_tokens_with_model_options(monkeypat
 
     def run(opt):
         return decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block, SamplingConfig(),
-                      uniforms=draws(5, B, 40), options=opt, target_hits=target)
+                      uniforms=draws(5, B, 40, net), options=opt, target_hits=target)
 
     ref = run(PLAIN)
     assert ref.n_hits.tolist() == target.clamp(max=40).tolist() and ref.capped[-2:].all()

@@ -9,7 +9,7 @@ from test_model import make_corpus, make_tokenizer, tiny_model
 
 from calofm.detector.geometry import CylindricalGrid, Geometry, Layer
 from calofm.errors import CalofmError
-from calofm.generation.decode import DRAWS_PER_STEP, DecodeOptions, decode
+from calofm.generation.decode import DecodeOptions, decode, draws_per_step
 from calofm.generation.streams import decode_uniforms
 from calofm.model import ModelConfig, get_preset
 from calofm.tokenizer import ShowerTokenizer
@@ -122,11 +122,41 @@ def test_factorized_decode_fills_a_small_grid_without_repeating_a_voxel(static):
     assert model.voxel_head.n_cells == 4 and model.voxel_head.cell_off.sum() == 1
     B = 6
     res = decode(model, torch.linspace(0, 1, B), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long),
-                 8, tok.voxel_block, tok.energy_block, uniforms=decode_uniforms(1, range(B), 8, DRAWS_PER_STEP),
+                 8, tok.voxel_block, tok.energy_block, uniforms=decode_uniforms(1, range(B), 8, draws_per_step(model)),
                  options=DecodeOptions(graph=static), target_hits=torch.full((B,), 7))
     assert (res.n_hits == 7).all() and not res.capped.any()
     for row in res.voxel_tokens:
         assert sorted(row[:7].tolist()) == list(range(3, 10)) and row[7] == 0
+
+
+def test_factorized_decode_draws_the_layer_from_the_free_cells():
+    """A cell head sure of a cell the shower already hit must not make its layer draw that layer's far tail:
+    the layer is drawn from the joint restricted to the free cells. Here every layer's cell head puts all
+    but ~1e-8 of its mass on cell 0 and the two layers are equally likely: after the first hit, the second
+    must be cell 0 of the other layer (a row misses only if all LAYER_TRIES tries draw the used layer,
+    1/16; drawing the layer first and then masking the hit cell misses in half the rows)."""
+    geo = Geometry("mini", (Layer("W", 3.5, "Si", 0.5),) * 2,
+                   CylindricalGrid(((0.0, 10.0, 20.0), (0.0, 10.0)), (2, 3)))
+    tok = ShowerTokenizer.create(geo, ["W"], ["gamma"])
+    tok.max_hits = 8
+    from calofm.model import ShowerTransformer
+
+    model = ShowerTransformer(get_preset("tiny", voxel_head="factorized").for_tokenizer(tok)).eval()
+    head = model.voxel_head
+    with torch.no_grad():
+        head.layer_head.weight.zero_()  # PAD, BOS, EOS, layer 0, layer 1 equally likely (EOS held off)
+        head.cell_in.ln_out.weight.zero_()
+        head.cell_in.ln_out.bias.copy_(torch.eye(model.cfg.d_model)[0])
+        head.cell_head.weight.zero_()
+        head.cell_head.weight[0, 0] = 20.0  # cell 0: logit 20, the others 0
+    B = 400
+    res = decode(model, torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), 8,
+                 tok.voxel_block, tok.energy_block, uniforms=decode_uniforms(2, range(B), 8, draws_per_step(model)),
+                 target_hits=torch.full((B,), 2))
+    first, second = res.voxel_tokens[:, 0], res.voxel_tokens[:, 1]
+    assert set(first.tolist()) == {3, 7}  # cell 0 of layer 0 or of layer 1
+    both = ((first == 3) & (second == 7)) | ((first == 7) & (second == 3))
+    assert both.float().mean() > 0.85
 
 
 def test_trained_model_with_both_options_saves_loads_and_generates(tmp_path):

@@ -11,9 +11,9 @@ energy ~ p(e | v, past), restricted to the energy-bin block, and the transformer
 over the KV cache. The sampler's inverse CDF reads one uniform per row and draw: each shower brings its
 own table of them, (max_hits + 1, draws per step) (generation.streams: drawn from the run's seed and
 the shower's index), and step t reads its column t. So a shower's tokens depend neither on the other showers of its batch nor on
-which of them are still running. A factorized voxel head (model/voxel_head.py) draws the layer or EOS
-(masking the layers whose cells are all hit), then with a second uniform (u_cell, column DRAW_CELL) the
-cell within the layer (masking the cells already hit). With running_inputs each row carries the
+which of them are still running. A factorized voxel head (model/voxel_head.py) draws the layer or EOS,
+then the cell within the layer, from the joint restricted to the cells not hit yet (a rejection over
+LAYER_TRIES layer draws, _Run._layer_then_cell; its table is wider: draws_per_step). With running_inputs each row carries the
 visible energy of its hits so far (_Rows.energy), fed to the model with the next position.
 
 Two ways to run the step (DecodeOptions.graph), with the same showers for a seed (bit for bit in fp32
@@ -48,7 +48,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from calofm.generation.sampler import SamplingConfig, chunk_sums, sample
+from calofm.generation.sampler import SamplingConfig, chunk_sums, filter_logits, sample
 from calofm.model import ShowerTransformer
 from calofm.model.attention import attend_over_cache
 from calofm.model.moe import RoutingPlan, routing_plan
@@ -75,10 +75,17 @@ GRAPH_MIN_ROWS = 32
 # bf16 cache is 7 GB: reading all of it every step bounds the step).
 GRAPH_WINDOW = 64
 # Uniforms a step reads per shower, in this order in the last axis of the table (streams.decode_uniforms).
-# (DRAW_CELL: the cell of the chosen layer, read by a factorized voxel head only; the table has the
-# column whatever the head, so a shower's other draws do not depend on it.)
-DRAW_VOXEL, DRAW_CELL, DRAW_ENERGY = 0, 1, 2
-DRAWS_PER_STEP = 3
+DRAW_VOXEL, DRAW_ENERGY = 0, 1
+DRAWS_PER_STEP = 2  # a flat voxel head's table; a factorized head's is wider (draws_per_step)
+# A factorized voxel head draws the layer up to LAYER_TRIES times (rejection, see _Run._layer_then_cell):
+# its table adds the cell's uniform, the other tries' layer uniforms and one acceptance uniform per try.
+LAYER_TRIES = 4
+DRAW_CELL, DRAW_TRIES = 2, 3  # DRAW_TRIES: LAYER_TRIES - 1 layer uniforms, then LAYER_TRIES acceptance ones
+
+
+def draws_per_step(model) -> int:
+    """The last axis of the uniform table a decode of `model` reads (streams.decode_uniforms)."""
+    return DRAW_TRIES + 2 * LAYER_TRIES - 1 if model.factorized else DRAWS_PER_STEP
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ class Decoder:
     @property
     def draws_per_step(self) -> int:
         """The last axis of the uniform table decode() takes (streams.decode_uniforms)."""
-        return DRAWS_PER_STEP
+        return draws_per_step(self.model)
 
     def compiled(self, name: str):
         """torch.compile (dynamic shapes: the batch shrinks on compaction) of one of the decode's
@@ -313,8 +320,9 @@ class _Run:
         self.energy_logits = decoder.compiled("energy_logits") if compiled else self.model.energy_logits
         self.cdf_fn = decoder.compiled("chunk_sums") if compiled else None
         # one row more than the batch: the sink row B0 takes the static fillers' writes (and reads a fixed uniform)
-        # (u_cell: the factorized head's second draw)
-        self.u_voxel, self.u_cell, self.u_energy = (torch.full((B0 + 1, 1), 0.5, device=device) for _ in range(3))
+        self.u_voxel, self.u_energy = (torch.full((B0 + 1, 1), 0.5, device=device) for _ in range(2))
+        # a factorized head's other draws: the cell, the other layer tries, the acceptances (DRAW_CELL on)
+        self.u_extra = torch.full((B0 + 1, draws_per_step(self.model) - DRAW_CELL), 0.5, device=device)
         self.out_voxel, self.out_energy = (torch.empty((B0 + 1, max_hits), dtype=torch.long, device=device)
                                            for _ in range(2))
         self.capped = torch.zeros(B0 + 1, dtype=torch.bool, device=device)
@@ -354,10 +362,17 @@ class _Run:
         return sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
 
     def _layer_then_cell(self, stop: torch.Tensor | None, n_read: int) -> torch.Tensor:
-        """Factorized head: the layer (or EOS) with u_voxel, masking the layers whose cells are all hit
-        already, then the cell within it with u_cell, masking the cells already hit in that layer."""
-        r, head = self.rows, self.model.voxel_head
-        S = head.n_specials
+        """Factorized head: the layer (or EOS), then the cell within it, from the joint p(layer) p(cell |
+        layer) restricted to the cells not hit yet. Masking the hit cells after the layer is drawn would
+        not be that: where the cell head still puts its mass on a hit cell (the shower's core, early in
+        training), the layer is drawn as if the cell were free and the cell then comes from the far tail
+        that is left (stray energetic hits at the grid's edge). So the layer is drawn by rejection: up to
+        LAYER_TRIES draws from p(layer) (the layers whose cells are all hit masked), each accepted with
+        the probability its cell head gives the free cells (EOS: always); the first accepted is a draw
+        from the restricted joint, and if none is, the try with the most free mass is taken. The cell then
+        comes from its layer's free cells. The tries run side by side (no host sync)."""
+        r, head, K = self.rows, self.model.voxel_head, LAYER_TRIES
+        S, B = head.n_specials, len(r.h)
         logits = head.layer_logits(r.h).index_fill_(1, self.voxel_off, float("-inf"))  # (B, S + L)
         hits = r.hits[:, :n_read]
         hit_class = head.token_class[hits]  # (B, n_read); PAD -> the PAD column
@@ -367,15 +382,28 @@ class _Run:
             logits[:, S:].masked_fill_(counts[:, S:] >= head.layer_cells, float("-inf"))
         if stop is not None:
             logits[:, EOS] = torch.where(stop, logits[:, EOS], float("-inf"))
-        c = sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=self.u_voxel[r.orig])
-        layer = (c - S).clamp(0, head.n_layers - 1)  # EOS rows draw a cell of layer 0, unused
-        cells = head.cell_logits(r.h, layer)  # (B, C), beyond the layer's count -inf
+        extra = self.u_extra[r.orig]  # (B, 2K): cell, K - 1 layer tries, K acceptances
+        u_layer = torch.cat([self.u_voxel[r.orig], extra[:, 1:K]], dim=1)  # (B, K)
+        c = torch.stack([sample(logits, self.sampling, cdf_fn=self.cdf_fn, u=u_layer[:, k:k + 1])
+                         for k in range(K)], dim=1)  # (B, K) class of each try
+        layer = (c - S).clamp(0, head.n_layers - 1)  # EOS tries read a cell head of layer 0, unused
+        cells = head.cell_logits(r.h[:, None].expand(B, K, r.h.shape[-1]), layer).float()  # (B, K, C)
+        C = cells.shape[-1]
         # one column more, where the hits of other layers land
-        cells = torch.cat([cells, cells.new_full((len(c), 1), float("-inf"))], dim=1)
+        cells = torch.cat([cells, cells.new_full((B, K, 1), float("-inf"))], dim=2)
+        free = cells.clone()
         if n_read:
-            _fill_entries(cells, torch.where(hit_class == c[:, None], head.token_cell[hits], head.n_cells),
-                          float("-inf"))
-        cell = sample(cells, self.sampling, cdf_fn=self.cdf_fn, u=self.u_cell[r.orig])
+            cols = torch.where(hit_class[:, None, :] == c[:, :, None], head.token_cell[hits][:, None, :], C)
+            _fill_entries(free.view(B * K, C + 1), cols.reshape(B * K, -1), float("-inf"))
+        # the free cells' share of what the cell draw would sample from (temperature, top-k/p, min-p)
+        probs = filter_logits(cells.view(B * K, C + 1), self.sampling).float().softmax(dim=-1)
+        mass = torch.where(free.view(B * K, C + 1) > float("-inf"), probs, 0.0).sum(dim=-1).view(B, K)
+        mass = torch.where(c >= S, mass, 1.0)
+        accept = extra[:, K:] < mass  # (B, K)
+        k = torch.where(accept.any(dim=1), accept.int().argmax(dim=1), mass.argmax(dim=1))  # first accepted
+        c, layer = c.gather(1, k[:, None]).squeeze(1), layer.gather(1, k[:, None]).squeeze(1)
+        chosen = free[torch.arange(B, device=free.device), k]  # (B, C + 1)
+        cell = sample(chosen, self.sampling, cdf_fn=self.cdf_fn, u=extra[:, :1])
         return torch.where(c >= S, head.token(layer, cell.clamp(max=head.n_cells - 1)), c)
 
     def _advance(self, t, v: torch.Tensor, is_hit: torch.Tensor) -> torch.Tensor:
@@ -400,7 +428,7 @@ class _Run:
         if self.sampling.temperature > 0:
             self.u_voxel[:n, 0].copy_(uniforms[:, t, DRAW_VOXEL])
             if self.model.factorized:
-                self.u_cell[:n, 0].copy_(uniforms[:, t, DRAW_CELL])
+                self.u_extra[:n].copy_(uniforms[:, t, DRAW_CELL:])
         if self.energy_sampling.temperature > 0:
             self.u_energy[:n, 0].copy_(uniforms[:, t, DRAW_ENERGY])
 
