@@ -27,6 +27,17 @@ def draws(seed: int, n: int, max_hits: int, model=None) -> torch.Tensor:
     return decode_uniforms(seed, range(n), max_hits, DRAWS_PER_STEP if model is None else draws_per_step(model))
 
 
+def assert_every_way_gives(ref, run, monkeypatch) -> None:
+    """run(options) gives ref's tokens, caps and hit counts for every way of running the step (WAYS)."""
+    for opt, values in WAYS:
+        with monkeypatch.context() as m:
+            constants(m, **values)
+            res = run(opt)
+        assert torch.equal(res.voxel_tokens, ref.voxel_tokens), (opt, values)
+        assert torch.equal(res.energy_tokens, ref.energy_tokens), (opt, values)
+        assert torch.equal(res.capped, ref.capped) and torch.equal(res.n_hits, ref.n_hits), (opt, values)
+
+
 def constants(monkeypatch, **values):
     """Set the decoder's tuning constants (COMPACT_FRACTION, GRAPH_MIN_ROWS, ...) for one test."""
     for name, value in values.items():
@@ -67,13 +78,7 @@ def test_ways_to_run_the_step_give_identical_tokens(small, monkeypatch, mats, mi
 
     ref = run(PLAIN)
     assert len(set(ref.n_hits.tolist())) > 1  # showers finish at different steps: compaction happens
-    for opt, values in WAYS:
-        with monkeypatch.context() as m:
-            constants(m, **values)
-            res = run(opt)
-        assert torch.equal(res.voxel_tokens, ref.voxel_tokens), (opt, values)
-        assert torch.equal(res.energy_tokens, ref.energy_tokens), (opt, values)
-        assert torch.equal(res.capped, ref.capped) and torch.equal(res.n_hits, ref.n_hits), (opt, values)
+    assert_every_way_gives(ref, run, monkeypatch)
     # a length cap with compaction: capped showers are reported at their original rows
     constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=3)
     capped = [decode(net, inc, mat, par, 40, tok.voxel_block, tok.energy_block,
@@ -108,13 +113,7 @@ def test_ways_to_run_the_step_give_identical_tokens_with_model_options(monkeypat
 
     ref = run(PLAIN)
     assert ref.n_hits.tolist() == target.clamp(max=40).tolist() and ref.capped[-2:].all()
-    for opt, values in WAYS:
-        with monkeypatch.context() as m:
-            constants(m, **values)
-            res = run(opt)
-        assert torch.equal(res.voxel_tokens, ref.voxel_tokens), (opt, values)
-        assert torch.equal(res.energy_tokens, ref.energy_tokens), (opt, values)
-        assert torch.equal(res.capped, ref.capped), (opt, values)
+    assert_every_way_gives(ref, run, monkeypatch)
 
 
 def test_graph_decoder_compacts_into_power_of_two_buckets(small, monkeypatch):
