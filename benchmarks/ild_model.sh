@@ -30,6 +30,7 @@ fi
 if [ ! -f "$WEIGHTS/model.safetensors" ]; then
   python -c "from calofm.checkpoint import export_model; export_model('$RUN', '$WEIGHTS')"
 fi
+mkdir -p "$WEIGHTS/adapters"
 if [ ! -f "$WEIGHTS/adapters/Pb/adapter.safetensors" ]; then
   calofm extend material --base "$WEIGHTS" --simulate Pb --particle gamma --energy 10:100 \
     --steps "$STEPS_ADAPTER" --batch-size 16 --threads "$THREADS" --workers 1 -o "$WEIGHTS/adapters/Pb"
