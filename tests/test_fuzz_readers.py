@@ -363,6 +363,23 @@ def mutated(doc, data):
     return doc
 
 
+def mutated_manifest_case(src: str, doc: dict, data, target: str, load_fn) -> None:
+    """Copy the directory src to target with a drawn mutation of its manifest doc, and load it with load_fn."""
+    copy_dir(src, target, {"manifest.json": encode(mutated(doc, data))})
+    outcome(lambda: load_fn(target), target)
+
+
+def corrupt_manifest_case(src: str, doc: dict, data, target: str, load_fn) -> None:
+    """Copy the directory src to target with its manifest doc's bytes cut and flipped as drawn, and load it
+    with load_fn: a cut manifest must be refused."""
+    raw = encode(doc)
+    cut, flips = data.draw(cut_st(len(raw))), data.draw(flips_st)
+    copy_dir(src, target, {"manifest.json": corrupt(raw, cut, flips) or b" "})
+    result = outcome(lambda: load_fn(target), target)
+    if cut is not None:
+        assert result == "error"
+
+
 def load_base(path):
     read_manifest(path)
     load_model(path)
@@ -373,23 +390,15 @@ def load_base(path):
 @given(data=st.data())
 def test_malformed_model_manifest(model_dirs, data):
     """Wrong JSON types and values for the known keys of a model manifest (the weights untouched)."""
-    doc = model_dirs["manifest"]
-    doc = mutated(doc, data)
-    target = str(model_dirs["dir"] / "manifest-case")
-    copy_dir(model_dirs["base"], target, {"manifest.json": encode(doc)})
-    outcome(lambda: load_base(target), target)
+    mutated_manifest_case(model_dirs["base"], model_dirs["manifest"], data, str(model_dirs["dir"] / "manifest-case"),
+                          load_base)
 
 
 @fuzz(100)
 @given(data=st.data())
 def test_corrupt_model_manifest_bytes(model_dirs, data):
-    raw = encode(model_dirs["manifest"])
-    cut, flips = data.draw(cut_st(len(raw))), data.draw(flips_st)
-    target = str(model_dirs["dir"] / "manifest-bytes")
-    copy_dir(model_dirs["base"], target, {"manifest.json": corrupt(raw, cut, flips) or b" "})
-    result = outcome(lambda: load_base(target), target)
-    if cut is not None:
-        assert result == "error"
+    corrupt_manifest_case(model_dirs["base"], model_dirs["manifest"], data, str(model_dirs["dir"] / "manifest-bytes"),
+                          load_base)
 
 
 def with_hash(manifest: dict, weights: bytes) -> bytes:
@@ -431,23 +440,15 @@ def load_adapted(model_dirs, adapter):
 @fuzz(150)
 @given(data=st.data())
 def test_malformed_adapter_manifest(model_dirs, data):
-    doc = model_dirs["adapter_manifest"]
-    doc = mutated(doc, data)
-    target = str(model_dirs["dir"] / "adapter-case")
-    copy_dir(model_dirs["adapter"], target, {"manifest.json": encode(doc)})
-    outcome(lambda: load_adapted(model_dirs, target), target)
+    mutated_manifest_case(model_dirs["adapter"], model_dirs["adapter_manifest"], data,
+                          str(model_dirs["dir"] / "adapter-case"), lambda path: load_adapted(model_dirs, path))
 
 
 @fuzz(80)
 @given(data=st.data())
 def test_corrupt_adapter_manifest_bytes(model_dirs, data):
-    raw = encode(model_dirs["adapter_manifest"])
-    cut, flips = data.draw(cut_st(len(raw))), data.draw(flips_st)
-    target = str(model_dirs["dir"] / "adapter-bytes")
-    copy_dir(model_dirs["adapter"], target, {"manifest.json": corrupt(raw, cut, flips) or b" "})
-    result = outcome(lambda: load_adapted(model_dirs, target), target)
-    if cut is not None:
-        assert result == "error"
+    corrupt_manifest_case(model_dirs["adapter"], model_dirs["adapter_manifest"], data,
+                          str(model_dirs["dir"] / "adapter-bytes"), lambda path: load_adapted(model_dirs, path))
 
 
 @fuzz(80)
