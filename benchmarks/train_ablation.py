@@ -41,6 +41,8 @@ STUDIES = {
         "running": {"running_inputs": True},
         "factorized": {"voxel_head": "factorized"},
         "factorized+running": {"voxel_head": "factorized", "running_inputs": True},
+        "geometric embedding": {"voxel_embedding": "geometric"},
+        "geometric embedding+head": {"voxel_embedding": "geometric", "voxel_head": "geometric"},
     },
 }
 

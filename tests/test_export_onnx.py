@@ -152,20 +152,23 @@ def test_bench_times_the_onnx_loop_beside_pytorch(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_cross_attention_layout_exports_and_matches(tiny, tmp_path):
+@pytest.mark.parametrize("layout", [dict(stream_combine="cross", shared_expert=False, experts_per_material=1),
+                                    dict(voxel_embedding="geometric", voxel_head="geometric")])
+def test_other_layouts_export_and_match(tiny, tmp_path, layout):
     """The published layout (energy stream cross-attending to the voxel stream, its own caches), one
-    expert per material, no shared expert: untrained weights, so every shower runs to max_hits."""
+    expert per material, no shared expert; and the geometric voxel embedding and head: untrained weights,
+    so every shower runs to max_hits."""
     from calofm.generation.api import ShowerModel
     from calofm.model import ShowerTransformer
     from calofm.model.config import get_preset
 
     sm, _ = tiny
     torch.manual_seed(0)
-    cfg = get_preset("tiny", stream_combine="cross", shared_expert=False, experts_per_material=1)
+    cfg = get_preset("tiny", **layout)
     cross = ShowerModel(ShowerTransformer(cfg.for_tokenizer(sm.tokenizer)), sm.tokenizer, sm.manifest)
     export_onnx(cross, str(tmp_path / "export"), [("Cu", "gamma")], log=lambda *a: None)
     run = OnnxDecoder(str(tmp_path / "export" / "Cu_gamma"))
-    assert run.n_attn == 2 * cfg.n_layers
+    assert run.n_attn == (2 if cfg.stream_combine == "cross" else 1) * cfg.n_layers
     _, cells = cross.generate(4, material="Cu", seed=2)
     _, onnx_cells, last = run.generate(4, seed=2)
     assert last.capped.all() and cross.last_stats["n_capped"] == 4

@@ -1,6 +1,6 @@
-"""Model options (model/config.py): the factorized voxel head and the running inputs. Their losses are
-the joint NLL, the cached decoding path sees what training sees, a saved model round-trips, and a
-factorized decode never repeats a voxel nor leaves the grid."""
+"""Model options (model/config.py): the factorized voxel head, the geometric voxel embedding and head,
+and the running inputs. Their losses are the joint NLL, the cached decoding path sees what training
+sees, a saved model round-trips, and a factorized decode never repeats a voxel nor leaves the grid."""
 
 import numpy as np
 import pytest
@@ -15,18 +15,19 @@ from calofm.model import ModelConfig, get_preset
 from calofm.tokenizer import ShowerTokenizer
 
 OPTIONS = [dict(voxel_head="factorized"), dict(running_inputs=True),
-           dict(voxel_head="factorized", running_inputs=True)]
+           dict(voxel_head="factorized", running_inputs=True),
+           dict(voxel_embedding="geometric", voxel_head="geometric")]
 
 
 def test_options_are_off_by_default_and_set_by_overrides():
     cfg = get_preset("small")
-    assert cfg.voxel_head == "flat" and not cfg.running_inputs
+    assert cfg.voxel_head == "flat" and cfg.voxel_embedding == "table" and not cfg.running_inputs
     tok = make_tokenizer()
     filled = get_preset("tiny").for_tokenizer(tok)
-    assert filled.layer_cells == () and filled.energy_bins is None  # a default config is saved as before
+    assert filled.layer_cells == () and filled.layer_grid == () and filled.energy_bins is None  # a default config is saved as before
     # a saved config without the new fields loads with them off
     old = {k: v for k, v in filled.to_dict().items() if k not in ("voxel_head", "running_inputs", "layer_cells",
-                                                                  "energy_bins")}
+                                                                  "energy_bins", "voxel_embedding", "layer_grid")}
     assert ModelConfig.from_dict(old) == filled
     on = get_preset("tiny", voxel_head="factorized", running_inputs=True).for_tokenizer(tok)
     assert on.layer_cells == (225,) * 20 and on.energy_bins == tok.bins.to_dict()
@@ -60,6 +61,51 @@ def test_factorized_loss_is_the_joint_nll_and_a_voxel_block_is_refused():
     assert flat.cfg.voxel_blocks == (3, 4500, 10) and flat.voxel_logits(h[0]).shape[-1] == 4513
     with pytest.raises(CalofmError, match="cannot be appended"):
         ModelConfig.from_dict({**model.cfg.to_dict(), "voxel_blocks": [3, 4500, 10]})
+
+
+def test_geometric_embedding_and_head_share_rows_columns_and_layers():
+    """A voxel's geometric embedding is layer + row + column of its position in the grid (voxel order
+    (layer, y, x) on the Cartesian grid, (layer, alpha, r) on the cylindrical one); the geometric head adds
+    the same kind of sum to its flat rows; both refuse a new voxel block, and a model without them loads
+    as before."""
+    tok = make_tokenizer()
+    model = tiny_model(tok, voxel_embedding="geometric", voxel_head="geometric")
+    assert model.cfg.layer_grid == (15, 15) * 20
+    emb, head = model.voxel_emb, model.voxel_head
+    w = emb.weight
+    assert w.shape == (4503, 32)
+    geo = tok.geometry
+    layer = 7
+    xy = geo.voxel_xy_mm[geo.layer_offsets[layer]:geo.layer_offsets[layer + 1]]
+    for cell in (0, 17, 224):
+        a, b = divmod(cell, 15)  # row = y index, column = x index
+        assert xy[cell, 1] == pytest.approx((a - 7) * geo.grid.cell_mm)
+        assert xy[cell, 0] == pytest.approx((b - 7) * geo.grid.cell_mm)
+        ref = emb.grid.layer[layer] + emb.grid.row[a] + emb.grid.col[b]
+        assert torch.allclose(w[3 + geo.layer_offsets[layer] + cell], ref)
+    flat = torch.cat(list(head.tables))
+    assert torch.allclose(head.weight[:3], flat[:3])  # special tokens: their own rows only
+    assert torch.allclose(head.weight[3 + 17] - flat[3 + 17], head.grid.layer[0] + head.grid.row[1] + head.grid.col[2])
+    table = tiny_model(tok)
+    assert table.num_parameters() - model.num_parameters() > 4000 * 32  # no row per voxel in the input
+    with pytest.raises(CalofmError, match="cannot be appended"):
+        model.add_voxel_block(10)
+    # cylindrical: (alpha, r) per layer, layers of different sizes
+    cyl = Geometry("mini", (Layer("W", 3.5, "Si", 0.5),) * 2, CylindricalGrid(((0.0, 10.0, 20.0), (0.0, 10.0)), (2, 3)))
+    assert cyl.layer_grid == ((2, 2), (3, 1))
+    ctok = ShowerTokenizer.create(cyl, ["W"], ["gamma"])
+    ctok.max_hits = 8
+    from calofm.model import ShowerTransformer
+
+    cmodel = ShowerTransformer(get_preset("tiny", voxel_embedding="geometric").for_tokenizer(ctok))
+    g = cmodel.voxel_emb.grid
+    assert g.voxel_layer.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert g.voxel_row.tolist() == [0, 0, 1, 1, 0, 1, 2] and g.voxel_col.tolist() == [0, 1, 0, 1, 0, 0, 0]
+    assert ModelConfig.from_dict(cmodel.cfg.to_dict()) == cmodel.cfg
+    with pytest.raises(CalofmError, match="per-layer grids"):
+        ModelConfig.from_dict({**cmodel.cfg.to_dict(), "layer_grid": [2, 2, 3, 2]})
+    with pytest.raises(CalofmError, match="voxel_embedding"):
+        get_preset("tiny", voxel_embedding="hash")
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -159,7 +205,9 @@ def test_factorized_decode_draws_the_layer_from_the_free_cells():
     assert both.float().mean() > 0.85
 
 
-def test_trained_model_with_both_options_saves_loads_and_generates(tmp_path):
+@pytest.mark.parametrize("options", [{"voxel_head": "factorized", "running_inputs": True},
+                                     {"voxel_head": "geometric", "voxel_embedding": "geometric"}])
+def test_trained_model_with_options_saves_loads_and_generates(tmp_path, options):
     from calofm.generation import load
     from calofm.training import TrainConfig, train
     from calofm.training.synthetic import write_synthetic
@@ -167,10 +215,12 @@ def test_trained_model_with_both_options_saves_loads_and_generates(tmp_path):
     data = write_synthetic(str(tmp_path / "W.h5"), 16, material="W", seed=0, mean_hits=15)
     cfg = TrainConfig(data=(data,), out=str(tmp_path / "run"), preset="tiny", steps=4, batch_size=8, lr=1e-2,
                       warmup=1, eval_every=4, ckpt_every=4, log_every=4, max_val=2, device="cpu",
-                      model={"voxel_head": "factorized", "running_inputs": True})
+                      model=options)
     train(cfg, threads=1, progress=False, log=lambda *a, **k: None)
     sm = load(str(tmp_path / "run"))
-    assert sm.model.factorized and sm.model.running is not None
+    assert sm.model.cfg.voxel_head == options["voxel_head"]
+    assert (sm.model.running is not None) == options.get("running_inputs", False)
+    assert sm.model.cfg.voxel_embedding == options.get("voxel_embedding", "table")
     inc = np.array([2e4, 4e4, 6e4, 8e4], dtype=np.float32)
     _, showers = sm.generate(4, material="W", incident_MeV=inc, seed=3)
     assert showers.shape == (4, 4500) and np.isfinite(showers).all() and (showers >= 0).all()

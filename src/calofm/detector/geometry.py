@@ -80,6 +80,14 @@ class Geometry:
         return tuple(self.grid.cells(i) for i in range(self.n_layers))
 
     @cached_property
+    def layer_grid(self) -> tuple[tuple[int, int], ...]:
+        """Each layer's cells as a grid (n_a, n_b) in voxel order: Cartesian (ny, nx), cylindrical
+        (n_alpha, n_r); a layer's cell c sits at a = c // n_b, b = c % n_b."""
+        if self.is_cartesian:
+            return ((self.grid.ny, self.grid.nx),) * self.n_layers
+        return tuple((self.grid.n_alpha[i], len(self.grid.r_edges_mm[i]) - 1) for i in range(self.n_layers))
+
+    @cached_property
     def layer_offsets(self) -> np.ndarray:
         """Index of each layer's first voxel; (n_layers + 1,), the last entry is n_voxels."""
         return np.concatenate([[0], np.cumsum(self.cells_per_layer)]).astype(np.int64)

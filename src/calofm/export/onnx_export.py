@@ -165,8 +165,9 @@ def export_onnx(shower_model, out: str, classes: list[tuple[str, str]], force: b
     from calofm.outputs import check_output_dir
 
     cfg = shower_model.model.cfg
-    if cfg.voxel_head != "flat" or cfg.running_inputs:
-        raise CalofmError("the ONNX export covers the flat voxel head without running inputs; this model has "
+    if cfg.voxel_head == "factorized" or cfg.running_inputs:
+        raise CalofmError("the ONNX export covers the flat and geometric voxel heads without running inputs; this "
+                          "model has "
                           f"voxel_head={cfg.voxel_head!r}, running_inputs={cfg.running_inputs}")
     check_output_dir(out, force, "export folder", fmt=FORMAT)
     parent = os.path.dirname(os.path.abspath(out))

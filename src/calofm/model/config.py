@@ -5,9 +5,14 @@ of block sizes so that an appended vocabulary block becomes an appended embeddin
 `moe_groups` lists the number of experts of each material group, in material-id order; appending a
 material appends one entry.
 
-Two options, off by default (a saved config without them loads as the model it was):
+Four options, off by default (a saved config without them loads as the model it was):
 - voxel_head="factorized": p(v | h) = p(layer or EOS | h) p(cell | layer, h) (model/voxel_head.py), its
   cost per token independent of the grid's size; needs the geometry's cells per layer (`layer_cells`);
+- voxel_embedding="geometric": a voxel's input embedding is the sum of an embedding of its layer and
+  of its two transverse indices (model/blocks.py, GeometricVoxelEmbedding) instead of a row of its own:
+  neighbouring cells share what they learn and the table stops growing with the grid; needs the
+  geometry's per-layer grids (`layer_grid`);
+- voxel_head="geometric": the flat head with the same layer + row + column sum added to each voxel's row;
 - running_inputs: every hit position also sees the visible energy so far (a fraction of E_inc) and the
   hit index (model/transformer.py, RunningInputs); needs the energy binning (`energy_bins`, a
   LogEnergyBins dict) for the bins' centres.
@@ -36,7 +41,8 @@ class ModelConfig:
     energy_head_voxel_cond: bool = True  # energy head sees the (teacher-forced / sampled) next voxel
     lb_coef: float = 0.01  # Switch load-balance loss weight (within material groups)
     z_coef: float = 1e-3  # router z-loss weight
-    voxel_head: str = "flat"  # "flat": one softmax over the voxels; "factorized": layer, then cell in the layer
+    voxel_head: str = "flat"  # "flat": one softmax over the voxels (+ "geometric": a layer/row/column sum); "factorized": layer, then cell
+    voxel_embedding: str = "table"  # "table": a row per voxel; "geometric": layer + two transverse index embeddings
     running_inputs: bool = False  # hit positions see the visible energy so far / E_inc and the hit index
     # filled from the tokenizer
     voxel_blocks: tuple[int, ...] = ()
@@ -46,6 +52,7 @@ class ModelConfig:
     moe_groups: tuple[int, ...] = ()
     max_seq_len: int = 0
     layer_cells: tuple[int, ...] = ()  # cells of each geometry layer (voxel_head="factorized")
+    layer_grid: tuple[int, ...] = ()  # (n_a, n_b) of each layer, flattened (the geometric embedding and head)
     energy_bins: dict | None = field(default=None, hash=False)  # LogEnergyBins.to_dict() (running_inputs)
 
     def __post_init__(self):
@@ -57,15 +64,22 @@ class ModelConfig:
             raise CalofmError(f"stream_combine must be 'sum' or 'cross', got {self.stream_combine!r}")
         if not 1 <= self.top_k <= self.experts_per_material:
             raise CalofmError(f"top_k must be in 1..experts_per_material, got {self.top_k}")
-        if self.voxel_head not in ("flat", "factorized"):
-            raise CalofmError(f"voxel_head must be 'flat' or 'factorized', got {self.voxel_head!r}")
+        if self.voxel_head not in ("flat", "geometric", "factorized"):
+            raise CalofmError(f"voxel_head must be 'flat', 'geometric' or 'factorized', got {self.voxel_head!r}")
         if self.voxel_head == "factorized" and self.voxel_blocks and (
                 len(self.voxel_blocks) != 2 or sum(self.layer_cells) != self.voxel_blocks[1]
                 or min(self.layer_cells, default=0) <= 0):
             raise CalofmError(f"a factorized voxel head covers the special tokens and one geometry whose layers "
                               f"have {list(self.layer_cells)} cells; got voxel vocabulary blocks "
                               f"{list(self.voxel_blocks)} (a voxel vocabulary block cannot be appended to it)")
-
+        if self.voxel_embedding not in ("table", "geometric"):
+            raise CalofmError(f"voxel_embedding must be 'table' or 'geometric', got {self.voxel_embedding!r}")
+        if "geometric" in (self.voxel_embedding, self.voxel_head) and self.voxel_blocks and (
+                len(self.voxel_blocks) != 2 or len(self.layer_grid) % 2 or min(self.layer_grid, default=0) <= 0
+                or sum(a * b for a, b in zip(self.layer_grid[::2], self.layer_grid[1::2])) != self.voxel_blocks[1]):
+            raise CalofmError(f"a geometric voxel embedding or head covers the special tokens and one geometry with the "
+                              f"per-layer grids {list(self.layer_grid)}; got voxel vocabulary blocks "
+                              f"{list(self.voxel_blocks)} (a voxel vocabulary block cannot be appended to it)")
         if self.running_inputs and self.energy_blocks and not isinstance(self.energy_bins, dict):
             raise CalofmError("running_inputs needs the energy binning (energy_bins, a LogEnergyBins dict)")
 
@@ -88,6 +102,8 @@ class ModelConfig:
             material_blocks=tokenizer.materials.block_sizes(), particle_blocks=tokenizer.particles.block_sizes(),
             moe_groups=(self.experts_per_material,) * n_materials, max_seq_len=tokenizer.max_seq_len,
             layer_cells=tuple(tokenizer.geometry.cells_per_layer) if self.voxel_head == "factorized" else (),
+            layer_grid=(tuple(n for grid in tokenizer.geometry.layer_grid for n in grid)
+                        if "geometric" in (self.voxel_embedding, self.voxel_head) else ()),
             energy_bins=tokenizer.bins.to_dict() if self.running_inputs else None,
         )
 
@@ -129,7 +145,7 @@ def get_preset(name: str, **overrides) -> ModelConfig:
         raise CalofmError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
     base = PRESETS[name]
     allowed = sorted(set(_OVERRIDE_RANGES) | {"shared_expert", "stream_combine", "energy_head_voxel_cond", "voxel_head",
-                                              "running_inputs"})
+                                              "voxel_embedding", "running_inputs"})
     for key, value in overrides.items():
         if key not in allowed:
             raise CalofmError(f"--model: unknown field {key!r}; overridable: {', '.join(allowed)}")

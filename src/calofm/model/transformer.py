@@ -1,6 +1,7 @@
 """Decoder-only causal transformer over hit positions.
 
-Input at each position: voxel embedding + energy embedding (the two streams summed; position 0 is
+Input at each position: voxel embedding (a row per voxel, or with voxel_embedding="geometric" a sum of
+layer and transverse-index embeddings) + energy embedding (the two streams summed; position 0 is
 the conditioning vector instead), with running_inputs plus a projection of the visible energy so far
 and the hit index (RunningInputs). Pre-norm blocks: x += Attn(LN(x)); x += MoE(LN(x)). With
 stream_combine="cross" (the published layout) the residual stream starts from the energy embeddings
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calofm.model.attention import CausalAttention, Rotary, Showers, per_shower
-from calofm.model.blocks import BlockEmbedding, BlockHead, BlockTables
+from calofm.model.blocks import BlockEmbedding, BlockHead, BlockTables, GeometricVoxelEmbedding, GeometricVoxelHead
 from calofm.model.config import ModelConfig
 from calofm.model.kv_cache import KVCache, KVStorage
 from calofm.errors import CalofmError
@@ -134,7 +135,8 @@ class ShowerTransformer(nn.Module):
             raise ValueError("ModelConfig needs its vocabulary sizes: use cfg.for_tokenizer(tokenizer)")
         self.cfg = cfg
         d = cfg.d_model
-        self.voxel_emb = BlockEmbedding(cfg.voxel_blocks, d)
+        self.voxel_emb = (BlockEmbedding(cfg.voxel_blocks, d) if cfg.voxel_embedding == "table"
+                          else GeometricVoxelEmbedding(cfg.voxel_blocks[0], cfg.layer_grid, d))
         self.energy_emb = BlockEmbedding(cfg.energy_blocks, d)
         self.material_emb = BlockEmbedding(cfg.material_blocks, d)
         self.particle_emb = BlockEmbedding(cfg.particle_blocks, d)
@@ -144,8 +146,11 @@ class ShowerTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, self.rotary) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(d)
         hidden = int(cfg.ff_mult * d)
-        self.voxel_head = (BlockHead(cfg.voxel_blocks, d) if cfg.voxel_head == "flat"
-                           else FactorizedVoxelHead(d, hidden, cfg.voxel_blocks[0], cfg.layer_cells))
+        self.voxel_head = {
+            "flat": lambda: BlockHead(cfg.voxel_blocks, d),
+            "geometric": lambda: GeometricVoxelHead(cfg.voxel_blocks, cfg.layer_grid, d),
+            "factorized": lambda: FactorizedVoxelHead(d, hidden, cfg.voxel_blocks[0], cfg.layer_cells),
+        }[cfg.voxel_head]()
         self.energy_in = HeadInput(d, hidden) if cfg.energy_head_voxel_cond else None
         self.energy_head = BlockHead(cfg.energy_blocks, d)
         self.register_buffer("causal_mask", torch.ones(cfg.max_seq_len, cfg.max_seq_len, dtype=torch.bool).tril(),
@@ -301,9 +306,10 @@ class ShowerTransformer(nn.Module):
     # --- growth (continual learning) -----------------------------------------------------------
     def add_voxel_block(self, size: int) -> None:
         """Append a voxel vocabulary block (a new geometry): one embedding table and one head table.
-        A factorized head is built for one geometry's layers: refused."""
-        if self.factorized:
-            raise CalofmError("this model's voxel head is factorized over one geometry's layers: a voxel "
+        A factorized head or a geometric embedding is built for one geometry's layers: refused."""
+        if self.factorized or "geometric" in (self.cfg.voxel_head, self.cfg.voxel_embedding):
+            raise CalofmError(f"this model's voxel head ({self.cfg.voxel_head}) or embedding "
+                              f"({self.cfg.voxel_embedding}) is built on one geometry's layers: a voxel "
                               "vocabulary block (a new geometry) cannot be appended to it")
         self.voxel_emb.append_block(size)
         self.voxel_head.append_block(size)
