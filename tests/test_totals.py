@@ -1,4 +1,5 @@
-"""Two-stage generation: the fitted laws of hit count and visible energy, and their use in decoding."""
+"""Shower totals: the fitted laws of hit count and visible energy, and their use in decoding (the energy
+sum given the decoded count, or both drawn before decoding)."""
 
 import json
 
@@ -12,7 +13,7 @@ from calofm.generation import decode, load
 from calofm.generation.decode import DRAWS_PER_STEP
 from calofm.generation.streams import TOTALS, decode_uniforms, shower_normals
 from calofm.tokenizer import incident_feature
-from calofm.tokenizer.totals import ShowerTotals, rescale_to_total
+from calofm.tokenizer.totals import TOTALS_MODES, ShowerTotals, rescale_to_total, totals_mode
 
 
 def synthetic_law(n: int, rho: float, seed: int):
@@ -38,6 +39,30 @@ def test_fit_and_sample_reproduce_the_law():
         assert abs(np.corrcoef(n, r)[0, 1] - 0.6) < 0.05  # the copula keeps n and E_vis correlated
     with pytest.raises(CalofmError, match="no shower totals for Pb/gamma"):
         totals.sample("Pb/gamma", np.array([1e4]), np.random.default_rng(0))
+
+
+def test_energy_given_the_hit_count_follows_the_conditional_law():
+    """Given a count, r is drawn from r | n: with rho = 0.9 its mean moves with n's normal score as
+    rho * sigma_r * z_n and its spread shrinks to sqrt(1 - rho^2); averaged over the count law, r's
+    own law comes back."""
+    inc, hits, e_vis = synthetic_law(40_000, rho=0.9, seed=0)
+    totals = ShowerTotals.fit("W/gamma", inc, hits, e_vis, min_hit_MeV=0.1)
+    rng = np.random.default_rng(2)
+    energy = np.full(20_000, 50e3)
+    mean_n = 100 + 50 * np.log(5.0)
+    for z_n in (-1.0, 0.0, 1.5):
+        n = np.full(len(energy), np.rint(mean_n + 10 * z_n))
+        r = totals.sample_ratio_given_hits("W/gamma", energy, n, rng.standard_normal((len(energy), 2)))
+        assert abs(r.mean() / 0.0165 - 1 - 0.05 * 0.9 * z_n) < 0.006
+        assert abs(r.std() / 0.0165 - 0.05 * np.sqrt(1 - 0.81)) < 0.006
+    n_free, _ = totals.sample("W/gamma", energy, rng)
+    r = totals.sample_ratio_given_hits("W/gamma", energy, n_free, rng.standard_normal((len(energy), 2)))
+    assert abs(r.std() / 0.0165 - 0.05) < 0.005 and abs(np.corrcoef(n_free, r)[0, 1] - 0.9) < 0.03
+    far = totals.sample_ratio_given_hits("W/gamma", energy[:10], np.full(10, 10_000), rng.standard_normal((10, 2)))
+    assert np.all(far < 0.0165 * 1.3)  # a count beyond the fitted range stays at the law's edge
+    assert totals_mode(True) == "hits+energy" and totals_mode(False) == "off" and totals_mode("energy") == "energy"
+    with pytest.raises(CalofmError, match="totals must be one of"):
+        totals_mode("hits")
 
 
 def test_rescale_hits_to_a_total_keeps_them_above_threshold_and_in_order():
@@ -78,18 +103,31 @@ def test_decoder_holds_each_shower_to_its_target_length(model):
 
 def test_two_stage_generation_follows_the_drawn_totals(model):
     inc, showers = model.generate(30, material="W", seed=3, batch_size=7, totals=True)
-    assert model.last_stats["totals"] is True
+    assert model.last_stats["totals"] == "hits+energy"
     normals = shower_normals(3, np.arange(30), TOTALS, 2).numpy()  # what generate() draws
     n_target, ratio = model.tokenizer.totals.sample("W/gamma", inc, normals=normals)
     assert np.array_equal((showers > 0).sum(1), np.minimum(n_target, model.tokenizer.max_hits))
     assert np.allclose(showers.sum(1), ratio * inc, rtol=1e-4)
     _, one_stage = model.generate(30, material="W", seed=3, batch_size=7)  # the default
-    assert model.last_stats["totals"] is False and not np.array_equal(one_stage, showers)
+    assert model.last_stats["totals"] == "off" and not np.array_equal(one_stage, showers)
+    # energy only: the decoded showers of the default, their hits rescaled to E_vis drawn given their count
+    _, given = model.generate(30, material="W", seed=3, batch_size=7, totals="energy")
+    assert model.last_stats["totals"] == "energy"
+    assert np.array_equal(given > 0, one_stage > 0)
+    n = (one_stage > 0).sum(1)
+    ratio = model.tokenizer.totals.sample_ratio_given_hits("W/gamma", inc, n, normals)
+    assert np.allclose(given.sum(1), ratio * inc, rtol=1e-4)
     model.tokenizer.totals.tables.pop("Cu/gamma")
     with pytest.raises(CalofmError, match="no shower totals for Cu/gamma"):
         model.generate(2, material="Cu", totals=True)
     model.generate(2, material="Cu")  # one-stage needs no totals
-    assert model.last_stats["totals"] is False
+    assert model.last_stats["totals"] == "off"
+    from calofm.cli.main import build_parser
+
+    args = build_parser().parse_args(["generate", "--model", model.path, "--totals"])
+    assert args.totals == "hits+energy"
+    assert [a for a in build_parser()._subparsers._group_actions[0].choices["generate"]._actions
+            if a.dest == "totals"][0].choices == TOTALS_MODES
 
 
 def test_fit_totals_command_writes_the_manifest_only(model, tmp_path):

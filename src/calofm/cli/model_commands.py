@@ -81,9 +81,11 @@ def register(sub) -> None:
     add_force(p, "an existing output file")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="adapter directory to compose with the model (repeat to stack, in order)")
-    p.add_argument("--totals", action="store_true",
-                   help="two-stage generation: draw each shower's hit count and energy sum from the model's "
-                        "fitted totals first (default: one-stage; see docs/model.md for when it helps)")
+    p.add_argument("--totals", nargs="?", const="hits+energy", default="off",
+                   choices=("off", "energy", "hits+energy"),  # tokenizer.totals.TOTALS_MODES (tested)
+                   help="the model's fitted shower totals: 'energy' draws each decoded shower's energy sum "
+                        "given its hit count, 'hits+energy' (the bare flag) draws both before decoding "
+                        "(default: off; see docs/model.md for when each helps)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (heads, sampler and, with --precision bf16, the attention "
                         "over the KV cache); pays off from a few hundred showers, see docs/speed.md")
@@ -217,12 +219,13 @@ def cmd_generate(args) -> None:
                "material": material, "particle": particle,
                "geometry": model.geometry.with_absorber(material).to_json(),
                "energy_GeV": list(parse_energy(args.energy)), "spectrum": args.spectrum, "sampling": vars(sampling),
-               "energy_sampling": vars(energy_sampling), "totals": bool(args.totals), "precision": options.precision,
+               "energy_sampling": vars(energy_sampling), "totals": args.totals, "precision": options.precision,
                "n": args.n}
         model.write(output, incident, showers, material, particle, args.seed, sampling, energy_sampling,
                     attrs=shard_attrs(run, shard.index, shard.count, start, stop, seconds))
     s = model.last_stats
-    stages = "two-stage: hit count and energy sum from the fitted totals" if s["totals"] else "one-stage"
+    stages = {"off": "one-stage", "energy": "energy sum given the hit count from the fitted totals",
+              "hits+energy": "two-stage: hit count and energy sum from the fitted totals"}[s["totals"]]
     print(f"{shard.tag}wrote {s['n_showers']} showers{'' if shard.alone else f' [{start}, {stop})'} to {output} "
           f"in {seconds:.1f} s ({s['mean_hits']:.1f} hits on average; {s['n_capped']} reached max_hits "
           f"{s['max_hits']}; {stages})")

@@ -29,7 +29,7 @@ from calofm.model import ShowerTransformer
 from calofm.pretrained import DEFAULT_MODEL, resolve_adapter, resolve_model
 from calofm.simulation.runner import energies_from_uniforms, parse_energy
 from calofm.tokenizer import ShowerTokenizer, canonical_particle, incident_feature
-from calofm.tokenizer.totals import class_key, rescale_to_total
+from calofm.tokenizer.totals import class_key, rescale_to_total, totals_mode
 
 
 class ShowerModel:
@@ -66,7 +66,7 @@ class ShowerModel:
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  min_p_voxel: float | None = None, min_p_energy: float | None = None, batch_size: int = 256,
                  output: str | None = None, progress: bool = False, options: DecodeOptions | None = None,
-                 totals: bool = False, start: int = 0, progress_tag: str = "") -> tuple[np.ndarray, np.ndarray]:
+                 totals: bool | str = False, start: int = 0, progress_tag: str = "") -> tuple[np.ndarray, np.ndarray]:
         """Generate n showers: (incident energies (n,) MeV, cell energies (n, n_voxels) MeV), float32.
 
         Showers start, ..., start + n - 1 of the run of this seed: shower i draws every random number
@@ -83,17 +83,19 @@ class ShowerModel:
         tokens less probable than that fraction of its most probable one (None: sampler.DEFAULT_MIN_P,
         chosen by a fidelity study; 0 turns it off). The output file
         records the voxel head's settings as `sampling`, the energy head's as `energy_sampling`.
-        `totals`: two-stage generation (calofm.tokenizer.totals) - draw each shower's hit count and
-        visible energy first, hold the decoder to that count and rescale the hits to that energy.
-        Off by default: it fixes those two totals but hurts the shower shape where showers leak
-        (Cu: high-level AUC 0.65 -> 0.86), see docs/model.md. progress_tag: the progress line's prefix."""
+        `totals` (calofm.tokenizer.totals, docs/model.md; the modes in TOTALS_MODES): "energy" decodes
+        freely, then draws each shower's visible energy from the fitted law of E_vis given its hit
+        count and rescales the hits to it; "hits+energy" (or True) draws both first and holds the
+        decoder to that count, which hurts the shower shape where showers leak (Cu: high-level AUC
+        0.65 -> 0.86). False / "off": one stage. progress_tag: the progress line's prefix."""
+        totals = totals_mode(totals)
         if not 0 <= start <= 2 ** 32 - max(n, 1):
             raise CalofmError(f"first shower index must be within [0, 2^32 - n], got {start}")
         mat_id, par_id = self.tokenizer.material_id(material), self.tokenizer.particle_id(particle)
         material = self.materials[mat_id]  # canonical spelling (names are listed in id order)
         key = class_key(material, self.particles[par_id])
         max_hits = self.tokenizer.class_max_hits(material, particle)  # an adapter's class: the adapter's cap
-        if totals and key not in self.tokenizer.totals:
+        if totals != "off" and key not in self.tokenizer.totals:
             raise CalofmError(f"the model has no shower totals for {key} (calofm fit-totals adds them)")
         if incident_MeV is None:
             if n <= 0:
@@ -112,9 +114,10 @@ class ShowerModel:
         except ValueError as err:
             raise CalofmError(str(err)) from None
         greedy = max(sampling.temperature, energy_sampling.temperature) == 0
-        if totals:
-            target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV,
-                                                              normals=shower_normals(seed, index, TOTALS, 2).numpy())
+        if totals != "off":
+            normals = shower_normals(seed, index, TOTALS, 2).numpy()
+        if totals == "hits+energy":
+            target_hits, ratio = self.tokenizer.totals.sample(key, incident_MeV, normals=normals)
             target_hits = np.minimum(target_hits, max_hits)
         showers, n_capped, n_hits = [], 0, 0
         bar = tqdm(total=len(incident_MeV), unit="shower", desc=f"{progress_tag}generate {material} {particle}",
@@ -128,11 +131,17 @@ class ShowerModel:
                 torch.from_numpy(incident_feature(e)).to(self.device), torch.full((b,), mat_id, device=self.device),
                 torch.full((b,), par_id, device=self.device), max_hits, self.tokenizer.voxel_block,
                 self.tokenizer.energy_block, sampling, uniforms, options,
-                torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals else None, energy_sampling)
+                torch.from_numpy(target_hits[lo:lo + b]).to(self.device) if totals == "hits+energy" else None,
+                energy_sampling)
             batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
                                                  mode="uniform", u=shower_uniforms(seed, rows, SMEAR, max_hits).numpy())
-            if totals:
-                batch = rescale_to_total(batch, ratio[lo:lo + b] * e, self.tokenizer.totals.min_hit_MeV(key))
+            if totals == "energy":
+                ratio_b = self.tokenizer.totals.sample_ratio_given_hits(key, e, res.n_hits.cpu().numpy(),
+                                                                        normals[lo:lo + b])
+            elif totals == "hits+energy":
+                ratio_b = ratio[lo:lo + b]
+            if totals != "off":
+                batch = rescale_to_total(batch, ratio_b * e, self.tokenizer.totals.min_hit_MeV(key))
             showers.append(batch)
             n_capped += int(res.capped.sum())
             n_hits += int(res.n_hits.sum())
@@ -140,7 +149,7 @@ class ShowerModel:
         bar.close()
         showers = np.concatenate(showers)
         self.last_stats = {"n_showers": len(showers), "mean_hits": n_hits / len(showers), "n_capped": n_capped,
-                           "max_hits": max_hits, "totals": bool(totals)}
+                           "max_hits": max_hits, "totals": totals}
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling, energy_sampling)
         return incident_MeV, showers

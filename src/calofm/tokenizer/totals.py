@@ -28,8 +28,20 @@ from scipy.special import ndtr, ndtri
 
 from calofm.errors import CalofmError
 
+TOTALS_MODES = ("off", "energy", "hits+energy")  # generation: see ShowerModel.generate
 N_LEVELS = 41  # quantile levels 0, 1/40, ..., 1 (the ends are the observed extremes)
 MIN_PER_BIN = 200  # fewer showers per energy bin make the quantiles noisy
+
+
+def totals_mode(totals: bool | str | None) -> str:
+    """generate()'s `totals` as one of TOTALS_MODES (True: "hits+energy", False / None: "off")."""
+    if totals is True:
+        return "hits+energy"
+    if totals is False or totals is None:
+        return "off"
+    if totals not in TOTALS_MODES:
+        raise CalofmError(f"totals must be one of {', '.join(TOTALS_MODES)}, got {totals!r}")
+    return totals
 
 
 def class_key(material: str, particle: str) -> str:
@@ -109,35 +121,71 @@ class ShowerTotals:
         two standard normals per shower: `normals` (N, 2), or drawn from rng."""
         if key not in self.tables:
             raise CalofmError(f"no shower totals for {key}; known: {', '.join(self.tables) or 'none'}")
-        t = self.tables[key]
-        log_e = np.log(np.asarray(incident_MeV, dtype=np.float64).reshape(-1))
-        centres, levels = np.asarray(t["log_e"]), np.asarray(t["levels"])
-        n_q, r_q, rho = np.asarray(t["n_q"]), np.asarray(t["r_q"]), np.asarray(t["rho"])
-        # neighbouring bins and the weight of the upper one (clamped outside the fitted range)
+        law = _Law(self.tables[key], incident_MeV)
+        z1, z2 = rng.standard_normal((2, len(law.log_e))) if normals is None else np.asarray(normals, dtype=np.float64).T
+        n = np.rint(law.trend("n") + law.quantile("n", ndtr(z1)))
+        return np.maximum(n, 1).astype(np.int64), law.ratio_given(z1, z2)
+
+    def sample_ratio_given_hits(self, key: str, incident_MeV: np.ndarray, n_hits: np.ndarray,
+                                normals: np.ndarray) -> np.ndarray:
+        """E_vis/E_inc (N,) for showers of class `key` whose hit count n is already known (decoded freely):
+        drawn from the law of r given n. The count's normal score z_n comes from its place in the fitted
+        count law (n is an integer: its rank is jittered uniformly across the count's step with the first
+        normal, and kept within the 0.1-99.9 % levels), and r's score is rho z_n + sqrt(1 - rho^2) z with
+        the second. normals: (N, 2) standard normals."""
+        law = _Law(self.tables[key], incident_MeV)
+        z_jitter, z2 = np.asarray(normals, dtype=np.float64).T
+        dn = np.asarray(n_hits, dtype=np.float64).reshape(-1) + ndtr(z_jitter) - 0.5 - law.trend("n")
+        z1 = ndtri(np.clip(law.level("n", dn), 1e-3, 1 - 1e-3))
+        return law.ratio_given(z1, z2)
+
+
+class _Law:
+    """One class's totals law at given incident energies: the two energy bins around each shower and the
+    weight of the upper one (clamped outside the fitted range), for the quantile functions, their
+    inverses and the copula."""
+
+    def __init__(self, table: dict, incident_MeV: np.ndarray):
+        self.t = table
+        self.log_e = np.log(np.asarray(incident_MeV, dtype=np.float64).reshape(-1))
+        centres = np.asarray(table["log_e"])
+        self.levels = np.asarray(table["levels"])
         if len(centres) == 1:
-            lo = hi = np.zeros(len(log_e), dtype=np.int64)
-            w = np.zeros(len(log_e))
+            self.lo = self.hi = np.zeros(len(self.log_e), dtype=np.int64)
+            self.w = np.zeros(len(self.log_e))
         else:
-            hi = np.clip(np.searchsorted(centres, log_e), 1, len(centres) - 1)
-            lo = hi - 1
-            w = np.clip((log_e - centres[lo]) / (centres[hi] - centres[lo]), 0.0, 1.0)
-        c = (1 - w) * rho[lo] + w * rho[hi]
-        z1, z2 = rng.standard_normal((2, len(log_e))) if normals is None else np.asarray(normals, dtype=np.float64).T
-        u_n, u_r = ndtr(z1), ndtr(c * z1 + np.sqrt(np.clip(1 - c * c, 0.0, 1.0)) * z2)
+            self.hi = np.clip(np.searchsorted(centres, self.log_e), 1, len(centres) - 1)
+            self.lo = self.hi - 1
+            self.w = np.clip((self.log_e - centres[self.lo]) / (centres[self.hi] - centres[self.lo]), 0.0, 1.0)
 
-        def at_bins(q: np.ndarray, u: np.ndarray, bins: np.ndarray) -> np.ndarray:
-            out = np.empty(len(u))
-            for b in np.unique(bins):  # one interpolation per energy bin, not per shower
+    def trend(self, name: str) -> np.ndarray:  # name: "n" or "r"
+        return np.polyval(self.t[f"{name}_trend"], self.log_e)
+
+    def _at_bins(self, fn, x: np.ndarray) -> np.ndarray:
+        """(1 - w) fn(x, bin lo) + w fn(x, bin hi), one call per energy bin, not per shower."""
+        out = np.zeros(len(x))
+        for bins, weight in ((self.lo, 1 - self.w), (self.hi, self.w)):
+            for b in np.unique(bins):
                 sel = bins == b
-                out[sel] = np.interp(u[sel], levels, q[b])
-            return out
+                out[sel] += weight[sel] * fn(x[sel], b)
+        return out
 
-        def quantile(q: np.ndarray, u: np.ndarray) -> np.ndarray:
-            return (1 - w) * at_bins(q, u, lo) + w * at_bins(q, u, hi)
+    def quantile(self, name: str, u: np.ndarray) -> np.ndarray:
+        """The residual of `name` at levels u (N,)."""
+        q = np.asarray(self.t[f"{name}_q"])
+        return self._at_bins(lambda x, b: np.interp(x, self.levels, q[b]), u)
 
-        n = np.rint(np.polyval(t["n_trend"], log_e) + quantile(n_q, u_n))
-        r = np.polyval(t["r_trend"], log_e) + quantile(r_q, u_r)
-        return np.maximum(n, 1).astype(np.int64), np.maximum(r, 0.0)
+    def level(self, name: str, residual: np.ndarray) -> np.ndarray:
+        """The inverse of quantile: the level (N,) of each residual."""
+        q = np.asarray(self.t[f"{name}_q"])
+        return self._at_bins(lambda x, b: np.interp(x, q[b], self.levels), residual)
+
+    def ratio_given(self, z1: np.ndarray, z2: np.ndarray) -> np.ndarray:
+        """E_vis/E_inc from the count's normal score z1 and an independent standard normal z2 (the copula)."""
+        rho = np.asarray(self.t["rho"])
+        c = (1 - self.w) * rho[self.lo] + self.w * rho[self.hi]
+        u_r = ndtr(c * z1 + np.sqrt(np.clip(1 - c * c, 0.0, 1.0)) * z2)
+        return np.maximum(self.trend("r") + self.quantile("r", u_r), 0.0)
 
 
 def rescale_to_total(showers: np.ndarray, target_MeV: np.ndarray, threshold_MeV: float) -> np.ndarray:
