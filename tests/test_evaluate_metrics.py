@@ -106,3 +106,23 @@ def test_feature_distances_identical_samples_are_zero():
     assert max(d["separation_power"].values()) == 0.0
     assert max(d["wasserstein"].values()) == pytest.approx(0.0, abs=1e-12)  # cumulative-sum rounding only
     assert max(d["separation_power_err"].values()) > 0  # the bootstrap replicas do differ
+
+
+def test_response_by_energy_reads_scale_resolution_and_overflow():
+    """Generated r = E_vis/E_inc 2 % high, twice as wide and with 1 % far outliers: the per-10-GeV table says so;
+    the same law twice gives means within a few per mille and IQR ratios near 1."""
+    rng = np.random.default_rng(0)
+    inc_r, inc_g = rng.uniform(1e4, 1e5, 40_000), rng.uniform(1e4, 1e5, 40_000)
+    r_ref = 0.0165 * (1 + 0.05 * rng.standard_normal(40_000))
+    same = M.response_by_energy(inc_r, r_ref, inc_g, 0.0165 * (1 + 0.05 * rng.standard_normal(40_000)))
+    assert [b["GeV"] for b in same["bins"]] == [[float(lo), float(lo + 10)] for lo in range(10, 100, 10)]
+    assert abs(same["worst"]["mean_rel_diff"]) < 0.005 and abs(same["worst"]["iqr_ratio"] - 1) < 0.1
+    assert same["worst"]["beyond_max_fraction"] < 0.002
+    r_gen = 0.0165 * 1.02 * (1 + 0.10 * rng.standard_normal(40_000))
+    r_gen[:400] = 0.03  # far beyond anything simulated
+    off = M.response_by_energy(inc_r, r_ref, inc_g, r_gen)
+    assert off["worst"]["mean_rel_diff"] == pytest.approx(0.02 + 0.03 / 0.0165 * 0.01, abs=0.01)
+    assert all(1.8 < b["iqr_ratio"] < 2.3 for b in off["bins"])
+    assert 0.01 < off["worst"]["beyond_max_fraction"] < 0.1  # the 1 % outliers plus the wider tail
+    sparse = M.response_by_energy(inc_r[:30], r_ref[:30], inc_g[:30], r_ref[:30])
+    assert sparse["bins"] == [] and sparse["worst"]["mean_rel_diff"] is None

@@ -60,6 +60,7 @@ def cmd_evaluate(args) -> int:
             f"{row[k][0]:>22}" for k in ("classifier_auc_low", "classifier_auc_high", "fpd", "kpd")))
         print(f"{'  floor':<10}" + "".join(
             f"{row[k][1]:>22}" for k in ("classifier_auc_low", "classifier_auc_high", "fpd", "kpd")))
+        print(f"{'':<10}E_vis/E_inc, worst 10 GeV bin: {row['response'][0]} (floor: {row['response'][1]})")
     print(f"\nwrote {os.path.join(args.output, 'metrics.json')} and index.html in {time.perf_counter() - start:.1f} s "
           f"({threads} threads)")
     return 0

@@ -2,7 +2,8 @@
 
 `compare` fills the metrics.json object of one material (schema in docs/evaluation.md):
 classifier AUC/JSD on low- and high-level inputs, FPD, KPD, and per feature the separation power
-and Wasserstein distance, each with its uncertainty; and the published paper's W1 and KL of its ten
+and Wasserstein distance, each with its uncertainty; the response E_vis/E_inc per 10 GeV of incident
+energy (scale, resolution, showers beyond the simulated maximum); and the published paper's W1 and KL of its ten
 observables (published.py). `noise_floor` runs the same on two disjoint
 random halves of the reference: what a perfect generator would score (at half the statistics).
 The input checks refuse comparisons that would be meaningless: other geometry, other energies.
@@ -187,6 +188,8 @@ def _compare(ref: Prepared, gen: Prepared, opts: Options, what: str) -> dict:
         result["uncertainties"][f"classifier_auc_{level}"] = None if r is None else r.auc_err
         result["uncertainties"][f"jsd_{level}"] = None if r is None else r.jsd_err
     result["classifier"] = {k: v.to_dict() for k, v in details.items()}
+    result["response"] = M.response_by_energy(ref.features.incident_MeV, ref.features.scalars["e_ratio"],
+                                              gen.features.incident_MeV, gen.features.scalars["e_ratio"])
     if ref.features.hits is not None and gen.features.hits is not None:
         t = time.perf_counter()
         result["published"] = published_metrics(ref.features.hits, gen.features.hits)

@@ -158,3 +158,37 @@ def kpd(ref: np.ndarray, gen: np.ndarray, n_batches: int = 10, batch_size: int =
             for _ in range(n_batches)]
     lo, hi = np.percentile(vals, [16, 84])
     return float(np.median(vals)), float((hi - lo) / 2)
+
+
+RESPONSE_STEP_GEV = 10.0  # width of the incident-energy bins of response_by_energy
+
+
+def response_by_energy(inc_ref: np.ndarray, r_ref: np.ndarray, inc_gen: np.ndarray, r_gen: np.ndarray,
+                       step_GeV: float = RESPONSE_STEP_GEV, min_showers: int = 20) -> dict:
+    """The calorimeter response r = E_vis/E_inc per bin of incident energy (step_GeV wide, on the GeV grid),
+    what a physicist reads first (scale and resolution): per bin the generated mean relative to the
+    simulated one minus 1, the ratio of the interquartile ranges, and the fraction of generated showers
+    above the largest simulated r of the bin; bins with fewer than min_showers on either side are left
+    out. `worst` holds the largest |mean - 1|, the IQR ratio farthest from 1, and the overall fraction
+    beyond the simulated maxima."""
+    lo = np.floor(min(inc_ref.min(), inc_gen.min()) / 1e3 / step_GeV) * step_GeV
+    edges = np.arange(lo, max(inc_ref.max(), inc_gen.max()) / 1e3 + step_GeV, step_GeV)
+    b_ref = np.searchsorted(edges, inc_ref / 1e3, side="right") - 1
+    b_gen = np.searchsorted(edges, inc_gen / 1e3, side="right") - 1
+    bins, beyond, counted = [], 0, 0
+    for k in range(len(edges) - 1):
+        x, y = r_ref[b_ref == k], r_gen[b_gen == k]
+        if min(len(x), len(y)) < min_showers:
+            continue
+        iqr_x, iqr_y = np.subtract(*np.percentile(x, [75, 25])), np.subtract(*np.percentile(y, [75, 25]))
+        n_beyond = int((y > x.max()).sum())
+        beyond, counted = beyond + n_beyond, counted + len(y)
+        bins.append({"GeV": [float(edges[k]), float(edges[k + 1])], "n_reference": len(x), "n_generated": len(y),
+                     "mean_reference": float(x.mean()), "mean_rel_diff": float(y.mean() / x.mean() - 1),
+                     "iqr_reference": float(iqr_x), "iqr_ratio": float(iqr_y / iqr_x) if iqr_x > 0 else None,
+                     "beyond_max_fraction": n_beyond / len(y)})
+    ratios = [b["iqr_ratio"] for b in bins if b["iqr_ratio"] is not None]
+    worst = {"mean_rel_diff": max((b["mean_rel_diff"] for b in bins), key=abs, default=None),
+             "iqr_ratio": max(ratios, key=lambda v: abs(v - 1), default=None),
+             "beyond_max_fraction": beyond / counted if counted else None}
+    return {"step_GeV": step_GeV, "bins": bins, "worst": worst}

@@ -275,8 +275,18 @@ def _summary_line(r: dict) -> str:
     u = r["uncertainties"]
     parts = [f"AUC low {_fmt(r['classifier_auc_low'], u['classifier_auc_low'])}",
              f"AUC high {_fmt(r['classifier_auc_high'], u['classifier_auc_high'])}",
-             f"FPD {_fmt(*r['fpd'])}", f"KPD {_fmt(*r['kpd'])}"]
+             f"FPD {_fmt(*r['fpd'])}", f"KPD {_fmt(*r['kpd'])}", f"E_vis/E_inc worst bin: {response_text(r)}"]
     return ", ".join(parts)
+
+
+def response_text(r: dict) -> str:
+    """The response's worst bin in a few words: mean off by, IQR ratio, share beyond the simulated maximum."""
+    w = r.get("response", {}).get("worst", {})
+    if w.get("mean_rel_diff") is None:
+        return "–"
+    iqr = w["iqr_ratio"]
+    return (f"mean {100 * w['mean_rel_diff']:+.1f} %, IQR ×{'–' if iqr is None else f'{iqr:.2f}'}, "
+            f"{100 * w['beyond_max_fraction']:.1f} % beyond max")
 
 
 def summary_rows(results: dict) -> list[dict]:
@@ -294,6 +304,7 @@ def summary_rows(results: dict) -> list[dict]:
             "median_separation_power": (_fmt(float(np.median(list(sp.values())))),
                                         _fmt(float(np.median(list(nf["separation_power"].values()))))),
             "worst_feature": f"{worst} ({_fmt(sp[worst])}; floor {_fmt(nf['separation_power'][worst])})",
+            "response": (response_text(r), response_text(nf)),
         })
     return rows
 
@@ -325,8 +336,9 @@ def render_html(results: dict, figures: dict, outdir: str, meta: dict,
     """One self-contained page: the metrics table, per-material figures embedded as base64 PNG."""
     esc = html.escape
     heads = ["material", "N ref", "N gen", "AUC low", "AUC high", "JSD low", "JSD high", "FPD ×10³", "KPD ×10³",
-             "median sep. power", "worst feature"]
-    keys = ["classifier_auc_low", "classifier_auc_high", "jsd_low", "jsd_high", "fpd", "kpd", "median_separation_power"]
+             "median sep. power", "E_vis/E_inc, worst 10 GeV bin", "worst feature"]
+    keys = ["classifier_auc_low", "classifier_auc_high", "jsd_low", "jsd_high", "fpd", "kpd", "median_separation_power",
+            "response"]
     lines = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>calofm evaluation</title>",
              f"<style>{CSS}</style></head><body>", "<h1>calofm evaluation report</h1>",
              f"<p>calofm {esc(meta['calofm_version'])}, {esc(meta['created'])}, hit threshold "
