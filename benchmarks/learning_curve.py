@@ -4,7 +4,8 @@
         [--json benchmarks/results/learning_curve_cpu.json] [--plot docs/img/learning_curve.png]
 
 Each MODEL_DIR is a model directory (a run directory, one of its checkpoints/step-N, or a copy of
-one); its manifest says how many tokens it had seen. For every model and material: generate --n
+one); its manifest says how many tokens it had seen, with those of the model a warm start began from.
+For every model and material: generate --n
 showers (fp32, seed 1, 10-100 GeV uniform, cpu geometry), simulate as many reference showers with a
 seed no training stream uses, and run `calofm evaluate --no-plots` on them, as a user would. Rows are
 keyed by (weights sha256, material) and merged into --json, so points can be added as a run goes on;
@@ -49,8 +50,11 @@ def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: in
     training = manifest.get("training", {})
     u = m["uncertainties"]
     return {"model": os.path.abspath(model_dir), "sha256": sha, "material": material,
-            "tokens_seen": training.get("tokens_seen"), "steps": training.get("steps"),
-            "wall_time_s": training.get("wall_time_s"), "simulator_version": training.get("simulator_version"),
+            # a warm start (--init-from) counts the compute of the model it started from
+            "tokens_seen": training.get("tokens_seen_total", training.get("tokens_seen")), "steps": training.get("steps"),
+            "wall_time_s": training.get("wall_time_s_total", training.get("wall_time_s")),
+            "init_from": training.get("init_from", {}).get("sha256"), "simulator_version": training.get("simulator_version"),
+            "response": m.get("response", {}).get("worst"),
             "n": n, "auc_high": round(m["classifier_auc_high"], 4), "auc_high_err": round(u["classifier_auc_high"], 4),
             "auc_low": round(m["classifier_auc_low"], 4), "auc_low_err": round(u["classifier_auc_low"], 4),
             "fpd": [round(v, 1) for v in m["fpd"]], "generate_s": round(gen_s, 1)}

@@ -109,6 +109,18 @@ def test_init_from_starts_at_the_given_weights(data, tmp_path):
     with open(first / "manifest.json") as f1, open(second / "manifest.json") as f2:
         t1, t2 = json.load(f1)["tokenizer"], json.load(f2)["tokenizer"]
     assert t1["vocabularies"] == t2["vocabularies"] and t1["max_hits"] == t2["max_hits"]
+    # the manifest states the whole compute: the start model's tokens and time plus its own, also twice over
+    third = tmp_path / "third"
+    train(config(data, third, steps=1, init_from=str(trained), seed=7), threads=1, progress=False, log=quiet)
+    runs = {}
+    for name in ("first", "trained", "third"):
+        with open(tmp_path / name / "manifest.json") as fh:
+            runs[name] = json.load(fh)["training"]
+    assert "init_from" not in runs["first"]
+    assert runs["trained"]["init_from"]["tokens_seen_total"] == runs["first"]["tokens_seen"] > 0
+    assert runs["third"]["init_from"]["sha256"] == json.load(open(trained / "manifest.json"))["weights"]["sha256"]
+    assert runs["third"]["tokens_seen_total"] == sum(runs[n]["tokens_seen"] for n in runs)
+    assert runs["third"]["wall_time_s_total"] >= runs["first"]["wall_time_s"] + runs["trained"]["wall_time_s"]
 
 def test_two_process_ddp_matches_single_process(data, tmp_path):
     # aux losses are per-rank estimates (the load-balance loss is not additive over tokens), so they are

@@ -244,12 +244,14 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
         raise CalofmError(f"{cfg.out} already holds a training run; pass --resume to continue it or choose "
                           "another output directory")
     init_model = None
+    lineage = state.get("init_from") if state else None  # the start model's training compute (init_from)
     if state is None and cfg.init_from:
         # continued pre-training keeps the tokenizer (vocabularies, max_hits, bins) of the start model;
         # the optimizer and schedule start afresh
         from calofm.pretrained import resolve_model
         init_model, tokenizer, init_manifest = load_model(resolve_model(cfg.init_from))
         log(f"starting from {cfg.init_from} (weights sha256 {init_manifest['weights']['sha256'][:12]})")
+        lineage = _lineage(cfg.init_from, init_manifest)
     device = info.device
     run_dir = cfg.out
     if info.is_main:
@@ -310,16 +312,20 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
                 fh.write(json.dumps(event) + "\n")
 
     def summary() -> dict:
+        wall = round(elapsed0 + time.time() - t0, 1)
+        totals = {} if lineage is None else {"init_from": lineage,
+                                             "tokens_seen_total": lineage["tokens_seen_total"] + tokens_seen,
+                                             "wall_time_s_total": round(lineage["wall_time_s_total"] + wall, 1)}
         return dict(data_summary, preset=cfg.preset, train_config=cfg.to_dict(), steps=step, tokens_seen=tokens_seen,
-                    wall_time_s=round(elapsed0 + time.time() - t0, 1), world_size=info.world, val=last_eval,
-                    precision=precision, device=_device_name(device),
-                    command=" ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)))
+                    wall_time_s=wall, world_size=info.world, val=last_eval, precision=precision,
+                    device=_device_name(device),
+                    command=" ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)), **totals)
 
     def checkpoint() -> None:
         if info.is_main:
             save_checkpoint(run_dir, step, model, tokenizer, optimizer,
                             {"config": cfg.to_dict(), "sampler": feed.state(), "last_eval": last_eval,
-                             "elapsed_s": elapsed0 + time.time() - t0, "tokens_seen": tokens_seen,
+                             "elapsed_s": elapsed0 + time.time() - t0, "tokens_seen": tokens_seen, "init_from": lineage,
                              "simulator_version": SIMULATOR_VERSION if stream is not None else None},
                             summary(), keep=cfg.keep_checkpoints)
         barrier(info)
@@ -447,6 +453,15 @@ class BudgetClock:
         if info.enabled:  # any rank out of time stops all
             late = all_reduce_sum(torch.tensor([float(late)], device=info.device), info).item() > 0
         return late
+
+
+def _lineage(name: str, manifest: dict) -> dict:
+    """What a warm start (init_from) began from: the model, its weights, and the training compute behind
+    it (its own totals when it was itself a warm start), so the new manifest states the whole compute."""
+    training = manifest.get("training", {})
+    return {"model": name, "sha256": manifest["weights"]["sha256"],
+            "tokens_seen_total": int(training.get("tokens_seen_total", training.get("tokens_seen", 0))),
+            "wall_time_s_total": float(training.get("wall_time_s_total", training.get("wall_time_s", 0.0)))}
 
 
 def _device_name(device: torch.device) -> str:
