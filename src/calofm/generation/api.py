@@ -136,12 +136,9 @@ class ShowerModel:
             batch = self.tokenizer.decode_padded(res.voxel_tokens.cpu().numpy(), res.energy_tokens.cpu().numpy(),
                                                  mode="uniform", u=shower_uniforms(seed, rows, SMEAR, max_hits).numpy())
             if totals == "energy":
-                ratio_b = self.tokenizer.totals.sample_ratio_given_hits(key, e, res.n_hits.cpu().numpy(),
-                                                                        normals[lo:lo + b])
+                batch = self.energy_given_hits(key, e, batch, normals[lo:lo + b])
             elif totals == "hits+energy":
-                ratio_b = ratio[lo:lo + b]
-            if totals != "off":
-                batch = rescale_to_total(batch, ratio_b * e, self.tokenizer.totals.min_hit_MeV(key))
+                batch = rescale_to_total(batch, ratio[lo:lo + b] * e, self.tokenizer.totals.min_hit_MeV(key))
             showers.append(batch)
             n_capped += int(res.capped.sum())
             n_hits += int(res.n_hits.sum())
@@ -153,6 +150,14 @@ class ShowerModel:
         if output is not None:
             self.write(output, incident_MeV, showers, material, particle, seed, sampling, energy_sampling)
         return incident_MeV, showers
+
+    def energy_given_hits(self, key: str, incident_MeV: np.ndarray, showers: np.ndarray,
+                          normals: np.ndarray) -> np.ndarray:
+        """totals="energy" on decoded showers (N, n_voxels) of class `key` ("material/particle"): each one's
+        hits rescaled to E_vis drawn from the fitted totals law given its hit count, with two standard
+        normals per shower (N, 2); generate() passes those of the shower's own random stream."""
+        ratio = self.tokenizer.totals.sample_ratio_given_hits(key, incident_MeV, (showers > 0).sum(1), normals)
+        return rescale_to_total(showers, ratio * incident_MeV, self.tokenizer.totals.min_hit_MeV(key))
 
     def write(self, path: str, incident_MeV, showers, material: str, particle: str, seed: int,
               sampling: SamplingConfig | None = None, energy_sampling: SamplingConfig | None = None,
