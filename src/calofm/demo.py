@@ -11,7 +11,7 @@
 4. evaluate everything with `calofm evaluate` into one report: per-sample metrics table with noise
    floors, plots, and the speed figures; `summary.json` holds the speed rows and the stage times.
 
-500 showers per sample by default: the whole demo then takes about 5 minutes on 2 CPU cores, with or
+500 showers per sample by default: the whole demo then takes 3-6 minutes on 2 CPU cores, with or
 without bf16 instructions (the evaluation is half of it). `--n 1000` halves the AUC uncertainty
 (about ±0.02 instead of ±0.03) for twice the time.
 """
