@@ -281,8 +281,8 @@ def _summary_line(r: dict) -> str:
 
 def response_text(r: dict) -> str:
     """The response's worst bin in a few words: mean off by, IQR ratio, share beyond the simulated maximum."""
-    w = r.get("response", {}).get("worst", {})
-    if w.get("mean_rel_diff") is None:
+    w = r["response"]["worst"]
+    if w["mean_rel_diff"] is None:
         return "–"
     iqr = w["iqr_ratio"]
     return (f"mean {100 * w['mean_rel_diff']:+.1f} %, IQR ×{'–' if iqr is None else f'{iqr:.2f}'}, "

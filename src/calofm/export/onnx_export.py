@@ -166,9 +166,8 @@ def export_onnx(shower_model, out: str, classes: list[tuple[str, str]], force: b
 
     cfg = shower_model.model.cfg
     if cfg.voxel_head == "factorized" or cfg.running_inputs:
-        raise CalofmError("the ONNX export covers the flat and geometric voxel heads without running inputs; this "
-                          "model has "
-                          f"voxel_head={cfg.voxel_head!r}, running_inputs={cfg.running_inputs}")
+        raise CalofmError("the ONNX export covers the flat and geometric voxel heads without running inputs; "
+                          f"this model has voxel_head={cfg.voxel_head!r}, running_inputs={cfg.running_inputs}")
     check_output_dir(out, force, "export folder", fmt=FORMAT)
     parent = os.path.dirname(os.path.abspath(out))
     tmp = tempfile.mkdtemp(prefix=".calofm-export-", dir=parent)

@@ -55,7 +55,6 @@ class BlockHead(BlockTables):
         return F.linear(x, self.weight)
 
 
-
 class GridSum(nn.Module):
     """One vector per voxel of a geometry, layer[l] + row[a] + col[b] for a voxel in layer l at transverse
     indices (a, b) of its layer's grid (Cartesian (y, x), cylindrical (alpha, r); detector/geometry.py,
@@ -108,7 +107,7 @@ class GeometricVoxelHead(BlockHead):
     def weight(self) -> torch.Tensor:  # (V, d)
         if self.held is not None:
             return self.held
-        flat = torch.cat(list(self.tables), dim=0)
+        flat = BlockTables.weight.fget(self)  # the concatenated tables
         n_specials = self.tables[0].shape[0]
         return torch.cat([flat[:n_specials], flat[n_specials:] + self.grid()], dim=0)
 
