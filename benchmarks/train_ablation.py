@@ -10,8 +10,9 @@ Two studies:
     python benchmarks/train_ablation.py --study streams --data runs/data/W.h5 runs/data/Ta.h5 runs/data/Cu.h5 \\
         --steps 300 --batch-size 16 --threads 1 --json benchmarks/results/train_ablation.json
 
-- `fidelity`: the running visible energy and hit index as inputs, and the factorized (layer, then
-  cell) voxel head, on streamed simulation:
+- `fidelity`: the running visible energy and hit index as inputs, the factorized (layer, then cell)
+  voxel head, the geometric voxel embedding and head, and the layer-by-layer hit order, on streamed
+  simulation:
 
     python benchmarks/train_ablation.py --study fidelity --simulate W,Ta,Cu --steps 500 --batch-size 32 \\
         --warmup 50 --seed 11 --runs runs/ablation --auc 1000 --json benchmarks/results/fidelity_ablation.json
@@ -43,6 +44,7 @@ STUDIES = {
         "factorized+running": {"voxel_head": "factorized", "running_inputs": True},
         "geometric embedding": {"voxel_embedding": "geometric"},
         "geometric embedding+head": {"voxel_embedding": "geometric", "voxel_head": "geometric"},
+        "layer order": {"order": "layer"},  # the hit order (TrainConfig.order), not a model option
     },
 }
 
@@ -58,8 +60,9 @@ def _log(run_dir: str) -> list[dict]:
 def run_variant(args, name: str, overrides: dict, run_dir: str) -> dict:
     finished = lambda: [e for e in _log(run_dir) if e["event"] == "val" and e["step"] == args.steps]  # noqa: E731
     if not finished():
-        cfg = TrainConfig(data=tuple(args.data), simulate=tuple(args.simulate.split(",")) if args.simulate else (),
-                          out=run_dir, preset=args.preset, model=overrides, steps=args.steps,
+        model = {k: v for k, v in overrides.items() if k != "order"}
+        cfg = TrainConfig(order=overrides.get("order", "energy"), data=tuple(args.data), simulate=tuple(args.simulate.split(",")) if args.simulate else (),
+                          out=run_dir, preset=args.preset, model=model, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, warmup=args.warmup or min(100, args.steps // 10),
                           eval_every=args.steps, ckpt_every=args.steps, log_every=max(1, args.steps // 25),
                           max_val=args.max_val, seed=args.seed, workers=args.workers, device="cpu")

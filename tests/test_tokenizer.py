@@ -101,16 +101,21 @@ def test_max_hits_comes_from_data_and_truncation_is_counted(showers):
 def test_hit_orders(showers):
     _, dense = showers
     hits = Hits.from_dense(dense[:10])
-    energy_tok, spatial_tok = make_tokenizer("energy"), make_tokenizer("spatial")
-    for t in (energy_tok, spatial_tok):
+    energy_tok, spatial_tok, layer_tok = make_tokenizer("energy"), make_tokenizer("spatial"), make_tokenizer("layer")
+    for t in (energy_tok, spatial_tok, layer_tok):
         t.fit_max_hits(hits.counts)
-    a, b = energy_tok.encode(hits), spatial_tok.encode(hits)
+    a, b, c = energy_tok.encode(hits), spatial_tok.encode(hits), layer_tok.encode(hits)
+    layer_of = energy_tok.geometry.voxel_layer
     for i in range(10):
-        sa, sb = slice(a.offsets[i], a.offsets[i + 1]), slice(b.offsets[i], b.offsets[i + 1])
+        sa, sb, sc = (slice(x.offsets[i], x.offsets[i + 1]) for x in (a, b, c))
         energies = dense[i][a.voxel_tokens[sa] - energy_tok.voxel_block.offset]
         assert np.all(np.diff(energies) <= 0)  # energy-descending
         assert np.all(np.diff(b.voxel_tokens[sb]) > 0)  # spatial: ascending voxel index
-        assert set(a.voxel_tokens[sa]) == set(b.voxel_tokens[sb])
+        voxels = c.voxel_tokens[sc] - layer_tok.voxel_block.offset
+        layers, e = layer_of[voxels], dense[i][voxels]
+        assert np.all(np.diff(layers) >= 0) and len(set(layers)) > 1  # layer by layer from the front,
+        assert np.all(np.diff(e)[np.diff(layers) == 0] <= 0)  # energy-descending within a layer
+        assert set(a.voxel_tokens[sa]) == set(b.voxel_tokens[sb]) == set(c.voxel_tokens[sc])
     with pytest.raises(CalofmError, match="unknown hit order"):
         ShowerTokenizer.create(get_geometry("cpu"), ["W"], ["gamma"], order="random")
 

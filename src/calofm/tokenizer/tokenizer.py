@@ -17,6 +17,8 @@ placeholders. Hits come in `order`:
 - "spatial": ascending voxel index (layer, then y, then x); the model then has to learn when to
   stop from geometry alone and a cap would cut off the deepest layers, so truncation always keeps
   the highest-energy hits and only then reorders them.
+- "layer": layer by layer from the front, descending cell energy within a layer: each layer's core
+  comes first, as in "energy", and the model always knows which layer it is filling.
 
 `max_hits` is derived from the data (`fit_max_hits`: a high percentile of the hit counts plus a
 margin); showers longer than it are truncated and counted, never silently. An adapter (calofm.extension)
@@ -43,7 +45,7 @@ from calofm.tokenizer.vocab import Vocabulary
 
 SPECIALS = ("PAD", "BOS", "EOS")  # ids 0, 1, 2 in both hit streams
 PAD, BOS, EOS = 0, 1, 2
-ORDERS = ("energy", "spatial")
+ORDERS = ("energy", "spatial", "layer")
 
 
 def canonical_particle(name: str) -> str:
@@ -221,9 +223,11 @@ class ShowerTokenizer:
         new_counts = np.minimum(counts, cap)
         offsets = np.concatenate([[0], np.cumsum(new_counts)]).astype(np.int64)
         voxel, energy = hits.voxel[keep], hits.energy[keep]
-        if self.order == "spatial":
+        if self.order != "energy":
             segment = np.repeat(np.arange(len(new_counts)), new_counts)
-            perm = np.lexsort((voxel, segment))
+            # lexsort is stable: "layer" keeps the energy order within a layer
+            key = voxel if self.order == "spatial" else self.geometry.voxel_layer[voxel]
+            perm = np.lexsort((key, segment))
             voxel, energy = voxel[perm], energy[perm]
         bins, under, over = self.bins.encode(energy)
         total_energy = float(hits.energy.sum(dtype=np.float64))
