@@ -15,6 +15,10 @@
 #        # CPU: trains 4 hours; the same command again resumes RUN for another BUDGET_MIN minutes
 #   DEV=cpu BUDGET_MIN=1 QUICK=1 OUT=/tmp/gt bash benchmarks/gpu_train.sh   # dry run of the script on CPU
 #
+# ORDER (default layer) is the hit order (`--order`); TOTALS (default off) the evaluation's
+# `--totals` mode. ORDER=layer TOTALS=energy is the combination the fidelity ablation ranks first
+# (docs/model.md, "Hit order").
+#
 # RUN (the run directory, with its checkpoints) lives outside $OUT: its optimizer state is larger than
 # what comes back from the GPU machine, which keeps nothing anyway; on CPU it persists and resumes.
 set -u
@@ -23,6 +27,8 @@ DEV=${DEV:-cuda}
 RUN=${RUN:-/tmp/calofm_gpu_train}
 BUDGET_MIN=${BUDGET_MIN:-6}
 PRESET=${PRESET:-small}
+ORDER=${ORDER:-layer}
+TOTALS=${TOTALS:-off}
 CORES=$(${PY:-python3} -c "import os; print(len(os.sched_getaffinity(0)))")
 if [ "$DEV" = cuda ]; then
   WORKERS=${WORKERS:-$(( CORES > 3 ? CORES - 2 : 1 ))}  # 14 on the 16-core GPU machine; the trainer keeps a core
@@ -41,13 +47,13 @@ calofm="$py -m calofm.cli.main"
 log=$OUT/train.log
 start=$(date +%s)
 { date -u; nvidia-smi -L 2>&1 | head -2; $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-  echo "cores $CORES, workers $WORKERS, batch $BATCH, budget $BUDGET_MIN min, preset $PRESET, compile $COMPILE, run $RUN"; } >>"$log" 2>&1
+  echo "cores $CORES, workers $WORKERS, batch $BATCH, budget $BUDGET_MIN min, preset $PRESET, order $ORDER, totals $TOTALS, compile $COMPILE, run $RUN"; } >>"$log" 2>&1
 
 train() {  # $1: budget in minutes, $2: --compile or nothing
   if [ -e "$RUN/checkpoints/latest" ]; then
     cmd=(train --resume -o "$RUN" --max-minutes "$1" --workers "$WORKERS" --no-progress $2)
   else
-    cmd=(train --simulate W,Ta,Cu --particle gamma --energy 10:100 --geometry cpu --preset "$PRESET" -o "$RUN"
+    cmd=(train --simulate W,Ta,Cu --particle gamma --energy 10:100 --geometry cpu --preset "$PRESET" -o "$RUN" --order "$ORDER"
       --device "$DEV" --precision auto --max-minutes "$1" ${STEPS:+--steps $STEPS} --batch-size "$BATCH"
       --workers "$WORKERS" --max-val "$MAX_VAL" --eval-every "$EVAL_EVERY" --ckpt-every "$EVAL_EVERY"
       --log-every 20 ${THREADS:+--threads $THREADS} --no-progress $2)
@@ -81,7 +87,7 @@ if [ -e "$RUN/model.safetensors" ]; then
     timeout 120 $calofm simulate --material $m --particle gamma --energy 10:100 --geometry cpu --n "$N_EVAL" \
       --seed 424242 --workers "$WORKERS" -o "$ev/sim_$m.h5" >>"$elog" 2>&1
     timeout 150 $calofm generate --model "$RUN" --material $m --particle gamma --energy 10:100 --n "$N_EVAL" \
-      --seed 7 --device "$DEV" --precision $prec --no-progress -o "$ev/gen_$m.h5" >>"$elog" 2>&1
+      --seed 7 --device "$DEV" --precision $prec --totals "$TOTALS" --no-progress -o "$ev/gen_$m.h5" >>"$elog" 2>&1
   done
   echo "== evaluate $(date -u +%T)" >>"$elog"
   timeout 240 $calofm evaluate --reference "$ev"/sim_W.h5 "$ev"/sim_Ta.h5 "$ev"/sim_Cu.h5 \

@@ -45,6 +45,8 @@ STUDIES = {
         "geometric embedding": {"voxel_embedding": "geometric"},
         "geometric embedding+head": {"voxel_embedding": "geometric", "voxel_head": "geometric"},
         "layer order": {"order": "layer"},  # the hit order (TrainConfig.order), not a model option
+        "layer order+running": {"order": "layer", "running_inputs": True},
+        "layer order+factorized+running": {"order": "layer", "voxel_head": "factorized", "running_inputs": True},
     },
 }
 

@@ -11,14 +11,16 @@ Position 0 holds the conditioning: log incident energy through a continuous embe
 material and particle ids (from their own append-only vocabularies); its token ids are PAD
 placeholders. Hits come in `order`:
 
-- "energy" (default, as published): descending cell energy. The first tokens carry most of the
+- "energy" (as published, and the shipped models'): descending cell energy. The first tokens carry most of the
   energy, so a length cap drops only the faintest cells, generation lays down the core before the
   halo, and the end-of-shower decision is taken among low-energy cells where it matters least.
 - "spatial": ascending voxel index (layer, then y, then x); the model then has to learn when to
   stop from geometry alone and a cap would cut off the deepest layers, so truncation always keeps
   the highest-energy hits and only then reorders them.
-- "layer": layer by layer from the front, descending cell energy within a layer: each layer's core
-  comes first, as in "energy", and the model always knows which layer it is filling.
+- "layer" (the default of new models): layer by layer from the front, descending cell energy within
+  a layer: each layer's core comes first, as in "energy", and the model always knows which layer it
+  is filling. At equal training tokens it gives the lowest NLL per shower and the lowest classifier
+  AUC of the orders (docs/model.md, "Hit order").
 
 `max_hits` is derived from the data (`fit_max_hits`: a high percentile of the hit counts plus a
 margin); showers longer than it are truncated and counted, never silently. An adapter (calofm.extension)
@@ -46,6 +48,7 @@ from calofm.tokenizer.vocab import Vocabulary
 SPECIALS = ("PAD", "BOS", "EOS")  # ids 0, 1, 2 in both hit streams
 PAD, BOS, EOS = 0, 1, 2
 ORDERS = ("energy", "spatial", "layer")
+DEFAULT_ORDER = "layer"  # of new training runs: the fidelity ablation's choice (docs/model.md, "Hit order")
 
 
 def canonical_particle(name: str) -> str:
@@ -122,7 +125,7 @@ def _within_segment_index(offsets: np.ndarray) -> np.ndarray:
 
 class ShowerTokenizer:
     def __init__(self, geometry: Geometry, voxels: Vocabulary, energies: Vocabulary, materials: Vocabulary,
-                 particles: Vocabulary, bins: LogEnergyBins, order: str = "energy", max_hits: int | None = None):
+                 particles: Vocabulary, bins: LogEnergyBins, order: str = DEFAULT_ORDER, max_hits: int | None = None):
         if order not in ORDERS:
             raise CalofmError(f"unknown hit order {order!r}; choose one of {', '.join(ORDERS)}")
         self.geometry, self.bins, self.order, self.max_hits = geometry, bins, order, max_hits
@@ -139,7 +142,7 @@ class ShowerTokenizer:
 
     @classmethod
     def create(cls, geometry: Geometry, materials: list[str], particles: list[str],
-               bins: LogEnergyBins | None = None, order: str = "energy") -> ShowerTokenizer:
+               bins: LogEnergyBins | None = None, order: str = DEFAULT_ORDER) -> ShowerTokenizer:
         bins = bins or LogEnergyBins()
         voxels, energies = Vocabulary("voxel"), Vocabulary("energy")
         for vocab in (voxels, energies):

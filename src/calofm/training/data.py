@@ -23,7 +23,8 @@ from calofm.data.showers import inspect_file, iter_showers
 from calofm.detector.materials import get_material
 from calofm.errors import CalofmError
 from calofm.model.transformer import IGNORE
-from calofm.tokenizer import BOS, EOS, PAD, Hits, ShowerTokenizer, TokenizedShowers, canonical_particle, incident_feature
+from calofm.tokenizer import (BOS, DEFAULT_ORDER, EOS, PAD, Hits, ShowerTokenizer, TokenizedShowers, canonical_particle,
+                              incident_feature)
 from calofm.tokenizer.totals import ShowerTotals, class_key
 
 
@@ -180,7 +181,7 @@ class TrainingData:
         return totals
 
 
-def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = "energy",
+def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = DEFAULT_ORDER,
                 max_hits: int | None = None, val_fraction: float = 0.05, max_val: int = 1000,
                 log=print) -> tuple[ShowerTokenizer, Corpus, dict[str, Corpus], dict]:
     """Read files, build (or reuse) the tokenizer, split, tokenize.
@@ -193,7 +194,7 @@ def load_corpus(paths: list[str], tokenizer: ShowerTokenizer | None = None, orde
     return d.tokenizer, d.train, d.val, d.summary
 
 
-def prepare_data(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = "energy",
+def prepare_data(paths: list[str], tokenizer: ShowerTokenizer | None = None, order: str = DEFAULT_ORDER,
                  max_hits: int | None = None, val_fraction: float = 0.05, max_val: int = 1000, log=print,
                  stream=None, seed: int = 0, n_reference: int = 2000, workers: int = 1,
                  adapter_keys: tuple = ()) -> TrainingData:

@@ -33,6 +33,7 @@ from calofm.errors import CalofmError
 from calofm.model import ShowerTransformer, get_preset
 from calofm.model.precision import CHOICES, autocast, describe_precision, resolve_precision
 from calofm.simulation import SIMULATOR_VERSION
+from calofm.tokenizer import DEFAULT_ORDER
 from calofm.training.data import Corpus, prepare_data
 from calofm.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from calofm.training.feed import BatchFeed
@@ -70,7 +71,7 @@ class TrainConfig:
     workers: int | None = None  # stream worker processes; None: one per core but the trainer's, 0: inline
     max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time of one invocation
     compile: bool = False  # torch.compile the model's forward and backward
-    order: str = "energy"
+    order: str = DEFAULT_ORDER
     max_hits: int | None = None  # None: derived from the data
     val_fraction: float = 0.05
     max_val: int = 1000  # validation showers per file at most
