@@ -46,7 +46,6 @@ STUDIES = {
         "geometric embedding+head": {"voxel_embedding": "geometric", "voxel_head": "geometric"},
         "layer order": {"order": "layer"},  # the hit order (TrainConfig.order), not a model option
         "layer order+running": {"order": "layer", "running_inputs": True},
-        "layer order+factorized+running": {"order": "layer", "voxel_head": "factorized", "running_inputs": True},
     },
 }
 
@@ -63,7 +62,9 @@ def run_variant(args, name: str, overrides: dict, run_dir: str) -> dict:
     finished = lambda: [e for e in _log(run_dir) if e["event"] == "val" and e["step"] == args.steps]  # noqa: E731
     if not finished():
         model = {k: v for k, v in overrides.items() if k != "order"}
-        cfg = TrainConfig(order=overrides.get("order", "energy"), data=tuple(args.data), simulate=tuple(args.simulate.split(",")) if args.simulate else (),
+        # the studies' baseline is the energy order, whatever the default of new runs
+        cfg = TrainConfig(data=tuple(args.data), simulate=tuple(args.simulate.split(",")) if args.simulate else (),
+                          order=overrides.get("order", "energy"),
                           out=run_dir, preset=args.preset, model=model, steps=args.steps,
                           batch_size=args.batch_size, lr=args.lr, warmup=args.warmup or min(100, args.steps // 10),
                           eval_every=args.steps, ckpt_every=args.steps, log_every=max(1, args.steps // 25),
