@@ -38,9 +38,9 @@ def main(argv=None) -> int:
     model, tokenizer, manifest = load_model(args.source)
     if model.cfg.voxel_embedding != "table":
         raise CalofmError(f"{args.source}: voxel_embedding is already {model.cfg.voxel_embedding!r}")
-    grid = tuple(n for layer in tokenizer.geometry.layer_grid for n in layer)
-    new = ShowerTransformer(ModelConfig.from_dict(model.cfg.to_dict() | {"voxel_embedding": "geometric",
-                                                                           "layer_grid": grid}))
+    # the vocabulary sizes left empty, so that for_tokenizer fills them in with the geometry's layer grids
+    cfg = ModelConfig.from_dict(model.cfg.to_dict() | {"voxel_embedding": "geometric", "voxel_blocks": ()})
+    new = ShowerTransformer(cfg.for_tokenizer(tokenizer))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("voxel_emb.")}
     table = model.voxel_emb.tables[1].detach().float()  # (n_voxels, d): the voxels' block
     layer, row, col = additive_fit(table, tuple(new.cfg.layer_grid))

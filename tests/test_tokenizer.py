@@ -6,7 +6,7 @@ import pytest
 from calofm.detector import get_geometry
 from calofm.errors import CalofmError
 from calofm.simulation import simulate
-from calofm.tokenizer import EOS, PAD, Hits, LogEnergyBins, ShowerTokenizer, Vocabulary
+from calofm.tokenizer import EOS, ORDERS, PAD, Hits, LogEnergyBins, ShowerTokenizer, Vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +118,13 @@ def test_hit_orders(showers):
         assert set(a.voxel_tokens[sa]) == set(b.voxel_tokens[sb]) == set(c.voxel_tokens[sc])
     with pytest.raises(CalofmError, match="unknown hit order"):
         ShowerTokenizer.create(get_geometry("cpu"), ["W"], ["gamma"], order="random")
+
+
+def test_train_command_offers_every_hit_order():
+    from calofm.cli.main import build_parser
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert [a for a in train._actions if a.dest == "order"][0].choices == ORDERS
 
 
 def test_serialization_round_trip(showers):

@@ -38,7 +38,8 @@ def register(sub) -> None:
                    help="autocast dtype; auto (default): bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, "
                         "AMX, Arm BF16), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (pays off on a GPU)")
-    p.add_argument("--order", choices=["energy", "spatial", "layer"], default=None, help="hit order (default layer; docs/model.md)")
+    p.add_argument("--order", choices=("energy", "spatial", "layer"),  # tokenizer.ORDERS (tested)
+                   default=None, help="hit order (default layer; docs/model.md)")
     p.add_argument("--max-hits", type=count(1, 100_000), default=None,
                    help="hits per shower kept (default: 1.1 x the 99.9th percentile of the data; truncation is counted)")
     p.add_argument("--val-fraction", type=FRACTION, default=None, help="validation share of each file (default 0.05)")
