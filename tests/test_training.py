@@ -82,6 +82,24 @@ def test_resume_reproduces_uninterrupted_run(data, tmp_path, precision):
     assert set(manifest["training"]["val"]) == {"W", "Ta", "Cu"}
 
 
+def test_resume_may_shorten_the_schedule(data, tmp_path):
+    # a run planned for 8 steps, killed after 5 (checkpoint at 3), finished at 6: the cosine ends at 6
+    cut = tmp_path / "cut"
+    train(config(data, cut), threads=1, progress=False, stop_after=5, log=quiet)
+    with pytest.raises(CalofmError, match="done 3 steps already"):
+        train(None, resume_dir=str(cut), threads=1, progress=False, log=quiet, session={"steps": 3})
+    summary = train(None, resume_dir=str(cut), threads=1, progress=False, log=quiet, session={"steps": 6})
+    assert summary["steps"] == 6
+    assert json.load(open(cut / "manifest.json"))["training"]["steps"] == 6
+    events = [json.loads(line) for line in open(cut / "log.jsonl")]
+    lrs = {e["step"]: e["lr"] for e in events if e["event"] == "train"}
+    assert max(lrs) == 6
+    cfg = config(data, cut)
+    for step in (4, 6):  # the step-th optimizer step used the rate of schedule index step - 1
+        assert lrs[step] == pytest.approx(lr_at(step - 1, cfg.lr, cfg.warmup, 6, cfg.min_lr_ratio))
+    assert lrs[6] < 0.5 * lr_at(5, cfg.lr, cfg.warmup, 8, cfg.min_lr_ratio)  # decays faster than planned
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

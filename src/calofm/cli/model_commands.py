@@ -155,7 +155,7 @@ def cmd_train(args) -> None:
         cfg = TrainConfig(data=tuple(args.data or ()), out=args.output) if args.data else None
         if args.simulate:
             given["simulate"] = stream_fields(args)["simulate"]
-        # the trainer keeps what a resumed run may change (more steps, time budget, workers, logging)
+        # the trainer keeps what a resumed run may change (its length in steps, time budget, workers, logging)
         # and refuses, by name, any other option that differs from the run's
         summary = train(cfg, resume_dir=args.output, threads=args.threads, progress=not args.no_progress,
                         session=given)

@@ -42,8 +42,9 @@ from calofm.training.stream import StreamSpec, default_workers
 
 # run-time settings a resumed run may change (they do not change what is computed)
 SESSION_FIELDS = ("max_minutes", "workers", "compile", "device", "eval_every", "ckpt_every", "log_every")
-# a resumed run may also run longer: more steps (the cosine decay is stretched to the new end)
-EXTENDABLE_FIELDS = ("steps",)
+# a resumed run may also change its length: any number of steps above those done (the cosine decay is
+# stretched or compressed to the new end, e.g. to finish within a session's time)
+LENGTH_FIELDS = ("steps",)
 
 
 @dataclass
@@ -177,25 +178,26 @@ def _check_new_run_dir(run_dir: str) -> None:
 
 
 def _resume_changes(stored: TrainConfig, given: dict, step: int) -> dict:
-    """The settings given on resume that the run takes: SESSION_FIELDS, and more steps than done.
+    """The settings given on resume that the run takes: SESSION_FIELDS, and a length above the steps done.
     Any other setting must equal the run's; a different value is refused by its option name."""
     changes = {}
     for key, value in given.items():
         old = getattr(stored, key, None)
         if key in SESSION_FIELDS:
             changes[key] = value
-        elif key in EXTENDABLE_FIELDS:
+        elif key in LENGTH_FIELDS:
             if value <= step:
                 raise CalofmError(f"--steps {value}: the run being resumed has done {step} steps already; "
-                                  f"give more to extend it")
+                                  f"give more than that")
             changes[key] = value
         elif key not in {f.name for f in fields(TrainConfig)}:
             raise CalofmError(f"a resumed run has no setting {key!r}")
         elif (tuple(value) if isinstance(value, list) else value) != old:
             flag = "--" + key.replace("_", "-")
             raise CalofmError(f"{flag} {value!r}: a resumed run cannot change it (the run has {old!r}); it may "
-                              "change only --steps (more), --max-minutes, --workers, --compile, --device and the "
-                              "logging intervals; start a new run for the rest, e.g. with --init-from")
+                              "change only --steps (above the steps done), --max-minutes, --workers, --compile, "
+                              "--device and the logging intervals; start a new run for the rest, e.g. with "
+                              "--init-from")
     return changes
 
 
@@ -204,7 +206,8 @@ def train(cfg: TrainConfig | None = None, resume_dir: str | None = None, threads
     """Train (or resume the run in `resume_dir`); returns the training summary.
 
     session: on resume, the settings given again: new values of SESSION_FIELDS (e.g. this invocation's
-    max_minutes) and more steps are taken; any other that differs from the run's is refused.
+    max_minutes) and a new length (steps, above those done) are taken; any other that differs from the
+    run's is refused.
     stop_after: stop after that many optimizer steps of this invocation without a final checkpoint,
     as if the process had been killed (for resume tests)."""
     if threads:
