@@ -1,6 +1,6 @@
 """Fidelity against training compute: classifier AUC of snapshots of one training run.
 
-    python benchmarks/learning_curve.py MODEL_DIR [MODEL_DIR ...] [--materials W,Ta,Cu] [--n 1000]
+    python benchmarks/learning_curve.py MODEL_DIR [MODEL_DIR ...] --run LABEL [--materials W,Ta,Cu] [--n 1000]
         [--json benchmarks/results/learning_curve_cpu.json] [--plot docs/img/learning_curve.png]
 
 Each MODEL_DIR is a model directory (a run directory, one of its checkpoints/step-N, or a copy of
@@ -8,8 +8,10 @@ one); its manifest says how many tokens it had seen, with those of the model a w
 For every model and material: generate --n
 showers (fp32, seed 1, 10-100 GeV uniform, cpu geometry), simulate as many reference showers with a
 seed no training stream uses, and run `calofm evaluate --no-plots` on them, as a user would. Rows are
-keyed by (weights sha256, material) and merged into --json, so points can be added as a run goes on;
-the figure shows the high-level (solid) and low-level (dashed) AUC against tokens seen.
+keyed by (weights sha256, material, run) and merged into --json, so points can be added as a run goes on;
+each row also records --run (which training run the snapshot belongs to) and the generation's min-p
+cuts. The figure shows the high-level (left) and low-level (right) AUC against tokens seen, a colour
+per material and a line style per run.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from provenance import provenance  # benchmarks/ is the script's directory
 REFERENCE_SEED = 424242  # simulation seed of the reference showers; no training stream starts from it
 
 
-def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: int) -> dict:
+def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: int, run: str) -> dict:
     from calofm.generation import load
+    from calofm.generation.sampler import DEFAULT_MIN_P
     from calofm.simulation import SIMULATOR_VERSION, simulate_to_file
 
     manifest = read_manifest(model_dir)
@@ -49,13 +52,14 @@ def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: in
         m = json.load(fh)
     training = manifest.get("training", {})
     u = m["uncertainties"]
-    return {"model": os.path.abspath(model_dir), "sha256": sha, "material": material,
+    return {"run": run, "model": os.path.abspath(model_dir), "sha256": sha, "material": material,
             # a warm start (--init-from) counts the compute of the model it started from
             "tokens_seen": training.get("tokens_seen_total", training.get("tokens_seen")), "steps": training.get("steps"),
             "wall_time_s": training.get("wall_time_s_total", training.get("wall_time_s")),
             "init_from": training.get("init_from", {}).get("sha256"), "simulator_version": training.get("simulator_version"),
             "response": m.get("response", {}).get("worst"),
-            "n": n, "auc_high": round(m["classifier_auc_high"], 4), "auc_high_err": round(u["classifier_auc_high"], 4),
+            "min_p": dict(DEFAULT_MIN_P), "n": n,
+            "auc_high": round(m["classifier_auc_high"], 4), "auc_high_err": round(u["classifier_auc_high"], 4),
             "auc_low": round(m["classifier_auc_low"], 4), "auc_low_err": round(u["classifier_auc_low"], 4),
             "fpd": [round(v, 1) for v in m["fpd"]], "generate_s": round(gen_s, 1)}
 
@@ -67,23 +71,31 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, material in enumerate(sorted({r["material"] for r in rows})):
-        pts = sorted((r for r in rows if r["material"] == material), key=lambda r: r["tokens_seen"])
-        x = [r["tokens_seen"] / 1e6 for r in pts]
-        ax.errorbar(x, [r["auc_high"] for r in pts], [r["auc_high_err"] for r in pts], color=f"C{i}", marker="o",
-                    label=f"{material} γ high-level")
-        ax.plot(x, [r["auc_low"] for r in pts], color=f"C{i}", ls="--", marker=".", label=f"{material} γ low-level")
-    ax.axhline(0.6, color="k", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.text(0.98, 0.605, "target 0.60", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8)
-    ax.set_xlabel("training tokens seen [millions]")
-    ax.set_ylabel("classifier AUC (generated vs simulated)")
-    ax.set_ylim(0.45, 1.0)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    runs = list(dict.fromkeys(r["run"] for r in rows))  # in the order of the JSON
+    materials = sorted({r["material"] for r in rows})
+    for ax, key, name in ((axes[0], "auc_high", "high-level"), (axes[1], "auc_low", "low-level")):
+        for j, run in enumerate(runs):
+            for i, material in enumerate(materials):
+                pts = sorted((r for r in rows if r["material"] == material and r["run"] == run),
+                             key=lambda r: r["tokens_seen"])
+                if not pts:
+                    continue
+                x = [r["tokens_seen"] / 1e6 for r in pts]
+                ax.errorbar(x, [r[key] for r in pts], [r[key + "_err"] for r in pts], color=f"C{i}",
+                            ls=("-", "--", ":", "-.")[j % 4], marker="os^v"[j % 4], ms=4,
+                            label=f"{material} γ, {run}")
+        ax.axhline(0.6, color="k", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.text(0.98, 0.605, "target 0.60", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8)
+        ax.set_xlabel("training tokens seen [millions]")
+        ax.set_title(f"{name} classifier", fontsize=9)
+    axes[0].set_ylabel("classifier AUC (generated vs simulated)")
+    axes[0].set_ylim(0.45, 1.0)
+    axes[1].legend(fontsize=6, ncol=1 if len(runs) > 1 else 2)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
@@ -94,14 +106,15 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="model directories (snapshots of one run)")
+    ap.add_argument("--run", required=True, help="label of the training run, e.g. 'energy order'")
     ap.add_argument("--materials", default="W,Ta,Cu")
     ap.add_argument("--n", type=int, default=1000, help="generated and simulated showers per point")
     ap.add_argument("--work", default="/tmp/calofm-learning-curve", help="folder for the shower files and reports")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="benchmarks/results/learning_curve_cpu.json")
     ap.add_argument("--plot", default="docs/img/learning_curve_cpu.png", help="'' = no figure")
-    ap.add_argument("--title", default="calofm-small, 1000 generated vs 1000 simulated (embedded simulator),\n"
-                                       "cpu geometry, 10-100 GeV photons")
+    ap.add_argument("--title", default="calofm-small, 1000 generated vs 1000 simulated per point (embedded "
+                                       "simulator), cpu geometry, 10-100 GeV photons")
     args = ap.parse_args()
     import torch
 
@@ -113,10 +126,11 @@ def main() -> None:
             record = json.load(fh)
     for model_dir in args.models:
         for material in args.materials.split(","):
-            row = evaluate_point(model_dir, material, args.n, args.work, args.threads)
-            record["rows"] = [r for r in record["rows"] if (r["sha256"], r["material"]) != (row["sha256"], material)]
+            row = evaluate_point(model_dir, material, args.n, args.work, args.threads, args.run)
+            key = (row["sha256"], material, args.run)
+            record["rows"] = [r for r in record["rows"] if (r["sha256"], r["material"], r["run"]) != key]
             record["rows"].append(row)
-            record["rows"].sort(key=lambda r: (r["material"], r["tokens_seen"] or 0))
+            record["rows"].sort(key=lambda r: (r["run"], r["material"], r["tokens_seen"] or 0))
             record.update(provenance())
             os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
             atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
