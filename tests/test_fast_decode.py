@@ -204,7 +204,7 @@ def test_compiled_graph_step(small, monkeypatch):
     net, tok = small.model, small.tokenizer
     constants(monkeypatch, GRAPH_MIN_ROWS=4, CHECK_EVERY=4, GRAPH_WINDOW=32)
     B = 16
-    inc = torch.from_numpy(incident_feature(np.geomspace(5e2, 1e4, B).astype(np.float32)))  # most finish, two reach 176
+    inc = torch.from_numpy(incident_feature(np.geomspace(5e2, 2e4, B).astype(np.float32)))  # most finish, two reach 176
     mat, par = torch.full((B,), tok.material_id("Ta")), torch.full((B,), tok.particle_id("gamma"))
     decoder = Decoder(net)
 

@@ -46,9 +46,9 @@ class SamplingConfig:
 # 0.7-2 % of generated W and Ta showers held a cell above anything in 10 000 simulated ones (up to
 # 7 GeV where the simulated files' largest is 0.2 GeV): the energy head's softmax leaves a little mass
 # on every one of its 1389 bins up to 10 GeV, and a shower makes ~180 draws. The energy cut is
-# benchmarks/min_p_study.py's choice; the voxel cut was raised from 3e-4 to 3e-3 on calofm-small at
-# 20.5 M tokens, where it lowers the high-level AUC of all five shipped classes by 0.03-0.05 on
-# held-out seeds (1e-2 helps W and Ta further but trims the halo of the sparse Cu showers).
+# benchmarks/min_p_study.py's choice; the voxel cut was raised from 3e-4 to 3e-3 on an earlier
+# calofm-small (`energy` order, 20.5 M tokens), where it lowered the high-level AUC of all five classes
+# by 0.03-0.05 on held-out seeds (1e-2 helps W and Ta further but trims the halo of the sparse Cu showers).
 DEFAULT_MIN_P = {"voxel": 3e-3, "energy": 3e-3}
 
 
