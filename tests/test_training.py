@@ -115,18 +115,24 @@ def _ddp_worker(rank, world, port, cfg_dict):
 
 def test_init_from_starts_at_the_given_weights(data, tmp_path):
     first = tmp_path / "first"
-    train(config(data, first, steps=3), threads=1, progress=False, log=quiet)
+    train(config(data, first, steps=3, order="energy"), threads=1, progress=False, log=quiet)
     # with lr 0 (and so no decay) the continued run must end exactly where it started
     second = tmp_path / "second"
     train(config(data, second, steps=2, lr=0.0, init_from=str(first), seed=6), threads=1, progress=False, log=quiet)
     w1, w2 = weights(first), weights(second)
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     trained = tmp_path / "trained"
-    train(config(data, trained, steps=2, init_from=str(first), seed=6), threads=1, progress=False, log=quiet)
+    train(config(data, trained, steps=2, init_from=str(first), seed=6, order="layer"), threads=1, progress=False,
+          log=quiet)
     assert any(not torch.equal(w1[k], weights(trained)[k]) for k in w1)
     with open(first / "manifest.json") as f1, open(second / "manifest.json") as f2:
         t1, t2 = json.load(f1)["tokenizer"], json.load(f2)["tokenizer"]
     assert t1["vocabularies"] == t2["vocabularies"] and t1["max_hits"] == t2["max_hits"]
+    # the hit order: the start model's unless given, and then the new one with the same vocabularies
+    with open(trained / "manifest.json") as f3:
+        t3 = json.load(f3)["tokenizer"]
+    assert (t1["order"], t2["order"], t3["order"]) == ("energy", "energy", "layer")
+    assert t3["vocabularies"] == t1["vocabularies"] and t3["max_hits"] == t1["max_hits"]
     # the manifest states the whole compute: the start model's tokens and time plus its own, also twice over
     third = tmp_path / "third"
     train(config(data, third, steps=1, init_from=str(trained), seed=7), threads=1, progress=False, log=quiet)

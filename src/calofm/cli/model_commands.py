@@ -22,7 +22,8 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="start from this model's weights and tokenizer (a model directory or shipped name, "
-                        "e.g. calofm-small) instead of a fresh initialization; --preset/--model are then ignored")
+                        "e.g. calofm-small) instead of a fresh initialization; --preset/--model are then ignored, "
+                        "and the hit order is the start model's unless --order is given")
     p.add_argument("--steps", type=POSITIVE, default=None,
                    help="optimizer steps (default 3000; with --max-minutes: fitted to the budget after the warm-up)")
     p.add_argument("--max-minutes", type=real(0, lo_open=True), default=None, metavar="MIN",
@@ -39,7 +40,8 @@ def register(sub) -> None:
                         "AMX, Arm BF16), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (pays off on a GPU)")
     p.add_argument("--order", choices=("energy", "spatial", "layer"),  # tokenizer.ORDERS (tested)
-                   default=None, help="hit order (default layer; docs/model.md)")
+                   default=None, help="hit order (default layer, or with --init-from the start model's; "
+                   "docs/model.md)")
     p.add_argument("--max-hits", type=count(1, 100_000), default=None,
                    help="hits per shower kept (default: 1.1 x the 99.9th percentile of the data; truncation is counted)")
     p.add_argument("--val-fraction", type=FRACTION, default=None, help="validation share of each file (default 0.05)")

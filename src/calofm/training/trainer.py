@@ -33,7 +33,7 @@ from calofm.errors import CalofmError
 from calofm.model import ShowerTransformer, get_preset
 from calofm.model.precision import CHOICES, autocast, describe_precision, resolve_precision
 from calofm.simulation import SIMULATOR_VERSION
-from calofm.tokenizer import DEFAULT_ORDER
+from calofm.tokenizer import DEFAULT_ORDER, ORDERS
 from calofm.training.data import Corpus, prepare_data
 from calofm.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from calofm.training.feed import BatchFeed
@@ -72,7 +72,7 @@ class TrainConfig:
     workers: int | None = None  # stream worker processes; None: one per core but the trainer's, 0: inline
     max_minutes: float | None = None  # stop (with a checkpoint) after this much wall time of one invocation
     compile: bool = False  # torch.compile the model's forward and backward
-    order: str = DEFAULT_ORDER
+    order: str | None = None  # hit order; None: DEFAULT_ORDER, or with init_from the start model's
     max_hits: int | None = None  # None: derived from the data
     val_fraction: float = 0.05
     max_val: int = 1000  # validation showers per file at most
@@ -96,6 +96,8 @@ class TrainConfig:
                 raise CalofmError(f"{name} must be positive, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise CalofmError(f"workers must be >= 0, got {self.workers}")
+        if self.order is not None and self.order not in ORDERS:
+            raise CalofmError(f"unknown hit order {self.order!r}; choose one of {', '.join(ORDERS)}")
         if self.reference_showers < 1:
             raise CalofmError(f"reference_showers must be positive, got {self.reference_showers}")
         self.stream()  # fail early on a bad material, particle, energy range or geometry
@@ -256,14 +258,20 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
         init_model, tokenizer, init_manifest = load_model(resolve_model(cfg.init_from))
         log(f"starting from {cfg.init_from} (weights sha256 {init_manifest['weights']['sha256'][:12]})")
         lineage = _lineage(cfg.init_from, init_manifest)
+        if cfg.order is not None and cfg.order != tokenizer.order:
+            # the hit order is a convention of the sequences, not of the vocabularies: the start model's
+            # weights are kept and learn the new order (e.g. an `energy`-order model continued in `layer`)
+            log(f"hit order {cfg.order} (the start model's: {tokenizer.order})")
+            tokenizer.order = cfg.order
     device = info.device
     run_dir = cfg.out
     if info.is_main:
         os.makedirs(run_dir, exist_ok=True)
     stream = cfg.stream()
     workers = default_workers() if cfg.workers is None else cfg.workers
-    data = prepare_data(list(cfg.data), tokenizer, cfg.order, cfg.max_hits, cfg.val_fraction, cfg.max_val, log=log,
-                        stream=stream, seed=cfg.seed, n_reference=cfg.reference_showers, workers=max(1, workers))
+    data = prepare_data(list(cfg.data), tokenizer, cfg.order or DEFAULT_ORDER, cfg.max_hits, cfg.val_fraction,
+                        cfg.max_val, log=log, stream=stream, seed=cfg.seed, n_reference=cfg.reference_showers,
+                        workers=max(1, workers))
     tokenizer, train_set, val_sets, data_summary = data.tokenizer, data.train, data.val, data.summary
     tokenizer.totals.update(data.fit_totals())  # the laws of n_hits and E_vis (two-stage generation)
     trunc = data_summary["train_tokenization"]
