@@ -7,7 +7,7 @@
 #   RUN=runs/ild MINUTES=85 THREADS=1 bash benchmarks/ild_model.sh          # CPU: a session's budget
 #   RUN=runs/ild MINUTES=8 DEV=cuda THREADS=8 bash benchmarks/ild_model.sh  # a lent GPU
 #
-#   INIT=runs/ild-geo-start LR=1e-3 WARMUP=50 ... bash benchmarks/ild_model.sh  # continue from a model
+#   INIT=runs/ild-geo LR=1e-3 WARMUP=50 ORDER=layer ... bash benchmarks/ild_model.sh  # continue a model
 #
 # A killed pre-training resumes with the same command (--resume when the run directory exists).
 # Each stage is skipped when its output exists, so the script can be rerun after any interruption.
@@ -21,19 +21,30 @@ N_EVAL=${N_EVAL:-1000}
 LR=${LR:-2e-3}
 WARMUP=${WARMUP:-100}
 INIT=${INIT:-}
+SEED=${SEED:-21}  # of the stream; a continued run takes another, so that it sees other showers
 WEIGHTS=src/calofm/weights/calofm-ild
 # the shipped calofm-ild's options: the factorized head, the running inputs and the geometric voxel
-# embedding (no 27 003-row input table: 4.5 MB of weights instead of 11.4; docs/model.md). A fresh run
-# takes the default hit order of `calofm train` (layer); a run continued from INIT keeps INIT's.
+# embedding (no 27 003-row input table: 4.5 MB of weights instead of 11.4; docs/model.md). The hit order:
+# ORDER if given, else the default of `calofm train` (layer) for a fresh run and INIT's for a continued one.
 MODEL=${MODEL:-'{"voxel_head": "factorized", "running_inputs": true, "voxel_embedding": "geometric"}'}
+ORDER=${ORDER:-}
 
-if [ ! -f "$RUN/model.safetensors" ]; then
+# the run directory's model is refreshed at every checkpoint: the pre-training is done when its schedule is
+scheduled_steps_done() {
+  python - "$RUN/manifest.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))["training"]
+sys.exit(0 if t["steps"] >= t["train_config"]["steps"] else 1)
+PY
+}
+if [ ! -f "$RUN/model.safetensors" ] || ! scheduled_steps_done; then
   start=()  # a fresh run, --resume, or --init-from
   [ -d "$RUN/checkpoints" ] && start=(--resume)
   [ -n "$INIT" ] && [ ! -d "$RUN/checkpoints" ] && start=(--init-from "$INIT")
+  [ -n "$ORDER" ] && [ ! -d "$RUN/checkpoints" ] && start+=(--order "$ORDER")
   calofm train --simulate W,Ta --particle gamma --energy 10:100 --geometry ild --preset small \
     --model "$MODEL" --max-minutes "$MINUTES" --batch-size 16 --lr "$LR" --warmup "$WARMUP" --workers 1 \
-    --threads "$THREADS" --device "$DEV" --max-val 200 --eval-every 200 --ckpt-every 100 --seed 21 \
+    --threads "$THREADS" --device "$DEV" --max-val 200 --eval-every 200 --ckpt-every 100 --seed "$SEED" \
     -o "$RUN" --no-progress "${start[@]}"
 fi
 if [ ! -f "$WEIGHTS/model.safetensors" ]; then
