@@ -46,7 +46,7 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "batch": B}
 
-    voxel_sampling, energy_sampling = head_samplings()  # generate()'s defaults
+    voxel_sampling, energy_sampling = head_samplings(defaults=sm.min_p)  # generate()'s defaults
 
     def run(opt, precision):
         t0 = time.perf_counter()

@@ -31,7 +31,6 @@ REFERENCE_SEED = 424242  # simulation seed of the reference showers; no training
 
 def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: int, run: str) -> dict:
     from calofm.generation import load
-    from calofm.generation.sampler import DEFAULT_MIN_P
     from calofm.simulation import SIMULATOR_VERSION, simulate_to_file
 
     manifest = read_manifest(model_dir)
@@ -42,8 +41,8 @@ def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: in
     sha = manifest["weights"]["sha256"]
     gen = os.path.join(work, f"gen_{sha[:12]}_{material}.h5")
     start = time.perf_counter()
-    load(model_dir).generate(n, material=material, particle="gamma", energy_GeV=(10, 100), seed=1, output=gen,
-                             progress=False)
+    model = load(model_dir)
+    model.generate(n, material=material, particle="gamma", energy_GeV=(10, 100), seed=1, output=gen, progress=False)
     gen_s = time.perf_counter() - start
     report = os.path.join(work, f"report_{sha[:12]}_{material}")
     subprocess.run([sys.executable, "-m", "calofm.cli.main", "evaluate", "--reference", ref, "--generated", gen,
@@ -58,7 +57,7 @@ def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: in
             "wall_time_s": training.get("wall_time_s_total", training.get("wall_time_s")),
             "init_from": training.get("init_from", {}).get("sha256"), "simulator_version": training.get("simulator_version"),
             "response": m.get("response", {}).get("worst"),
-            "min_p": dict(DEFAULT_MIN_P), "n": n,
+            "min_p": dict(model.min_p), "n": n,
             "auc_high": round(m["classifier_auc_high"], 4), "auc_high_err": round(u["classifier_auc_high"], 4),
             "auc_low": round(m["classifier_auc_low"], 4), "auc_low_err": round(u["classifier_auc_low"], 4),
             "fpd": [round(v, 1) for v in m["fpd"]], "generate_s": round(gen_s, 1)}

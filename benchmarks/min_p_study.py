@@ -30,7 +30,6 @@ from calofm.data.showers import inspect_file, read_showers
 from calofm.evaluate.compare import Options
 from calofm.evaluate.features import compute_features
 from calofm.evaluate.report import evaluate_files
-from calofm.generation.sampler import DEFAULT_MIN_P
 from calofm.simulation import simulate_to_file
 from provenance import provenance
 
@@ -191,7 +190,7 @@ def main() -> None:
               "mean_auc_per_pair": {f"{e:g},{v:g}": {m: round(auc((e, v), m), 4) for m in materials}
                                     for e, v in grid},
               "excluded_by_tolerance": [list(p) for p in grid if p not in allowed],
-              "shipped_default": DEFAULT_MIN_P, "tuning": tune, "held_out": checks,
+              "model_default": model.min_p, "tuning": tune, "held_out": checks,
               "seconds": round(time.time() - start), "threads": args.threads, **provenance()}
     tmp = args.json + ".tmp"
     with open(tmp, "w") as fh:

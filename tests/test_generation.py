@@ -100,6 +100,7 @@ def test_generate_passes_each_head_its_own_min_p(model, monkeypatch, tmp_path):
     import sys
 
     from calofm.data import read_showers
+    from calofm.generation.api import ShowerModel
     from calofm.generation.sampler import DEFAULT_MIN_P
 
     decode_module = sys.modules["calofm.generation.decode"]  # the package exports a function of that name
@@ -119,6 +120,19 @@ def test_generate_passes_each_head_its_own_min_p(model, monkeypatch, tmp_path):
     assert seen == {n_voxel: {DEFAULT_MIN_P["voxel"]}, n_energy: {DEFAULT_MIN_P["energy"]}}
     attrs = read_showers(str(tmp_path / "a.h5"))[2].attrs  # dicts are stored as JSON
     assert json.loads(attrs["sampling"])["min_p"] == 0.02 and json.loads(attrs["energy_sampling"])["min_p"] == 0.0
+    # a model whose manifest names its own cuts generates with them by default; an argument still wins
+    own = ShowerModel(model.model, model.tokenizer, dict(model.manifest, min_p={"voxel": 0.0, "energy": 0.02}))
+    seen.clear()
+    own.generate(3, material="W", seed=1, output=str(tmp_path / "b.h5"))
+    assert seen == {n_voxel: {0.0}, n_energy: {0.02}}
+    attrs = read_showers(str(tmp_path / "b.h5"))[2].attrs
+    assert json.loads(attrs["sampling"])["min_p"] == 0.0 and json.loads(attrs["energy_sampling"])["min_p"] == 0.02
+    seen.clear()
+    own.generate(3, material="W", seed=1, min_p_voxel=0.05)
+    assert seen == {n_voxel: {0.05}, n_energy: {0.02}}
+    for bad in ({"voxel": 2.0}, {"cell": 0.1}, [0.1], {"energy": "1e-2"}):
+        with pytest.raises(CalofmError, match="min_p"):
+            ShowerModel(model.model, model.tokenizer, dict(model.manifest, min_p=bad))
 
 
 def test_a_shower_depends_on_the_seed_and_its_index_only(model):

@@ -72,7 +72,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=PROBABILITY, default=1.0, help="1: off")
     p.add_argument("--min-p-voxel", type=MIN_P, default=None,
                    help="drop voxels less probable than this fraction of the most probable one "
-                        "(0: off; default: calofm.generation.sampler.DEFAULT_MIN_P, see docs/model.md)")
+                        "(0: off; default: the model's own, tuned for its weights, see docs/model.md)")
     p.add_argument("--min-p-energy", type=MIN_P, default=None, help="the same for the energy bins")
     p.add_argument("--batch-size", type=POSITIVE, default=256, help="showers decoded together")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32",
@@ -214,7 +214,7 @@ def cmd_generate(args) -> None:
     seconds = time.perf_counter() - t0
     if not shard.alone:  # the file says which showers of which run it holds (calofm merge checks)
         sampling, energy_sampling = head_samplings(args.temperature, args.top_k, args.top_p, args.min_p_voxel,
-                                                   args.min_p_energy)
+                                                   args.min_p_energy, model.min_p)
         material = model.materials[model.tokenizer.material_id(args.material)]
         particle = model.particles[model.tokenizer.particle_id(args.particle)]
         run = {"command": "generate", "model_sha256": model.manifest.get("weights", {}).get("sha256", ""),

@@ -29,7 +29,7 @@ import torch
 from calofm.errors import CalofmError
 from calofm.export.graphs import ClassLayers, Prefill, Step
 from calofm.export.onnx_runtime import SPEC_FILE, WINDOW
-from calofm.generation.sampler import DEFAULT_MIN_P, SamplingConfig
+from calofm.generation.sampler import SamplingConfig
 from calofm.tokenizer import BOS, EOS, PAD, SPECIALS
 
 FORMAT = "calofm-onnx"
@@ -116,8 +116,8 @@ def describe(shower_model, material: str, particle: str, n_attn: int) -> dict:
                   "layout": "per attention i: past_key_i, past_value_i (B, n_heads, S, head_dim); slots 0, 1 from "
                             "the prefill, slot t + 2 written by step t; S >= t + 2 (slots >= t + 2 are masked)",
                   "window": WINDOW},
-        "sampling": {head: {"min_p": DEFAULT_MIN_P[head],
-                            "log_min_p": SamplingConfig(min_p=DEFAULT_MIN_P[head]).log_min_p}
+        "sampling": {head: {"min_p": shower_model.min_p[head],
+                            "log_min_p": SamplingConfig(min_p=shower_model.min_p[head]).log_min_p}
                      for head in ("voxel", "energy")} | {"temperature": 1.0},
         "uniforms": {"n_draws": 2, "order": ["voxel", "energy"],
                      "use": "step t reads u[:, 0] for the voxel and u[:, 1] for the energy of every row"},

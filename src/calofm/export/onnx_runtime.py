@@ -80,7 +80,7 @@ class OnnxDecoder:
     def decode(self, incident: np.ndarray, uniforms: np.ndarray, min_p_voxel: float | None = None,
                min_p_energy: float | None = None, temperature: float = 1.0, compact: bool = True) -> OnnxResult:
         """incident (B,) float32 log10(E / 10 GeV) (tokenizer.incident_feature), uniforms (B, steps, draws)
-        float32 -> tokens. min_p per head: None takes the export's default (sampler.DEFAULT_MIN_P)."""
+        float32 -> tokens. min_p per head: None takes the export's default (the model's, ShowerModel.min_p)."""
         incident = np.ascontiguousarray(incident, dtype=np.float32).reshape(-1)
         B, max_hits = len(incident), self.max_hits
         uniforms = np.asarray(uniforms, dtype=np.float32)

@@ -23,7 +23,7 @@ from calofm.device import pick_device
 from calofm.errors import CalofmError
 from calofm.extension.adapters import apply_adapter
 from calofm.generation.decode import DecodeOptions, Decoder
-from calofm.generation.sampler import SamplingConfig, head_samplings
+from calofm.generation.sampler import SamplingConfig, head_samplings, min_p_defaults
 from calofm.generation.streams import INCIDENT, SMEAR, TOTALS, decode_uniforms, shower_normals, shower_uniforms
 from calofm.model import ShowerTransformer
 from calofm.pretrained import DEFAULT_MODEL, resolve_adapter, resolve_model
@@ -37,6 +37,10 @@ class ShowerModel:
 
     def __init__(self, model: ShowerTransformer, tokenizer: ShowerTokenizer, manifest: dict, path: str | None = None):
         self.model, self.tokenizer, self.manifest, self.path = model.eval(), tokenizer, manifest, path
+        try:  # the min-p cuts tuned for these weights (docs/model.md, "Min-p truncation"), else the defaults
+            self.min_p = min_p_defaults(manifest.get("min_p"), f"{path or 'model'} manifest")
+        except ValueError as err:
+            raise CalofmError(str(err)) from None
         self.decoder = Decoder(model)
         self.last_stats: dict = {}
 
@@ -80,7 +84,7 @@ class ShowerModel:
         how to decode, calofm.generation.DecodeOptions (default: fp32, compaction, no torch.compile, the
         static CUDA-graph step on a CUDA device).
         temperature, top_k, top_p apply to both heads; min_p_voxel / min_p_energy drop each head's
-        tokens less probable than that fraction of its most probable one (None: sampler.DEFAULT_MIN_P,
+        tokens less probable than that fraction of its most probable one (None: the model's own, self.min_p,
         chosen by a fidelity study; 0 turns it off). The output file
         records the voxel head's settings as `sampling`, the energy head's as `energy_sampling`.
         `totals` (calofm.tokenizer.totals, docs/model.md; the modes in TOTALS_MODES): "energy" decodes
@@ -110,7 +114,8 @@ class ShowerModel:
         if batch_size <= 0:
             raise CalofmError(f"batch size must be > 0, got {batch_size}")
         try:
-            sampling, energy_sampling = head_samplings(temperature, top_k, top_p, min_p_voxel, min_p_energy)
+            sampling, energy_sampling = head_samplings(temperature, top_k, top_p, min_p_voxel, min_p_energy,
+                                                       self.min_p)
         except ValueError as err:
             raise CalofmError(str(err)) from None
         greedy = max(sampling.temperature, energy_sampling.temperature) == 0

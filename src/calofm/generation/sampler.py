@@ -49,13 +49,32 @@ class SamplingConfig:
 # benchmarks/min_p_study.py's choice; the voxel cut was raised from 3e-4 to 3e-3 on an earlier
 # calofm-small (`energy` order, 20.5 M tokens), where it lowered the high-level AUC of all five classes
 # by 0.03-0.05 on held-out seeds (1e-2 helps W and Ta further but trims the halo of the sparse Cu showers).
+# A model may ship its own (the manifest's "min_p", tuned on its weights: ShowerModel.min_p); these are
+# the defaults of a model without one.
 DEFAULT_MIN_P = {"voxel": 3e-3, "energy": 3e-3}
 
 
+def min_p_defaults(value, where: str) -> dict[str, float]:
+    """A model manifest's "min_p" ({"voxel": x, "energy": y}, either may be left out) over DEFAULT_MIN_P;
+    ValueError naming `where` when it is not such a mapping of numbers in [0, 1]."""
+    if value is None:
+        return dict(DEFAULT_MIN_P)
+    if not isinstance(value, dict) or not set(value) <= set(DEFAULT_MIN_P):
+        raise ValueError(f"{where}: \"min_p\" must map 'voxel' and/or 'energy' to a number in [0, 1], "
+                         f"found {value!r}")
+    for head, v in value.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"{where}: \"min_p\" of the {head} head must be a number in [0, 1], found {v!r}")
+    return {**DEFAULT_MIN_P, **{head: float(v) for head, v in value.items()}}
+
+
 def head_samplings(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p_voxel: float | None = None,
-                   min_p_energy: float | None = None) -> tuple[SamplingConfig, SamplingConfig]:
+                   min_p_energy: float | None = None,
+                   defaults: dict[str, float] | None = None) -> tuple[SamplingConfig, SamplingConfig]:
     """(voxel head's, energy head's) SamplingConfig, as generate() draws: temperature, top_k and top_p
-    shared, each head its own min_p (None: DEFAULT_MIN_P). A bad value raises ValueError naming it."""
+    shared, each head its own min_p (None: the model's default from `defaults`, ShowerModel.min_p, else
+    DEFAULT_MIN_P). A bad value raises ValueError naming it."""
+    defaults = DEFAULT_MIN_P if defaults is None else defaults
     if not temperature >= 0:
         raise ValueError(f"temperature (--temperature) must be >= 0, got {temperature}")
     if not top_k >= 0:
@@ -65,7 +84,7 @@ def head_samplings(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     heads = []
     for head, min_p in (("voxel", min_p_voxel), ("energy", min_p_energy)):
         try:
-            heads.append(SamplingConfig(temperature, top_k, top_p, DEFAULT_MIN_P[head] if min_p is None else min_p))
+            heads.append(SamplingConfig(temperature, top_k, top_p, defaults[head] if min_p is None else min_p))
         except ValueError as err:
             raise ValueError(f"{head} head (min_p_{head}, --min-p-{head}): {err}") from None
     return heads[0], heads[1]
