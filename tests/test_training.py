@@ -185,8 +185,11 @@ def test_command_line_train_generate_info(data, tmp_path, capsys):
     incident, showers, info = read_showers(str(gen))
     assert showers.shape == (5, 4500) and info.material == "Ta" and info.particle == "gamma"
     assert info.geometry.absorber == "Ta" and np.all((incident >= 2e4) & (incident <= 4e4))
+    capsys.readouterr()
     assert main(["info", str(out)]) == 0
-    assert "d_model" not in capsys.readouterr().err
+    shown = capsys.readouterr()
+    assert "d_model" not in shown.err
+    assert "min-p cuts (sampling defaults): energy 0.003, voxel 0.003 (calofm defaults" in shown.out
     assert main(["train", "--data", *data, "--preset", "nope", "-o", str(tmp_path / "x")]) == 2
     assert main(["train", "-o", str(tmp_path / "y")]) == 2  # no data, no resume
     assert main(["train", "--resume", "-o", str(tmp_path / "nothing")]) == 2

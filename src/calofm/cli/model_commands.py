@@ -271,6 +271,8 @@ def cmd_info(args) -> None:
     print(f"  hit order {m['tokenizer']['order']}, max_hits {m['tokenizer']['max_hits']}, energy bins "
           f"{m['tokenizer']['energy_bins']}")
     print(f"  weights sha256 {m['weights']['sha256']}")
+    print(f"  min-p cuts (sampling defaults): energy {model.min_p['energy']:g}, voxel {model.min_p['voxel']:g}"
+          f"{'' if 'min_p' in m else ' (calofm defaults: the model names none)'}")
     if tr:
         print(f"  trained {tr.get('steps')} steps, {tr.get('tokens_seen')} tokens, {tr.get('wall_time_s')} s; "
               f"simulator version {tr.get('simulator_version', 'not recorded (files, or before v2)')}")
