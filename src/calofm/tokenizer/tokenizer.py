@@ -11,13 +11,13 @@ Position 0 holds the conditioning: log incident energy through a continuous embe
 material and particle ids (from their own append-only vocabularies); its token ids are PAD
 placeholders. Hits come in `order`:
 
-- "energy" (as published, and calofm-ild's): descending cell energy. The first tokens carry most of
+- "energy" (as published): descending cell energy. The first tokens carry most of
   the energy, so a length cap drops only the faintest cells, generation lays down the core before the
   halo, and the end-of-shower decision is taken among low-energy cells where it matters least.
 - "spatial": ascending voxel index (layer, then y, then x); the model then has to learn when to
   stop from geometry alone and a cap would cut off the deepest layers, so truncation always keeps
   the highest-energy hits and only then reorders them.
-- "layer" (the default of new models, and calofm-small's): layer by layer from the front, descending
+- "layer" (the default of new models, and both shipped models'): layer by layer from the front, descending
   cell energy within a layer: each layer's core comes first, as in "energy", and the model always
   knows which layer it is filling. At equal training tokens it gives the lowest NLL per shower and the lowest classifier
   AUC of the orders (docs/model.md, "Hit order").
