@@ -27,10 +27,11 @@ from calofm.tokenizer import PAD, incident_feature  # noqa: E402
 
 def pytorch_and_onnx(sm, folder, material, particle, B, seed=3, temperature=1.0, min_p=(None, None)):
     """The same B showers decoded by PyTorch (eager, fp32) and by the onnxruntime loop, from the uniforms of
-    showers 0..B-1 of the run of `seed` (generation.streams)."""
+    showers 0..B-1 of the run of `seed` (generation.streams); min_p None: the model's own cuts."""
     tok = sm.tokenizer
     inc = incident_feature(np.geomspace(1e4, 1e5, B).astype(np.float32))
-    voxel_sampling, energy_sampling = head_samplings(temperature, min_p_voxel=min_p[0], min_p_energy=min_p[1])
+    voxel_sampling, energy_sampling = head_samplings(temperature, min_p_voxel=min_p[0], min_p_energy=min_p[1],
+                                                     defaults=sm.min_p)  # the export's defaults: the model's
     torch.set_num_threads(1)
     uniforms = decode_uniforms(seed, np.arange(B), tok.max_hits, DRAWS_PER_STEP)
     ref = decode(sm.model, torch.from_numpy(inc), torch.full((B,), tok.material_id(material)),
