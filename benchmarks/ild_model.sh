@@ -29,7 +29,8 @@ WEIGHTS=src/calofm/weights/calofm-ild
 MODEL=${MODEL:-'{"voxel_head": "factorized", "running_inputs": true, "voxel_embedding": "geometric"}'}
 ORDER=${ORDER:-}
 
-# the run directory's model is refreshed at every checkpoint: the pre-training is done when its schedule is
+# the run directory's model is refreshed at every checkpoint, so the pre-training is done only when the
+# run has taken every step of its schedule
 scheduled_steps_done() {
   python - "$RUN/manifest.json" <<'PY'
 import json, sys
