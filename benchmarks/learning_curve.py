@@ -1,7 +1,7 @@
 """Fidelity against training compute: classifier AUC of snapshots of one training run.
 
     python benchmarks/learning_curve.py MODEL_DIR [MODEL_DIR ...] --run LABEL [--materials W,Ta,Cu] [--n 1000]
-        [--json benchmarks/results/learning_curve_cpu.json] [--plot docs/img/learning_curve.png]
+        [--min-p ENERGY,VOXEL] [--json benchmarks/results/learning_curve_cpu.json] [--plot docs/img/learning_curve.png]
 
 Each MODEL_DIR is a model directory (a run directory, one of its checkpoints/step-N, or a copy of
 one); its manifest says how many tokens it had seen, with those of the model a warm start began from.
@@ -29,7 +29,8 @@ from provenance import provenance  # benchmarks/ is the script's directory
 REFERENCE_SEED = 424242  # simulation seed of the reference showers; no training stream starts from it
 
 
-def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: int, run: str) -> dict:
+def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: int, run: str,
+                   min_p: tuple[float, float] | None = None) -> dict:
     from calofm.generation import load
     from calofm.simulation import SIMULATOR_VERSION, simulate_to_file
 
@@ -42,7 +43,9 @@ def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: in
     gen = os.path.join(work, f"gen_{sha[:12]}_{material}.h5")
     start = time.perf_counter()
     model = load(model_dir)
-    model.generate(n, material=material, particle="gamma", energy_GeV=(10, 100), seed=1, output=gen, progress=False)
+    cuts = dict(model.min_p) if min_p is None else {"energy": min_p[0], "voxel": min_p[1]}
+    model.generate(n, material=material, particle="gamma", energy_GeV=(10, 100), seed=1, output=gen, progress=False,
+                   min_p_energy=cuts["energy"], min_p_voxel=cuts["voxel"])
     gen_s = time.perf_counter() - start
     report = os.path.join(work, f"report_{sha[:12]}_{material}")
     subprocess.run([sys.executable, "-m", "calofm.cli.main", "evaluate", "--reference", ref, "--generated", gen,
@@ -57,7 +60,7 @@ def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: in
             "wall_time_s": training.get("wall_time_s_total", training.get("wall_time_s")),
             "init_from": training.get("init_from", {}).get("sha256"), "simulator_version": training.get("simulator_version"),
             "response": m.get("response", {}).get("worst"),
-            "min_p": dict(model.min_p), "n": n,
+            "min_p": cuts, "n": n,
             "auc_high": round(m["classifier_auc_high"], 4), "auc_high_err": round(u["classifier_auc_high"], 4),
             "auc_low": round(m["classifier_auc_low"], 4), "auc_low_err": round(u["classifier_auc_low"], 4),
             "fpd": [round(v, 1) for v in m["fpd"]], "generate_s": round(gen_s, 1)}
@@ -110,6 +113,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000, help="generated and simulated showers per point")
     ap.add_argument("--work", default="/tmp/calofm-learning-curve", help="folder for the shower files and reports")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-p", default=None, metavar="ENERGY,VOXEL",
+                    help="the generation's min-p cuts (default: each model's own, ShowerModel.min_p), e.g. to "
+                         "measure a run's snapshots with the cuts of the model it became")
     ap.add_argument("--json", default="benchmarks/results/learning_curve_cpu.json")
     ap.add_argument("--plot", default="docs/img/learning_curve_cpu.png", help="'' = no figure")
     ap.add_argument("--title", default="calofm-small, 1000 generated vs 1000 simulated per point (embedded "
@@ -118,6 +124,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    min_p = None if args.min_p is None else tuple(float(x) for x in args.min_p.split(","))
+    if min_p is not None and (len(min_p) != 2 or not all(0 <= x <= 1 for x in min_p)):
+        ap.error(f"--min-p {args.min_p!r}: give ENERGY,VOXEL, each in [0, 1]")
     os.makedirs(args.work, exist_ok=True)
     record = {"rows": []}
     if os.path.exists(args.json):
@@ -125,7 +134,7 @@ def main() -> None:
             record = json.load(fh)
     for model_dir in args.models:
         for material in args.materials.split(","):
-            row = evaluate_point(model_dir, material, args.n, args.work, args.threads, args.run)
+            row = evaluate_point(model_dir, material, args.n, args.work, args.threads, args.run, min_p)
             key = (row["sha256"], material, args.run)
             record["rows"] = [r for r in record["rows"] if (r["sha256"], r["material"], r["run"]) != key]
             record["rows"].append(row)
