@@ -51,12 +51,10 @@ def main() -> None:
     import torch
 
     import calofm
-    from calofm.checkpoint import read_manifest
     from calofm.evaluate.compare import Options
     from calofm.evaluate.metrics import response_by_energy
     from calofm.evaluate.report import evaluate_files
     from calofm.generation.streams import TOTALS, shower_normals
-    from calofm.pretrained import resolve_model
     from calofm.tokenizer.totals import class_key
 
     torch.set_num_threads(args.threads)
@@ -65,7 +63,7 @@ def main() -> None:
     with open(os.path.join(args.report, "summary.json")) as fh:
         summary = json.load(fh)
     model = calofm.load(args.model, adapters=summary.get("adapters", []))
-    pretrained = set(read_manifest(resolve_model(args.model))["materials"])  # the base's, before adapters
+    pretrained = set(model.manifest["materials"])  # the base's manifest: adapters add theirs elsewhere
     rows = []
     for label, m in metrics["materials"].items():
         inc_r, ref, _ = read(m["reference"])

@@ -51,6 +51,12 @@ ORDERS = ("energy", "spatial", "layer")
 DEFAULT_ORDER = "layer"  # of new training runs: the fidelity ablation's choice (docs/model.md, "Hit order")
 
 
+def check_order(order: str) -> None:
+    """CalofmError naming a hit order that is not one of ORDERS."""
+    if order not in ORDERS:
+        raise CalofmError(f"unknown hit order {order!r}; choose one of {', '.join(ORDERS)}")
+
+
 def canonical_particle(name: str) -> str:
     """The simulator's spelling (photon -> gamma, ...); names it does not know pass through, so data
     from other sources (a pion sample) still gets a particle token."""
@@ -126,8 +132,7 @@ def _within_segment_index(offsets: np.ndarray) -> np.ndarray:
 class ShowerTokenizer:
     def __init__(self, geometry: Geometry, voxels: Vocabulary, energies: Vocabulary, materials: Vocabulary,
                  particles: Vocabulary, bins: LogEnergyBins, order: str = DEFAULT_ORDER, max_hits: int | None = None):
-        if order not in ORDERS:
-            raise CalofmError(f"unknown hit order {order!r}; choose one of {', '.join(ORDERS)}")
+        check_order(order)
         self.geometry, self.bins, self.order, self.max_hits = geometry, bins, order, max_hits
         self.voxels, self.energies, self.materials, self.particles = voxels, energies, materials, particles
         # per-class hit-count / visible-energy laws for two-stage generation (see totals.py); fitted

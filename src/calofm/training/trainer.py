@@ -33,7 +33,7 @@ from calofm.errors import CalofmError
 from calofm.model import ShowerTransformer, get_preset
 from calofm.model.precision import CHOICES, autocast, describe_precision, resolve_precision
 from calofm.simulation import SIMULATOR_VERSION
-from calofm.tokenizer import DEFAULT_ORDER, ORDERS
+from calofm.tokenizer import DEFAULT_ORDER, check_order
 from calofm.training.data import Corpus, prepare_data
 from calofm.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from calofm.training.feed import BatchFeed
@@ -96,8 +96,8 @@ class TrainConfig:
                 raise CalofmError(f"{name} must be positive, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 0:
             raise CalofmError(f"workers must be >= 0, got {self.workers}")
-        if self.order is not None and self.order not in ORDERS:
-            raise CalofmError(f"unknown hit order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.order is not None:
+            check_order(self.order)
         if self.reference_showers < 1:
             raise CalofmError(f"reference_showers must be positive, got {self.reference_showers}")
         self.stream()  # fail early on a bad material, particle, energy range or geometry
