@@ -1,11 +1,11 @@
 """Min-p truncation of the voxel and energy heads: which setting gives showers closest to the simulator's.
 
-    python benchmarks/min_p_study.py [--energy 0,3e-3,1e-2] [--voxel 0,3e-4,1e-3,3e-3] [--n 1000]
-        [--tune W:1,W:2,Ta:1,Cu:1] [--check W:3,Ta:2,Cu:2] [--tolerance 0.03] [--ref-dir runs/data/ref]
+    python benchmarks/min_p_study.py [--model calofm-small] [--energy 0,3e-3,1e-2] [--voxel 0,3e-4,1e-3,3e-3]
+        [--n 1000] [--tune W:1,W:2,Ta:1,Cu:1] [--check W:3,Ta:2,Cu:2] [--tolerance 0.03] [--ref-dir runs/data/ref]
         [--data-dir /tmp/calofm-minp] [--json benchmarks/results/min_p_study.json]
 
 Min-p keeps a token only if its probability is at least min_p times that of the row's most probable
-token (calofm.generation.sampler). The study generates `--n` photons (10-100 GeV, calofm-small, fp32,
+token (calofm.generation.sampler). The study generates `--n` photons (10-100 GeV, `--model`, fp32,
 batch 1000) for every (energy, voxel) pair and every tuning sample (MATERIAL:SEED), evaluates each
 against the reference file `--ref-dir/MATERIAL.h5` (10 000 simulated showers; simulated into
 --data-dir when absent) with `calofm evaluate`'s metrics, and picks, among the pairs that make no
@@ -133,12 +133,13 @@ def evaluate(model, material: str, runs: list[tuple[int, float, float]], args) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="calofm-small", help="shipped model name or model directory")
     ap.add_argument("--energy", default="0,3e-3,1e-2", help="min-p values of the energy head")
     ap.add_argument("--voxel", default="0,3e-4,1e-3,3e-3", help="min-p values of the voxel head")
     ap.add_argument("--n", type=int, default=1000, help="generated showers per sample")
     ap.add_argument("--n-ref", type=int, default=10000, help="simulated reference showers, when simulated here")
     ap.add_argument("--tune", default="W:1,W:2,Ta:1,Cu:1", help="tuning samples MATERIAL:SEED")
-    ap.add_argument("--check", default="W:3,Ta:2,Cu:2", help="held-out samples MATERIAL:SEED")
+    ap.add_argument("--check", default="W:3,Ta:2,Cu:2", help="held-out samples MATERIAL:SEED ('' = none)")
     ap.add_argument("--tolerance", type=float, default=0.03,
                     help="largest allowed rise of a material's mean AUC over min-p off")
     ap.add_argument("--ref-dir", default="runs/data/ref")
@@ -148,7 +149,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.data_dir, exist_ok=True)
     torch.set_num_threads(args.threads)
-    model = calofm.load("calofm-small")
+    model = calofm.load(args.model)
     start = time.time()
     grid = [(e, v) for e in floats(args.energy) for v in floats(args.voxel)]
     if (0.0, 0.0) not in grid:
@@ -156,7 +157,7 @@ def main() -> None:
 
     def samples(text: str) -> dict[str, list[int]]:
         out = {}
-        for item in text.split(","):
+        for item in filter(None, text.split(",")):
             material, seed = item.split(":")
             out.setdefault(material, []).append(int(seed))
         return out
@@ -179,7 +180,7 @@ def main() -> None:
               for row in evaluate(model, material, [(s, *p) for s in seeds for p in dict.fromkeys([best, (0.0, 0.0)])],
                                   args)]
     refs = {m: reference(m, args) for m in {*samples(args.tune), *samples(args.check)}}
-    result = {"model": "calofm-small", "data": "embedded GFlash-style simulator (not Geant4), cpu geometry, "
+    result = {"model": args.model, "weights_sha256": model.manifest["weights"]["sha256"], "data": "embedded GFlash-style simulator (not Geant4), cpu geometry, "
                                                "photons 10-100 GeV", "n_generated": args.n, "references": refs,
               "selection": f"lowest mean of (AUC low + AUC high) / 2 over the tuning samples ({args.tune}), among "
                            f"the pairs whose mean AUC for every material is at most {args.tolerance} above min-p off",
