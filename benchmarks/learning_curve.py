@@ -30,7 +30,8 @@ REFERENCE_SEED = 424242  # simulation seed of the reference showers; no training
 
 
 def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: int, run: str,
-                   min_p: tuple[float, float] | None = None) -> dict:
+                   min_p: dict[str, float] | None = None) -> dict:
+    """One point; min_p {"energy", "voxel"}: the generation's cuts (None: the model's own)."""
     from calofm.generation import load
     from calofm.simulation import SIMULATOR_VERSION, simulate_to_file
 
@@ -43,7 +44,7 @@ def evaluate_point(model_dir: str, material: str, n: int, work: str, threads: in
     gen = os.path.join(work, f"gen_{sha[:12]}_{material}.h5")
     start = time.perf_counter()
     model = load(model_dir)
-    cuts = dict(model.min_p) if min_p is None else {"energy": min_p[0], "voxel": min_p[1]}
+    cuts = dict(model.min_p if min_p is None else min_p)
     model.generate(n, material=material, particle="gamma", energy_GeV=(10, 100), seed=1, output=gen, progress=False,
                    min_p_energy=cuts["energy"], min_p_voxel=cuts["voxel"])
     gen_s = time.perf_counter() - start
@@ -124,9 +125,15 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    min_p = None if args.min_p is None else tuple(float(x) for x in args.min_p.split(","))
-    if min_p is not None and (len(min_p) != 2 or not all(0 <= x <= 1 for x in min_p)):
-        ap.error(f"--min-p {args.min_p!r}: give ENERGY,VOXEL, each in [0, 1]")
+    from calofm.generation.sampler import min_p_defaults
+
+    min_p = None
+    if args.min_p is not None:
+        try:
+            energy, voxel = (float(x) for x in args.min_p.split(","))
+            min_p = min_p_defaults({"energy": energy, "voxel": voxel}, "--min-p")
+        except ValueError as err:
+            ap.error(f"--min-p {args.min_p!r}: give ENERGY,VOXEL, each a number in [0, 1] ({err})")
     os.makedirs(args.work, exist_ok=True)
     record = {"rows": []}
     if os.path.exists(args.json):

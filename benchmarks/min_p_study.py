@@ -180,8 +180,9 @@ def main() -> None:
               for row in evaluate(model, material, [(s, *p) for s in seeds for p in dict.fromkeys([best, (0.0, 0.0)])],
                                   args)]
     refs = {m: reference(m, args) for m in {*samples(args.tune), *samples(args.check)}}
-    result = {"model": args.model, "weights_sha256": model.manifest["weights"]["sha256"], "data": "embedded GFlash-style simulator (not Geant4), cpu geometry, "
-                                               "photons 10-100 GeV", "n_generated": args.n, "references": refs,
+    result = {"model": args.model, "weights_sha256": model.manifest["weights"]["sha256"],
+              "data": "embedded GFlash-style simulator (not Geant4), cpu geometry, photons 10-100 GeV",
+              "n_generated": args.n, "references": refs,
               "selection": f"lowest mean of (AUC low + AUC high) / 2 over the tuning samples ({args.tune}), among "
                            f"the pairs whose mean AUC for every material is at most {args.tolerance} above min-p off",
               "chosen": {"min_p_energy": best[0], "min_p_voxel": best[1], "mean_auc": round(auc(best), 4),
