@@ -100,6 +100,44 @@ def test_resume_may_shorten_the_schedule(data, tmp_path):
     assert lrs[6] < 0.5 * lr_at(5, cfg.lr, cfg.warmup, 8, cfg.min_lr_ratio)  # decays faster than planned
 
 
+def test_run_exports_the_moving_average_of_its_weights(data, tmp_path):
+    # the average never feeds back into training: with and without it the trained weights are the same
+    train(config(data, tmp_path / "last", ema=0.0), threads=1, progress=False, log=quiet)
+    train(config(data, tmp_path / "avg", ema=0.9), threads=1, progress=False, log=quiet)
+    last, avg = weights(tmp_path / "last"), weights(tmp_path / "avg")
+    opt = load_file(str(tmp_path / "avg" / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
+    trained = {k[len("weights."):]: v for k, v in opt.items() if k.startswith("weights.")}
+    assert trained.keys() == avg.keys() == last.keys()
+    assert all(torch.equal(trained[k], last[k]) for k in last)
+    assert any(not torch.equal(avg[k], last[k]) for k in last)
+    # "val" is the exported (averaged) model's, "val_raw" the trained weights'
+    val = lambda run: [e for e in map(json.loads, open(tmp_path / run / "log.jsonl")) if e["event"] == "val"][-1]
+    assert val("avg")["val_raw"] == val("last")["val"] == val("last")["val_raw"]
+    assert val("avg")["val"] != val("avg")["val_raw"]
+    with pytest.raises(CalofmError, match="ema must be in"):
+        config(data, tmp_path / "bad", ema=1.0)
+
+
+def test_weight_average_follows_its_formula():
+    from calofm.training.ema import WeightAverage
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    average, expected = WeightAverage(model, decay=0.5), 0.0
+    for n, w in enumerate([4.0, 8.0, -2.0, 6.0], start=1):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        average.update(model)
+        d = min(0.5, n / (n + 9))  # the warm-up: 0.1, 0.18, 0.25, then the decay 0.5
+        expected = d * expected + (1 - d) * w
+        assert average.model.weight.item() == pytest.approx(expected)
+    assert average.n == 4 and not average.model.weight.requires_grad
+    last = WeightAverage(model, decay=0.0)
+    last.update(model)
+    assert torch.equal(last.model.weight, model.weight)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -339,8 +339,11 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 
 
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, train_state: dict,
-                    training_summary: dict, keep: int = 2) -> str:
-    """Write checkpoints/step-N atomically, point `latest` at it, prune old ones, export the model."""
+                    training_summary: dict, keep: int = 2, trained=None) -> str:
+    """Write checkpoints/step-N atomically, point `latest` at it, prune old ones, export the model.
+
+    `model` is what the run exports (its weights' moving average); `trained`, the model being trained
+    when it differs, is stored beside the optimizer state as 'weights.<name>' tensors."""
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
     name = f"step-{step:08d}"
@@ -351,6 +354,8 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, train_
     try:
         save_model(tmp, model, tokenizer, training_summary)
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        if trained is not None:
+            opt_tensors.update({f"weights.{k}": v for k, v in trained.state_dict().items()})
         opt_tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):

@@ -35,6 +35,9 @@ def register(sub) -> None:
                    help="linear warm-up steps before the cosine decay (default 100)")
     p.add_argument("--weight-decay", type=real(0, 10), default=None, help="default 0.1")
     p.add_argument("--grad-clip", type=real(0, lo_open=True), default=None, help="default 1.0")
+    p.add_argument("--ema", type=FRACTION, default=None, metavar="DECAY",
+                   help="the run exports the moving average of its weights, over about 1/(1-DECAY) steps "
+                        "(default 0.998; 0: the last step's weights; docs/model.md)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
                    help="autocast dtype; auto (default): bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, "
                         "AMX, Arm BF16), else fp32")
@@ -141,7 +144,7 @@ def stream_fields(args) -> dict:
 
 # options of `calofm train` that are TrainConfig fields of the same name; their parser default is None,
 # so that a value counts only when given (TrainConfig holds the defaults)
-RUN_OPTIONS = ("preset", "model", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "precision",
+RUN_OPTIONS = ("preset", "model", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema", "precision",
                "seed", "order", "max_hits", "val_fraction", "max_val", "eval_every", "ckpt_every", "log_every",
                "device", "init_from", "max_minutes", "workers")
 

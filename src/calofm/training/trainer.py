@@ -1,6 +1,8 @@
 """Pre-training loop: AdamW, warm-up + cosine, gradient clipping, autocast in the precision the
 hardware runs natively (model.precision), per-material validation, atomic checkpoints, exact resume,
 JSON-lines log, optional DDP (see distributed.py), optional torch.compile and wall-clock budget.
+The run exports (and validates as "val") the moving average of its weights (ema.py); the weights being
+trained are validated as "val_raw" and kept in each checkpoint beside the optimizer state.
 
 Data: shower files and/or showers streamed from the simulator (feed.py, stream.py); the log's train
 events carry the stream's production rate (sim_showers_per_s, sim_tokens_per_s) beside the
@@ -36,6 +38,7 @@ from calofm.simulation import SIMULATOR_VERSION
 from calofm.tokenizer import DEFAULT_ORDER, check_order
 from calofm.training.data import Corpus, prepare_data
 from calofm.training.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from calofm.training.ema import WeightAverage
 from calofm.training.feed import BatchFeed
 from calofm.training.schedule import lr_at
 from calofm.training.stream import StreamSpec, default_workers
@@ -61,6 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta2: float = 0.95
     grad_clip: float = 1.0
+    ema: float = 0.998  # decay of the exported weights' moving average (ema.py); 0: the last step's weights
     precision: str = "auto"  # bf16 autocast, fp32, or auto (bf16 where the hardware runs it natively)
     seed: int = 0
     # streamed simulation (training/stream.py): materials, particle, incident energy range GeV, geometry
@@ -98,6 +102,8 @@ class TrainConfig:
             raise CalofmError(f"workers must be >= 0, got {self.workers}")
         if self.order is not None:
             check_order(self.order)
+        if not 0.0 <= self.ema < 1.0:
+            raise CalofmError(f"ema must be in [0, 1), got {self.ema}")
         if self.reference_showers < 1:
             raise CalofmError(f"reference_showers must be positive, got {self.reference_showers}")
         self.stream()  # fail early on a bad material, particle, energy range or geometry
@@ -244,7 +250,7 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
             raise CalofmError(f"{resume_dir} streams simulator version {version}, this calofm simulates version "
                               f"{SIMULATOR_VERSION}; the run cannot continue on other showers (start a new run, "
                               "e.g. with --init-from)")
-        model, tokenizer, _ = load_model(ckpt)
+        model, tokenizer, _ = load_model(ckpt)  # the averaged weights; the trained ones are in opt_tensors
         log(f"resuming {resume_dir} from {os.path.basename(ckpt)}")
     elif os.path.exists(os.path.join(cfg.out, "checkpoints", "latest")):
         raise CalofmError(f"{cfg.out} already holds a training run; pass --resume to continue it or choose "
@@ -288,6 +294,10 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
         model = init_model.float() if init_model is not None else ShowerTransformer(
             get_preset(cfg.preset, **cfg.model).for_tokenizer(tokenizer))
     model.to(device).train()
+    average = WeightAverage(model, cfg.ema, n=state.get("ema_updates", 0) if state else 0)
+    trained = {k[len("weights."):]: v for k, v in (opt_tensors.items() if state else ()) if k.startswith("weights.")}
+    if trained:  # a checkpoint written before the average existed holds only the trained weights
+        model.load_state_dict(trained)
     optimizer = make_optimizer(model, cfg)
     if state is not None:
         optimizer_from_tensors(optimizer, {k: v for k, v in opt_tensors.items() if k.startswith("state.")},
@@ -335,11 +345,12 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
 
     def checkpoint() -> None:
         if info.is_main:
-            save_checkpoint(run_dir, step, model, tokenizer, optimizer,
+            save_checkpoint(run_dir, step, average.model, tokenizer, optimizer,
                             {"config": cfg.to_dict(), "sampler": feed.state(), "last_eval": last_eval,
+                             "ema_updates": average.n,
                              "elapsed_s": elapsed0 + time.time() - t0, "tokens_seen": tokens_seen, "init_from": lineage,
                              "simulator_version": SIMULATOR_VERSION if stream is not None else None},
-                            summary(), keep=cfg.keep_checkpoints)
+                            summary(), keep=cfg.keep_checkpoints, trained=model)
         barrier(info)
 
     n_exp_total = sum(model.cfg.moe_groups)
@@ -373,6 +384,7 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            average.update(model)
             step += 1
             steps_this_run += 1
             tokens_seen += n_global
@@ -409,9 +421,12 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
             if bar is not None:
                 bar.update(1)
             if step % cfg.eval_every == 0 or last:
-                last_eval = evaluate(model, val_sets, cfg, info, precision)
-                emit({"event": "val", "step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), "val": last_eval})
-                log(f"step {step}: val nll/token " + ", ".join(f"{m} {r['nll']:.4f}" for m, r in last_eval.items()))
+                last_eval = evaluate(average.model, val_sets, cfg, info, precision)
+                raw = evaluate(model, val_sets, cfg, info, precision) if cfg.ema else last_eval
+                emit({"event": "val", "step": step, "elapsed_s": round(elapsed0 + time.time() - t0, 1), "val": last_eval,
+                      "val_raw": raw})
+                log(f"step {step}: val nll/token (averaged weights; trained weights) " + ", ".join(
+                    f"{m} {r['nll']:.4f}; {raw[m]['nll']:.4f}" for m, r in last_eval.items()))
             if step % cfg.ckpt_every == 0 or last:
                 checkpoint()
             if out_of_time:
