@@ -228,6 +228,7 @@ def test_command_line_train_generate_info(data, tmp_path, capsys):
     shown = capsys.readouterr()
     assert "d_model" not in shown.err
     assert "min-p cuts (sampling defaults): energy 0.003, voxel 0.003 (calofm defaults" in shown.out
+    assert "weights: moving average over about 500 steps (--ema 0.998)" in shown.out
     assert main(["train", "--data", *data, "--preset", "nope", "-o", str(tmp_path / "x")]) == 2
     assert main(["train", "-o", str(tmp_path / "y")]) == 2  # no data, no resume
     assert main(["train", "--resume", "-o", str(tmp_path / "nothing")]) == 2

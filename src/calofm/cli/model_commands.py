@@ -279,6 +279,12 @@ def cmd_info(args) -> None:
     if tr:
         print(f"  trained {tr.get('steps')} steps, {tr.get('tokens_seen')} tokens, {tr.get('wall_time_s')} s; "
               f"simulator version {tr.get('simulator_version', 'not recorded (files, or before v2)')}")
+        if "init_from" in tr:
+            print(f"  started from {tr['init_from']['model']} ({tr['init_from']['tokens_seen_total']} tokens): "
+                  f"{tr.get('tokens_seen_total')} tokens, {tr.get('wall_time_s_total')} s in all")
+        ema = tr.get("train_config", {}).get("ema", 0.0)
+        print("  weights: " + (f"moving average over about {1 / (1 - ema):.0f} steps (--ema {ema:g})" if ema
+                               else "the last step's (no moving average)"))
         for material, r in tr.get("val", {}).items():
             print(f"  val {material}: {r['nll']:.4f} nats/token")
     n_base = m["weights"]["n_parameters"]
