@@ -26,6 +26,7 @@ import time
 from calofm.checkpoint import atomic_write_text, read_manifest
 from provenance import provenance  # benchmarks/ is the script's directory
 
+STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "v"), ((0, (5, 1, 1, 1)), "D"), ((0, (1, 1)), "P"))
 REFERENCE_SEED = 424242  # simulation seed of the reference showers; no training stream starts from it
 
 
@@ -74,7 +75,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), sharey=True)
     runs = list(dict.fromkeys(r["run"] for r in rows))  # in the order of the JSON
     materials = sorted({r["material"] for r in rows})
     for ax, key, name in ((axes[0], "auc_high", "high-level"), (axes[1], "auc_low", "low-level")):
@@ -86,8 +89,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                     continue
                 x = [r["tokens_seen"] / 1e6 for r in pts]
                 ax.errorbar(x, [r[key] for r in pts], [r[key + "_err"] for r in pts], color=f"C{i}",
-                            ls=("-", "--", ":", "-.")[j % 4], marker="os^v"[j % 4], ms=4,
-                            label=f"{material} γ, {run}")
+                            ls=STYLES[j % len(STYLES)][0], marker=STYLES[j % len(STYLES)][1], ms=4)
         ax.axhline(0.6, color="k", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -97,9 +99,13 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.set_title(f"{name} classifier", fontsize=9)
     axes[0].set_ylabel("classifier AUC (generated vs simulated)")
     axes[0].set_ylim(0.45, 1.0)
-    axes[1].legend(fontsize=6, ncol=1 if len(runs) > 1 else 2)
+    # one legend below both panels: a colour per material, a line style and marker per run
+    handles = [Line2D([], [], color=f"C{i}", lw=6, label=f"{m} γ") for i, m in enumerate(materials)]
+    handles += [Line2D([], [], color="k", ls=STYLES[j % len(STYLES)][0], marker=STYLES[j % len(STYLES)][1], ms=4,
+                       label=run) for j, run in enumerate(runs)]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02 + 0.035 * ((len(handles) + 1) // 2), 1, 1))
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
