@@ -88,8 +88,9 @@ def plot(rows: list[dict], path: str, title: str) -> None:
                 if not pts:
                     continue
                 x = [r["tokens_seen"] / 1e6 for r in pts]
-                ax.errorbar(x, [r[key] for r in pts], [r[key + "_err"] for r in pts], color=f"C{i}",
-                            ls=STYLES[j % len(STYLES)][0], marker=STYLES[j % len(STYLES)][1], ms=4)
+                ls, marker = STYLES[j % len(STYLES)]
+                ax.errorbar(x, [r[key] for r in pts], [r[key + "_err"] for r in pts], color=f"C{i}", ls=ls,
+                            marker=marker, ms=4)
         ax.axhline(0.6, color="k", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -101,8 +102,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[0].set_ylim(0.45, 1.0)
     # one legend below both panels: a colour per material, a line style and marker per run
     handles = [Line2D([], [], color=f"C{i}", lw=6, label=f"{m} γ") for i, m in enumerate(materials)]
-    handles += [Line2D([], [], color="k", ls=STYLES[j % len(STYLES)][0], marker=STYLES[j % len(STYLES)][1], ms=4,
-                       label=run) for j, run in enumerate(runs)]
+    handles += [Line2D([], [], color="k", ls=ls, marker=marker, ms=4, label=run)
+                for run, (ls, marker) in zip(runs, (STYLES[j % len(STYLES)] for j in range(len(runs))))]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.02 + 0.035 * ((len(handles) + 1) // 2), 1, 1))

@@ -17,7 +17,7 @@ import os
 
 from safetensors.torch import load_file
 
-from calofm.checkpoint import MANIFEST_FILE, OPTIMIZER_FILE, load_model, save_model
+from calofm.checkpoint import MANIFEST_FILE, OPTIMIZER_FILE, atomic_write_text, load_model, save_model, trained_weights
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
         raise SystemExit(f"{args.output} exists; give a new directory")
     model, tokenizer, manifest = load_model(args.checkpoint)
     tensors = load_file(os.path.join(args.checkpoint, OPTIMIZER_FILE))
-    trained = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    trained = trained_weights(tensors)
     if not trained:
         raise SystemExit(f"{args.checkpoint}: no trained weights beside the optimizer state (a run without "
                          "the weight average: its model.safetensors is already the trained weights)")
@@ -37,8 +37,7 @@ def main() -> None:
     out = save_model(args.output, model, tokenizer, dict(manifest.get("training", {}), weights="trained"))
     if "min_p" in manifest:  # the sampling cuts tuned for the run, if any
         out["min_p"] = manifest["min_p"]
-        with open(os.path.join(args.output, MANIFEST_FILE), "w") as fh:
-            json.dump(out, fh, indent=1)
+        atomic_write_text(os.path.join(args.output, MANIFEST_FILE), json.dumps(out, indent=1))
     print(f"wrote {args.output}: trained weights of {args.checkpoint} (sha256 {out['weights']['sha256'][:12]})")
 
 

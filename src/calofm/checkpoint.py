@@ -338,6 +338,15 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+TRAINED_PREFIX = "weights."  # the trained (not averaged) weights among a checkpoint's optimizer tensors
+
+
+def trained_weights(opt_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained weights stored beside the optimizer state by save_checkpoint (empty for a checkpoint
+    written before the weight average: its model file is then the trained weights)."""
+    return {k[len(TRAINED_PREFIX):]: v for k, v in opt_tensors.items() if k.startswith(TRAINED_PREFIX)}
+
+
 def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, train_state: dict,
                     training_summary: dict, keep: int = 2, trained=None) -> str:
     """Write checkpoints/step-N atomically, point `latest` at it, prune old ones, export the model.
@@ -355,7 +364,7 @@ def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, train_
         save_model(tmp, model, tokenizer, training_summary)
         opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
         if trained is not None:
-            opt_tensors.update({f"weights.{k}": v for k, v in trained.state_dict().items()})
+            opt_tensors.update({TRAINED_PREFIX + k: v for k, v in trained.state_dict().items()})
         opt_tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):

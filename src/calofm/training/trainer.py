@@ -29,7 +29,7 @@ import torch
 
 from calofm.checkpoint import (
     LOCK_FILE, MANIFEST_FILE, MODEL_FILE, load_checkpoint, load_model, optimizer_from_tensors, run_lock,
-    save_checkpoint,
+    save_checkpoint, trained_weights,
 )
 from calofm.errors import CalofmError
 from calofm.model import ShowerTransformer, get_preset
@@ -295,7 +295,7 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
             get_preset(cfg.preset, **cfg.model).for_tokenizer(tokenizer))
     model.to(device).train()
     average = WeightAverage(model, cfg.ema, n=state.get("ema_updates", 0) if state else 0)
-    trained = {k[len("weights."):]: v for k, v in (opt_tensors.items() if state else ()) if k.startswith("weights.")}
+    trained = trained_weights(opt_tensors) if state else {}
     if trained:  # a checkpoint written before the average existed holds only the trained weights
         model.load_state_dict(trained)
     optimizer = make_optimizer(model, cfg)
