@@ -80,15 +80,16 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), sharey=True)
     runs = list(dict.fromkeys(r["run"] for r in rows))  # in the order of the JSON
     materials = sorted({r["material"] for r in rows})
+    style = {run: STYLES[j % len(STYLES)] for j, run in enumerate(runs)}  # (line style, marker) per run
     for ax, key, name in ((axes[0], "auc_high", "high-level"), (axes[1], "auc_low", "low-level")):
-        for j, run in enumerate(runs):
+        for run in runs:
             for i, material in enumerate(materials):
                 pts = sorted((r for r in rows if r["material"] == material and r["run"] == run),
                              key=lambda r: r["tokens_seen"])
                 if not pts:
                     continue
                 x = [r["tokens_seen"] / 1e6 for r in pts]
-                ls, marker = STYLES[j % len(STYLES)]
+                ls, marker = style[run]
                 ax.errorbar(x, [r[key] for r in pts], [r[key + "_err"] for r in pts], color=f"C{i}", ls=ls,
                             marker=marker, ms=4)
         ax.axhline(0.6, color="k", lw=0.8, ls=":")
@@ -103,7 +104,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     # one legend below both panels: a colour per material, a line style and marker per run
     handles = [Line2D([], [], color=f"C{i}", lw=6, label=f"{m} γ") for i, m in enumerate(materials)]
     handles += [Line2D([], [], color="k", ls=ls, marker=marker, ms=4, label=run)
-                for run, (ls, marker) in zip(runs, (STYLES[j % len(STYLES)] for j in range(len(runs))))]
+                for run, (ls, marker) in style.items()]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.02 + 0.035 * ((len(handles) + 1) // 2), 1, 1))
