@@ -112,6 +112,25 @@ def test_adapters_are_small_and_learn(setup):
     assert json.load(open(os.path.join(setup["pb"], "manifest.json")))["spec"]["init_from"] == {"Pb": "W"}
 
 
+def test_adapter_is_the_moving_average_of_its_trained_weights(setup, tmp_path):
+    """Averaging does not change what trains: the ema run's last trained weights validate exactly as the
+    run that exports them (--ema 0), while the adapter it writes is another, averaged one."""
+    import json
+
+    from safetensors.torch import load_file
+
+    f = setup["files"]
+    last = str(tmp_path / "last")
+    extend("particle", setup["base"], [f["W", "e-"]], last, steps=25, batch_size=8, lr=1e-2, warmup=2,
+           progress=False, log=quiet, threads=1, ema=0.0)
+    averaged, trained = (json.load(open(os.path.join(d, "manifest.json")))["training"] for d in (setup["em"], last))
+    assert averaged["ema"] == 0.99 and trained["ema"] == 0.0 and "validation_trained" not in trained
+    assert averaged["validation_trained"] == trained["validation"]
+    assert averaged["validation"] != trained["validation"]
+    a, b = (load_file(os.path.join(d, "adapter.safetensors")) for d in (setup["em"], last))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_closest_material_uses_shower_properties():
     assert closest_material("Pb", ["W", "Ta", "Cu"]) == "Ta"
     assert closest_material("Fe", ["W", "Ta", "Cu"]) == "Cu"
@@ -139,15 +158,21 @@ def test_bad_extensions_are_refused_and_leave_the_base_untouched(setup, tmp_path
 
 
 def test_command_line_extend_and_info(setup, tmp_path, capsys):
+    import json
+
     from calofm.cli.main import main
 
     out = str(tmp_path / "fe")
     fe = write_synthetic(str(tmp_path / "Fe.h5"), 20, material="Fe", seed=9, mean_hits=10)
     assert main(["extend", "material", "--base", setup["base"], "--data", fe, "-o", out, "--steps", "3",
-                 "--threads", "1"]) == 0
+                 "--threads", "1", "--ema", "0.5", "--no-progress"]) == 0
+    assert json.load(open(os.path.join(out, "manifest.json")))["training"]["ema"] == 0.5
     assert main(["info", setup["base"], "--adapter", out]) == 0
     text = capsys.readouterr().out
     assert "Fe" in text and "% of the base" in text and "max_hits" in text
+    with pytest.raises(SystemExit):  # a decay of 1 would never move from the initialization
+        main(["extend", "material", "--base", setup["base"], "--data", fe, "-o", str(tmp_path / "w"), "--ema", "1"])
+    assert not (tmp_path / "w").exists()
     assert main(["extend", "material", "--base", setup["base"], "--data", setup["files"]["W", "gamma"],
                  "-o", str(tmp_path / "z")]) == 2
 

@@ -157,6 +157,19 @@ def test_weight_average_follows_its_formula():
     last = WeightAverage(model, decay=0.0)
     last.update(model)
     assert torch.equal(last.model.weight, model.weight)
+    # only what trains is averaged; copy_to puts the average back into those parameters alone
+    two = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False))
+    frozen, trained = two[0].weight, two[1].weight
+    frozen.requires_grad_(False)
+    average = WeightAverage(two, decay=0.5)
+    with torch.no_grad():
+        frozen.fill_(3.0)  # a frozen parameter changed behind the average's back is not followed
+        trained.fill_(5.0)
+    before = average.model[1].weight.item()
+    average.update(two)
+    assert average.model[0].weight.item() != 3.0 and average.model[1].weight.item() == pytest.approx(0.1 * before + 0.9 * 5.0)
+    average.copy_to(two)
+    assert frozen.item() == 3.0 and trained.item() == average.model[1].weight.item()
 
 
 def _free_port() -> int:

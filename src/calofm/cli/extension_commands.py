@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from calofm.cli.args import LEARNING_RATE, POSITIVE, SEED, THREADS, add_force, count, real
+from calofm.cli.args import FRACTION, LEARNING_RATE, POSITIVE, SEED, THREADS, add_force, count, real
 from calofm.cli.model_commands import add_stream_arguments
 
 
@@ -30,11 +30,15 @@ def register(sub) -> None:
         e.add_argument("--steps", type=POSITIVE, default=600)
         e.add_argument("--batch-size", type=POSITIVE, default=32)
         e.add_argument("--lr", type=LEARNING_RATE, default=3e-3)
+        e.add_argument("--ema", type=FRACTION, default=0.99, metavar="DECAY",
+                       help="the adapter written is the moving average of its weights with this decay "
+                       "(over about 1 / (1 - DECAY) steps; default 0.99); 0: the last step's weights")
         e.add_argument("--max-showers", type=POSITIVE, default=None, help="fine-tune on at most this many showers")
         e.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                        help="autocast dtype; auto (default): bf16 where the hardware runs it natively, else fp32")
         e.add_argument("--threads", type=THREADS, default=None)
         e.add_argument("--seed", type=SEED, default=0)
+        e.add_argument("--no-progress", action="store_true", help="no progress bar")
         e.set_defaults(func=cmd_extend, kind=kind)
 
 
@@ -54,8 +58,8 @@ def cmd_extend(args) -> None:
     extend(args.kind, args.base, data, args.output, adapters=tuple(args.adapter),
            particle=args.particle if args.kind == "particle" else None, init_from=args.init_from, rank=args.rank,
            head_rank=getattr(args, "head_rank", 16), alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
-           lr=args.lr, max_showers=args.max_showers, precision=args.precision, seed=args.seed, threads=args.threads,
-           stream=stream, workers=args.workers, force=args.force)
+           lr=args.lr, ema=args.ema, max_showers=args.max_showers, precision=args.precision, seed=args.seed, threads=args.threads,
+           stream=stream, workers=args.workers, progress=not args.no_progress, force=args.force)
 
 
 def base_geometry(base: str) -> str:

@@ -3,7 +3,8 @@
 Same objective as pre-training (next voxel + next energy NLL per predicted token, plus the MoE
 load-balance and z-losses), AdamW with warm-up + cosine, autocast in the precision the hardware runs
 best (model.precision), gradient clipping. The showers come from files and/or a simulated stream
-(training.stream), as in pre-training.
+(training.stream), as in pre-training. The adapter written is the moving average of its weights over
+the last ~1 / (1 - ema) steps (training.ema), as pre-training exports.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from calofm.generation.api import load
 from calofm.model.precision import autocast, describe_precision, resolve_precision
 from calofm.training.data import prepare_data
 from calofm.training.distributed import DistInfo
+from calofm.training.ema import WeightAverage
 from calofm.training.feed import BatchFeed
 from calofm.training.schedule import lr_at
 from calofm.training.stream import StreamSpec, default_workers
@@ -48,11 +50,13 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
            alpha: float = 16.0, steps: int = 600, batch_size: int = 32, lr: float = 3e-3, warmup: int = 30,
            max_showers: int | None = None, precision: str = "auto", seed: int = 0, threads: int | None = None,
            progress: bool = True, log=print, stream: StreamSpec | None = None, workers: int | None = None,
-           max_val: int = 1000, n_reference: int = 2000, force: bool = False) -> dict:
+           max_val: int = 1000, n_reference: int = 2000, ema: float = 0.99, force: bool = False) -> dict:
     """Train one adapter (new materials, or one new particle) on `data` files and/or showers streamed
     from the simulator (`stream`); write it to `output` (a new directory, or with `force` an adapter
     calofm wrote: see adapters.check_adapter_output, checked here before any work)."""
     check_adapter_output(output, force)
+    if not 0.0 <= ema < 1.0:
+        raise CalofmError(f"ema must be in [0, 1), got {ema}")
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -137,6 +141,7 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
     feed = BatchFeed(train_set, len(paths), stream, tokenizer,
                      batch_size if stream is not None else min(batch_size, len(train_set)), seed, 0, 1, 0, workers)
     cfg = model.cfg
+    average = WeightAverage(model, ema)  # averages the adapter's parameters only: the base's are frozen
     start, losses = time.perf_counter(), []
     model.train()
     bar = tqdm(range(steps), desc=f"extend {kind} {'+'.join(spec.names)}", disable=not progress, dynamic_ncols=True)
@@ -153,6 +158,7 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             opt.step()
+            average.update(model)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         sim_stats = feed.stats()
@@ -160,20 +166,24 @@ def extend(kind: str, base: str, data: list[str], output: str, adapters: tuple[s
         feed.close()
     model.eval()
     wall = time.perf_counter() - start
-    val = evaluate(model, val_sets, SimpleNamespace(eval_batch_size=64, precision=precision_used),
-                   DistInfo(device=device))
+    val_cfg, dist = SimpleNamespace(eval_batch_size=64, precision=precision_used), DistInfo(device=device)
+    val_raw = evaluate(model, val_sets, val_cfg, dist) if ema else None
+    average.copy_to(model)  # the adapter's parameters (the tensors in `params`) now hold the average
+    val = evaluate(model, val_sets, val_cfg, dist)
     n_streamed = steps * feed.n_stream
     training = {"data": [str(p) for p in paths], "n_train_showers": (len(train_set) if train_set is not None else 0)
                 + n_streamed, "n_streamed_showers": n_streamed, "steps": steps,
-                "batch_size": batch_size, "lr": lr, "rank": rank, "seed": seed, "max_hits": spec.max_hits, "precision": precision_used,
+                "batch_size": batch_size, "lr": lr, "ema": ema, "rank": rank, "seed": seed, "max_hits": spec.max_hits, "precision": precision_used,
                 "precision_requested": precision, **({"stream_rate": sim_stats} if sim_stats else {}),
                 "wall_time_s": wall, "initial_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-20:])),
-                "validation": val, "trainable_parameters": n_train, "base_parameters": n_base,
+                "validation": val, **({"validation_trained": val_raw} if val_raw else {}), "trainable_parameters": n_train, "base_parameters": n_base,
                 "trainable_fraction": n_train / n_base, "data_summary": summary,
                 **({"simulator_version": stream.simulator_version} if stream is not None else {})}
     save_adapter(output, spec, params, training, totals.to_dict(), force=force)
     log(f"wrote adapter {output}: {n_train} parameters ({100 * n_train / n_base:.2f}% of base), "
-        f"{wall:.0f} s; validation NLL/token " + ", ".join(f"{m} {v['nll']:.3f}" for m, v in val.items()))
+        f"{wall:.0f} s; validation NLL/token " + ", ".join(f"{m} {v['nll']:.4f}" for m, v in val.items())
+        + ("" if val_raw is None else " (the trained weights of the last step: " + ", ".join(
+            f"{m} {v['nll']:.4f}" for m, v in val_raw.items()) + ")"))
     return training
 
 

@@ -10,6 +10,7 @@ An average over the last few hundred steps is that mean, kept as training runs:
 where n counts the updates. The warm-up of d (n / (n + 9): 0.1, 0.18, ... 0.9 at n = 81) lets a short
 run's average follow its weights instead of staying at the initialization; with decay 0.998 the
 average reaches back about 1 / (1 - decay) = 500 steps. decay 0 exports the last step's weights.
+Only the parameters that train are averaged (an adapter's, in `calofm extend`); frozen ones stay copies.
 """
 
 from __future__ import annotations
@@ -33,4 +34,12 @@ class WeightAverage:
         self.n += 1
         d = min(self.decay, self.n / (self.n + 9))
         for avg, w in zip(self.model.parameters(), model.parameters()):
-            avg.lerp_(w.detach(), 1.0 - d)
+            if w.requires_grad:
+                avg.lerp_(w.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Put the averaged values into `model`'s trainable parameters (in place)."""
+        for avg, w in zip(self.model.parameters(), model.parameters()):
+            if w.requires_grad:
+                w.copy_(avg)
