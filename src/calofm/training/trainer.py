@@ -350,7 +350,7 @@ def _train(cfg, resume_dir, info: DistInfo, progress, stop_after, log, session) 
                              "ema_updates": average.n,
                              "elapsed_s": elapsed0 + time.time() - t0, "tokens_seen": tokens_seen, "init_from": lineage,
                              "simulator_version": SIMULATOR_VERSION if stream is not None else None},
-                            summary(), keep=cfg.keep_checkpoints, trained=model)
+                            summary(), keep=cfg.keep_checkpoints, trained=model if cfg.ema else None)  # --ema 0: one copy
         barrier(info)
 
     n_exp_total = sum(model.cfg.moe_groups)
