@@ -170,6 +170,7 @@ def test_command_line_extend_and_info(setup, tmp_path, capsys):
     assert main(["info", setup["base"], "--adapter", out]) == 0
     text = capsys.readouterr().out
     assert "Fe" in text and "% of the base" in text and "max_hits" in text
+    assert "weights: moving average over about 2 steps (--ema 0.5)" in text
     with pytest.raises(SystemExit):  # a decay of 1 would never move from the initialization
         main(["extend", "material", "--base", setup["base"], "--data", fe, "-o", str(tmp_path / "w"), "--ema", "1"])
     assert not (tmp_path / "w").exists()

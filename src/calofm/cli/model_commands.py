@@ -282,9 +282,7 @@ def cmd_info(args) -> None:
         if "init_from" in tr:
             print(f"  started from {tr['init_from']['model']} ({tr['init_from']['tokens_seen_total']} tokens): "
                   f"{tr.get('tokens_seen_total')} tokens, {tr.get('wall_time_s_total')} s in all")
-        ema = tr.get("train_config", {}).get("ema", 0.0)
-        print("  weights: " + (f"moving average over about {1 / (1 - ema):.0f} steps (--ema {ema:g})" if ema
-                               else "the last step's (no moving average)"))
+        print("  weights: " + averaged(tr.get("train_config", {}).get("ema", 0.0)))
         for material, r in tr.get("val", {}).items():
             print(f"  val {material}: {r['nll']:.4f} nats/token")
     n_base = m["weights"]["n_parameters"]
@@ -293,6 +291,13 @@ def cmd_info(args) -> None:
         spec, n = am["spec"], am["weights"]["n_parameters"]
         cap = spec.get("max_hits") or f"{m['tokenizer']['max_hits']} (the base's)"
         print(f"  adapter {path}: {spec['kind']} {', '.join(spec['names'])} (initialized from {spec['init_from']}), "
-              f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base, max_hits {cap}")
+              f"rank {spec['rank']}, {n:,} trainable parameters = {100 * n / n_base:.2f}% of the base, max_hits {cap}; "
+              f"weights: {averaged(am.get('training', {}).get('ema', 0.0))}")
     totals = model.tokenizer.totals.keys()
     print(f"  two-stage totals (hit count, E_vis) for: {', '.join(totals) if totals else 'none (one-stage generation)'}")
+
+
+def averaged(ema: float) -> str:
+    """How a model's or adapter's weights were exported, from its --ema."""
+    return f"moving average over about {1 / (1 - ema):.0f} steps (--ema {ema:g})" if ema else \
+        "the last step's (no moving average)"
