@@ -8,6 +8,7 @@
 #   RUN=runs/ild MINUTES=8 DEV=cuda THREADS=8 bash benchmarks/ild_model.sh  # a lent GPU
 #
 #   INIT=runs/ild-geo LR=1e-3 WARMUP=50 ORDER=layer ... bash benchmarks/ild_model.sh  # continue a model
+#   (to continue the shipped model, move src/calofm/weights/calofm-ild aside first and give INIT that copy)
 #
 # A killed pre-training resumes with the same command (--resume when the run directory exists).
 # Each stage is skipped when its output exists, so the script can be rerun after any interruption.
@@ -54,11 +55,11 @@ fi
 mkdir -p "$WEIGHTS/adapters"
 if [ ! -f "$WEIGHTS/adapters/Pb/adapter.safetensors" ]; then
   calofm extend material --base "$WEIGHTS" --simulate Pb --particle gamma --energy 10:100 \
-    --steps "$STEPS_ADAPTER" --batch-size 16 --threads "$THREADS" --workers 1 -o "$WEIGHTS/adapters/Pb"
+    --steps "$STEPS_ADAPTER" --batch-size 16 --threads "$THREADS" --workers 1 --no-progress -o "$WEIGHTS/adapters/Pb"
 fi
 if [ ! -f "$WEIGHTS/adapters/e-/adapter.safetensors" ]; then
   calofm extend particle --base "$WEIGHTS" --adapter Pb --simulate W,Ta,Pb --particle e- --energy 10:100 \
-    --steps "$STEPS_ADAPTER" --batch-size 16 --rank 16 --threads "$THREADS" --workers 1 -o "$WEIGHTS/adapters/e-"
+    --steps "$STEPS_ADAPTER" --batch-size 16 --rank 16 --threads "$THREADS" --workers 1 --no-progress -o "$WEIGHTS/adapters/e-"
 fi
 calofm demo --model calofm-ild --n "$N_EVAL" --threads "$THREADS" -o "$RUN/demo"
 python benchmarks/published_table.py "$RUN/demo/metrics.json" --json benchmarks/results/published_ild.json
