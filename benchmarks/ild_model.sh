@@ -29,6 +29,8 @@ WEIGHTS=src/calofm/weights/calofm-ild
 # ORDER if given, else the default of `calofm train` (layer) for a fresh run and INIT's for a continued one.
 MODEL=${MODEL:-'{"voxel_head": "factorized", "running_inputs": true, "voxel_embedding": "geometric"}'}
 ORDER=${ORDER:-}
+# the min-p cuts written into the exported manifest (the sampling defaults of the model; docs/model.md)
+export MIN_P=${MIN_P:-'{"voxel": 1e-3, "energy": 3e-3}'}
 
 # the run directory's model is refreshed at every checkpoint, so the pre-training is done only when the
 # run has taken every step of its schedule
@@ -50,7 +52,8 @@ if [ ! -f "$RUN/model.safetensors" ] || ! scheduled_steps_done; then
     -o "$RUN" --no-progress "${start[@]}"
 fi
 if [ ! -f "$WEIGHTS/model.safetensors" ]; then
-  python -c "from calofm.checkpoint import export_model; export_model('$RUN', '$WEIGHTS')"
+  python -c "import json, os; from calofm.checkpoint import export_model
+export_model('$RUN', '$WEIGHTS', min_p=json.loads(os.environ['MIN_P']))"
 fi
 mkdir -p "$WEIGHTS/adapters"
 if [ ! -f "$WEIGHTS/adapters/Pb/adapter.safetensors" ]; then

@@ -87,7 +87,7 @@ def ild_weights(tmp_path_factory):
           log=quiet)
     weights = d / "weights"
     base = str(weights / "calofm-ild")
-    export_model(str(d / "run"), base)
+    export_model(str(d / "run"), base, min_p={"voxel": 1e-3})  # the energy cut: DEFAULT_MIN_P's
     kw = dict(steps=1, batch_size=4, warmup=1, progress=False, log=quiet, threads=1, max_val=2)
     os.makedirs(os.path.join(base, "adapters"))
     # written in the order that a plain name sort would get wrong: e- needs Pb first
@@ -100,16 +100,19 @@ def ild_weights(tmp_path_factory):
 def test_demo_and_bench_take_any_shipped_model(ild_weights, tmp_path, monkeypatch):
     """`--model calofm-ild`: found by name in the weights folder, its shipped adapters loaded in the order
     they require, its classes from its training data, reference showers simulated in its own geometry."""
+    import calofm
     import calofm.demo as demo
     import calofm.evaluate.report as report
     import calofm.pretrained as pretrained
     from calofm.cli.main import main
     from calofm.data.showers import inspect_file
+    from calofm.generation.sampler import DEFAULT_MIN_P
 
     monkeypatch.setattr(pretrained, "weights_dir", lambda: str(ild_weights))
     assert "calofm-ild" in shipped_models()
     model_dir = resolve_model("calofm-ild")
     assert demo.demo_adapters(model_dir) == ["Pb", "e-"]  # not the name order: e- requires Pb
+    assert calofm.load("calofm-ild").min_p == {"voxel": 1e-3, "energy": DEFAULT_MIN_P["energy"]}  # the export's
     seen = {}
 
     def evaluate_files(refs, gens, output, **kw):  # the evaluation itself is tested on its own

@@ -110,8 +110,9 @@ def _load_tensors(path: str, what: str) -> dict[str, torch.Tensor]:
 
 
 # --- model directories -------------------------------------------------------------------------
-def save_model(directory: str, model, tokenizer, training: dict | None = None) -> dict:
-    """Write model.safetensors then manifest.json (with the weight hash) into `directory`."""
+def save_model(directory: str, model, tokenizer, training: dict | None = None, min_p: dict | None = None) -> dict:
+    """Write model.safetensors then manifest.json (with the weight hash) into `directory`; min_p, the
+    sampling cuts chosen for these weights ({"voxel": x, "energy": y}), becomes the manifest's "min_p"."""
     os.makedirs(directory, exist_ok=True)
     digest = atomic_save_tensors(model.state_dict(), os.path.join(directory, MODEL_FILE))
     manifest = {
@@ -123,6 +124,8 @@ def save_model(directory: str, model, tokenizer, training: dict | None = None) -
         "tokenizer": tokenizer.to_dict(),
         "training": training or {},
     }
+    if min_p is not None:
+        manifest["min_p"] = dict(min_p)
     atomic_write_text(os.path.join(directory, MANIFEST_FILE), json.dumps(manifest, indent=1))
     return manifest
 
@@ -299,10 +302,11 @@ def _listdir(path: str) -> list[str]:
 
 
 # --- training checkpoints ----------------------------------------------------------------------
-def export_model(run_dir: str, destination: str, dtype: str = "bf16") -> dict:
+def export_model(run_dir: str, destination: str, dtype: str = "bf16", min_p: dict | None = None) -> dict:
     """Copy a trained model into a shippable directory (src/calofm/weights/<name>/), weights rounded to
-    bf16 (half the bytes). The exported weights load into an fp32 model as usual; adapters must be
-    trained against the exported model (its weight hash is what they name as their base)."""
+    bf16 (half the bytes), with the min-p cuts chosen for it (save_model). The exported weights load into
+    an fp32 model as usual; adapters must be trained against the exported model (its weight hash is what
+    they name as their base)."""
     model, tokenizer, manifest = load_model(run_dir)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -310,7 +314,7 @@ def export_model(run_dir: str, destination: str, dtype: str = "bf16") -> dict:
         raise ValueError(f"dtype must be bf16 or fp32, got {dtype!r}")
     training = dict(manifest.get("training", {}), exported_from=os.path.abspath(run_dir),
                     source_sha256=manifest["weights"]["sha256"], stored_dtype=dtype)
-    return save_model(destination, model, tokenizer, training)
+    return save_model(destination, model, tokenizer, training, min_p)
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
