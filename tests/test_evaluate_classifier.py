@@ -37,6 +37,26 @@ def test_separated_samples_give_high_auc():
     assert r.auc > 0.95 and r.jsd > 0.5
 
 
+def test_folds_rotate_the_test_split_over_every_shower():
+    """Fold 0 is the single split; five folds test each shower once, the AUC their mean, its error the
+    standard error of that mean."""
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(500, 6)).astype(np.float32)
+    b = (rng.normal(size=(500, 6)) + 0.3).astype(np.float32)
+    one = classifier_test(a, b, seed=3, **FAST)
+    five = classifier_test(a, b, seed=3, folds=5, **FAST)
+    assert one.folds == 1 and one.fold_aucs == [one.auc]
+    assert five.folds == 5 and len(five.fold_aucs) == 5 and five.fold_aucs[0] == one.auc
+    assert len(set(five.fold_aucs)) == 5  # five classifiers on five test splits
+    assert five.n_test == 500 and five.n_train == one.n_train == 300
+    assert five.auc == pytest.approx(np.mean(five.fold_aucs))
+    assert five.auc_err == pytest.approx(np.std(five.fold_aucs, ddof=1) / np.sqrt(5))
+    assert 0.55 < five.auc < 0.8  # a shift of 0.3 sigma in each of 6 inputs: separable, not fully
+    for bad in (0, 6):
+        with pytest.raises(CalofmError, match="1 to 5 folds"):
+            classifier_test(a, b, folds=bad, **FAST)
+
+
 def test_too_few_showers_refused():
     x = np.zeros((10, 3), np.float32)
     with pytest.raises(CalofmError, match="at least"):

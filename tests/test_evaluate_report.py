@@ -53,7 +53,8 @@ def test_report_folder(files, tmp_path, capsys):
     out = tmp_path / "report"
     out.mkdir()
     (out / "notes.txt").write_text("mine")  # a user's file in the folder survives
-    assert main(["evaluate", "--reference", files["W1"], "--generated", files["W2"], "-o", str(out), *FAST]) == 0
+    assert main(["evaluate", "--reference", files["W1"], "--generated", files["W2"], "-o", str(out), *FAST,
+                 "--folds", "2"]) == 0
     from calofm.evaluate.compare import Options
     from calofm.evaluate.report import evaluate_files
 
@@ -65,6 +66,9 @@ def test_report_folder(files, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     check_schema(m, 120, 120)
     assert m["material"] == "W" and m["units"]["fpd"].startswith("Frechet")
+    for level in ("low", "high"):  # --folds: two classifiers per test, the floor's included
+        assert m["classifier"][level]["folds"] == m["noise_floor"]["classifier"][level]["folds"] == 2
+        assert len(m["classifier"][level]["fold_aucs"]) == 2
     assert set(m["response"]) == {"step_GeV", "bins", "worst"}  # 120 showers: under 20 per 10 GeV bin, none kept
     assert (out / "notes.txt").read_text() == "mine"
     pngs = sorted(p.name for p in out.glob("*.png"))

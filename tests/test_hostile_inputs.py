@@ -77,6 +77,7 @@ ARGUMENTS = [
     (["evaluate", "--reference", "a.h5", "--generated", "b.h5", "-o", "r", "--threads", "-1"], "--threads"),
     (["evaluate", "--reference", "a.h5", "--generated", "b.h5", "-o", "r", "--seed", "-1"], "--seed"),
     (["evaluate", "--reference", "a.h5", "--generated", "b.h5", "-o", "r", "--bootstrap", "0"], "--bootstrap"),
+    (["evaluate", "--reference", "a.h5", "--generated", "b.h5", "-o", "r", "--folds", "6"], "--folds"),
     (["extend", "material", "--base", "m", "-o", "a", "--rank", "0"], "--rank"),
     (["extend", "material", "--base", "m", "-o", "a", "--lr", "-1"], "--lr"),
     (["extend", "particle", "--base", "m", "-o", "a", "--seed", "-1"], "--seed"),

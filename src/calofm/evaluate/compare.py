@@ -35,6 +35,7 @@ class Options:
     classifier: bool = True
     max_epochs: int = 30
     patience: int = 5
+    folds: int = 1  # classifier test splits measured in turn (classifier_test); 1: the CaloChallenge's one
     threads: int | None = 1  # torch threads of the classifier (see classifier_test)
     progress: bool = True
     log: callable = field(default=print, repr=False)
@@ -163,8 +164,8 @@ def _compare(ref: Prepared, gen: Prepared, opts: Options, what: str) -> dict:
     details = {}
     if opts.classifier:
         t = time.perf_counter()
-        common = dict(seed=opts.seed, max_epochs=opts.max_epochs, patience=opts.patience, threads=opts.threads,
-                      progress=opts.progress)
+        common = dict(seed=opts.seed, max_epochs=opts.max_epochs, patience=opts.patience, folds=opts.folds,
+                      threads=opts.threads, progress=opts.progress)
         if ref.low_level is not None and gen.low_level is not None:
             details["low"] = classifier_test(ref.low_level, gen.low_level, standardize=False,
                                              desc=f"classifier low-level ({what})", **common)
@@ -173,8 +174,9 @@ def _compare(ref: Prepared, gen: Prepared, opts: Options, what: str) -> dict:
             high_level_inputs(gen.features.incident_MeV, gen.features.matrix()),
             standardize=True, desc=f"classifier high-level ({what})", **common)
         for level, r in details.items():
-            opts.log(f"  classifier {level}-level ({what}): AUC {r.auc:.3f} ± {r.auc_err:.3f}, "
-                     f"{r.epochs} epochs (best {r.best_epoch}), {r.seconds:.1f} s")
+            trained = f"{r.epochs} epochs (best {r.best_epoch})" if r.folds == 1 else f"mean of {r.folds} folds"
+            opts.log(f"  classifier {level}-level ({what}): AUC {r.auc:.3f} ± {r.auc_err:.3f}, {trained}, "
+                     f"{r.seconds:.1f} s")
         timings["classifier"] = time.perf_counter() - t
     for level in ("low", "high"):
         r = details.get(level)
