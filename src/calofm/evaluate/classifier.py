@@ -8,8 +8,8 @@ calibrated by isotonic regression on that validation split, and judged on a held
   JSD = 1/2 E_ref[log2(2 p)] + 1/2 E_gen[log2(2 (1 - p))], 0 = indistinguishable, 1 = disjoint.
 Errors: standard deviation over bootstrap resamplings of the test split (training is not repeated,
 so the spread from retraining is not included). With `folds` > 1 the five 20% parts take the test role
-in turn, a classifier trained afresh for each: every shower of the fold's parts is tested once, and the
-errors are the standard error of the mean over the folds, retraining included.
+in turn, a classifier trained afresh for each (with 5 every shower is tested once), and the errors are
+the standard error of the mean over the folds, retraining included.
 """
 
 from __future__ import annotations
