@@ -32,14 +32,15 @@ def seeds(text: str) -> list[int]:
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-def inputs(metrics: dict, level: str) -> tuple[np.ndarray, np.ndarray]:
-    """(reference, generated) classifier inputs of one class, prepared as `calofm evaluate` prepares them."""
+def inputs(metrics: dict, level: str, threshold_MeV: float) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, generated) classifier inputs of one class, prepared as `calofm evaluate` prepares them
+    (calofm.evaluate.report._prepare)."""
     (e_r, s_r, info), (e_g, s_g, _) = read_showers(metrics["reference"]), read_showers(metrics["generated"])
     if level == "low":
         x_r, norm = low_level_inputs(e_r, s_r)
         return x_r, low_level_inputs(e_g, s_g, norm)[0]
-    f_r = compute_features(e_r, s_r, info.geometry)
-    f_g = compute_features(e_g, s_g, info.geometry, hit_edges=f_r.profiles["hit_energy_spectrum"].edges)
+    f_r = compute_features(e_r, s_r, info.geometry, threshold_MeV)
+    f_g = compute_features(e_g, s_g, info.geometry, threshold_MeV, f_r.profiles["hit_energy_spectrum"].edges)
     return (high_level_inputs(f_r.incident_MeV, f_r.matrix()), high_level_inputs(f_g.incident_MeV, f_g.matrix()))
 
 
@@ -57,7 +58,8 @@ def main() -> int:
     path = os.path.join(args.report, "metrics.json")
     if not os.path.isfile(path):
         sys.exit(f"{args.report}: no metrics.json; not a calofm report folder")
-    report = json.load(open(path))
+    with open(path) as fh:
+        report = json.load(fh)
     classes = report["materials"] if "materials" in report else {report["material"]: report}
     wanted = [c for c in args.classes.split(",") if c] or list(classes)
     unknown = sorted(set(wanted) - set(classes))
@@ -68,7 +70,7 @@ def main() -> int:
     print(f"{'class':<10}{'level':<6}{'folds':>6}{'mean AUC':>10}{'std over seeds':>16}{'mean quoted ±':>15}")
     for name in wanted:
         for level in args.levels.split(","):
-            x_ref, x_gen = inputs(classes[name], level)
+            x_ref, x_gen = inputs(classes[name], level, report.get("threshold_MeV", 0.0))
             for k in folds:
                 runs = [classifier_test(x_ref, x_gen, standardize=level == "high", seed=s, folds=k,
                                         threads=args.threads, progress=False) for s in args.seeds]

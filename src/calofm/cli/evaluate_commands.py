@@ -52,7 +52,8 @@ def cmd_evaluate(args) -> int:
     threads = args.threads
     start = time.perf_counter()
     opts = Options(seed=args.seed, n_boot=args.bootstrap, classifier=not args.no_classifier,
-                   max_epochs=args.epochs, folds=args.folds, threads=threads, progress=not args.quiet and sys.stderr.isatty(),
+                   max_epochs=args.epochs, folds=args.folds, threads=threads,
+                   progress=not args.quiet and sys.stderr.isatty(),
                    log=lambda msg: print(msg, flush=True))
     metrics = evaluate_files(args.reference, args.generated, args.output, geometry=args.geometry,
                              binning=args.binning, threshold_MeV=args.threshold, max_showers=args.max_showers,
