@@ -30,6 +30,7 @@ import torch
 import calofm
 from calofm.checkpoint import atomic_write_text
 from calofm.data.showers import inspect_file, read_showers
+from calofm.evaluate.classifier import N_PARTS
 from calofm.evaluate.compare import Options
 from calofm.evaluate.features import compute_features
 from calofm.evaluate.report import evaluate_files
@@ -145,7 +146,7 @@ def main() -> None:
     ap.add_argument("--check", default="W:3,Ta:2,Cu:2", help="held-out samples MATERIAL:SEED ('' = none)")
     ap.add_argument("--tolerance", type=float, default=0.03,
                     help="largest allowed rise of a material's mean AUC over min-p off")
-    ap.add_argument("--folds", type=int, default=1, choices=range(1, 6),
+    ap.add_argument("--folds", type=int, default=1, choices=range(1, N_PARTS + 1),
                     help="classifier test splits per AUC (calofm evaluate --folds)")
     ap.add_argument("--ref-dir", default="runs/data/ref")
     ap.add_argument("--data-dir", default="/tmp/calofm-minp")
