@@ -17,7 +17,8 @@ RUN=${RUN:-runs/ild}
 MINUTES=${MINUTES:-85}
 THREADS=${THREADS:-1}
 DEV=${DEV:-auto}
-STEPS_PB=${STEPS_PB:-600}  # the shipped adapters' steps (batch 16)
+# the shipped adapters' steps (batch 16): the Pb material adapter, then the e- particle adapter
+STEPS_PB=${STEPS_PB:-600}
 STEPS_E=${STEPS_E:-300}
 N_EVAL=${N_EVAL:-1000}
 LR=${LR:-2e-3}
