@@ -6,8 +6,8 @@
 # evaluated alone and its high-level AUC read with five classifier folds and five classifier seeds
 # (benchmarks/classifier_spread.py). Every step is skipped when its output exists: rerun after a kill.
 #
-#   OUT=runs/ild-targets bash benchmarks/ild_targets.sh                       # the six classes, ~75 min on 2 cores (~12 min per class)
-#   OUT=runs/ild-targets CLASSES="3:W:e- 5:Pb:e-" ADAPTERS="Pb DIR" TAG=e600 bash benchmarks/ild_targets.sh
+#   OUT=runs/ild-targets bash benchmarks/ild_targets.sh    # the six classes, ~75 min on 2 cores (~12 min per class)
+#   OUT=runs/ild-targets CLASSES="3:W:e- 5:Pb:e-" ADAPTERS="Pb DIR" TAG=mine bash benchmarks/ild_targets.sh
 #
 # ADAPTERS: the adapters composed for every class, in order (names of shipped ones or directories; the
 # base's classes are bit-identical with any of them loaded). TAG names the generated samples, so that
@@ -54,20 +54,17 @@ import json, os, sys
 sys.path.insert(0, "benchmarks")
 from provenance import provenance
 out, adapters, runs = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+r4 = lambda x: round(float(x), 4)
 rows = []
 for run in runs:
     spread = json.load(open(os.path.join(run, "spread.json")))["rows"][0]
     m = json.load(open(os.path.join(run, "eval", "metrics.json")))  # one class per report
-    r4 = lambda x: round(float(x), 4)
     rows.append({"class": os.path.basename(run)[len(os.environ["TAG"]) + 1:], "n_reference": m["n_reference"],
                  "n_generated": m["n_generated"], "auc_high_5fold": spread["mean"], "auc_high_5fold_seeds": spread["auc"],
                  "auc_high_one_split": r4(m["classifier_auc_high"]), "auc_low_one_split": r4(m["classifier_auc_low"]),
                  "noise_floor_auc_high_low": [r4(m["noise_floor"]["classifier_auc_high"]),
                                               r4(m["noise_floor"]["classifier_auc_low"])],
-                 # E_vis/E_inc per 10 GeV bin: the worst bin's relative mean and IQR ratio
-                 "response_worst_mean": r4(max((b["mean_rel_diff"] for b in m["response"]["bins"]), key=abs)),
-                 "response_worst_iqr_ratio": r4(max((b["iqr_ratio"] for b in m["response"]["bins"]),
-                                                    key=lambda r: abs(r - 1)))})
+                 "response_worst": m["response"]["worst"]})  # E_vis/E_inc, the worst 10 GeV bin
     print(f"{rows[-1]['class']:24s} high-level AUC, five folds {spread['mean']:.3f}; one split high "
           f"{m['classifier_auc_high']:.3f}, low {m['classifier_auc_low']:.3f}")
 with open(out + ".tmp", "w") as fh:
