@@ -2,7 +2,8 @@
 # calofm-ild, the published setting (ILD Si-W ECAL, 30 layers x 30 x 30 cells), trained end to end on
 # streamed showers of the embedded simulator: the pre-trained base (W, Ta photons), its export into
 # src/calofm/weights/calofm-ild (bf16-rounded), the Pb material adapter, the e- particle adapter on W,
-# Ta and Pb electrons (stacked on the Pb adapter), and the evaluation in the paper's metrics.
+# Ta and Pb electrons (stacked on the Pb adapter), and the evaluation at the targets' protocol
+# (benchmarks/ild_targets.sh: five-fold AUCs and the paper's metrics).
 #
 #   RUN=runs/ild MINUTES=85 THREADS=1 bash benchmarks/ild_model.sh          # CPU: a session's budget
 #   RUN=runs/ild MINUTES=8 DEV=cuda THREADS=8 bash benchmarks/ild_model.sh  # a lent GPU
@@ -20,7 +21,7 @@ DEV=${DEV:-auto}
 # the shipped adapters' steps (batch 16): the Pb material adapter, then the e- particle adapter
 STEPS_PB=${STEPS_PB:-600}
 STEPS_E=${STEPS_E:-300}
-N_EVAL=${N_EVAL:-1000}
+N_EVAL=${N_EVAL:-2000}
 LR=${LR:-2e-3}
 WARMUP=${WARMUP:-100}
 INIT=${INIT:-}
@@ -67,5 +68,6 @@ if [ ! -f "$WEIGHTS/adapters/e-/adapter.safetensors" ]; then
   calofm extend particle --base "$WEIGHTS" --adapter Pb --simulate W,Ta,Pb --particle e- --energy 10:100 \
     --steps "$STEPS_E" --batch-size 16 --rank 16 --threads "$THREADS" --workers 1 --no-progress -o "$WEIGHTS/adapters/e-"
 fi
-calofm demo --model calofm-ild --n "$N_EVAL" --threads "$THREADS" -o "$RUN/demo"
-python benchmarks/published_table.py "$RUN/demo/metrics.json" --json benchmarks/results/published_ild.json
+# the targets' protocol: N_EVAL generated vs N_EVAL fresh showers per class, five-fold AUCs and the
+# paper's W1 / KL table ($RUN/targets/targets_shipped.json, published_shipped.json)
+OUT="$RUN/targets" N="$N_EVAL" THREADS="$THREADS" bash benchmarks/ild_targets.sh

@@ -6,26 +6,28 @@
 # evaluated alone and its high-level AUC read with five classifier folds and five classifier seeds
 # (benchmarks/classifier_spread.py). Every step is skipped when its output exists: rerun after a kill.
 #
-#   OUT=runs/ild-targets bash benchmarks/ild_targets.sh    # the six classes, ~75 min on 2 cores (~12 min per class)
+#   OUT=runs/ild-targets bash benchmarks/ild_targets.sh    # the six classes: ~32 min on a 2-core AVX512 EPYC, ~75 AVX2-only
 #   OUT=runs/ild-targets CLASSES="3:W:e- 5:Pb:e-" ADAPTERS="Pb DIR" TAG=mine bash benchmarks/ild_targets.sh
 #
-# ADAPTERS: the adapters composed for every class, in order (names of shipped ones or directories; the
-# base's classes are bit-identical with any of them loaded). TAG names the generated samples, so that
-# several adapter sets share one set of references; GENERATE: further `calofm generate` options (e.g.
-# "--totals energy"). The summary goes to $OUT/targets_$TAG.json.
+# ADAPTERS: the adapters composed for every class, in order (names of shipped ones or directories; "":
+# the base alone; the base's classes are bit-identical with any of them loaded). TAG names the generated
+# samples, so that several adapter sets share one set of references; GENERATE: further `calofm generate`
+# options (e.g. "--totals energy"); MODEL: another model directory (its adapters under MODEL/adapters).
+# The summary goes to $OUT/targets_$TAG.json, the paper's W1 and KL table of the same showers
+# (benchmarks/published_table.py) to $OUT/published_$TAG.json.
 set -euo pipefail
 export OUT=${OUT:-runs/ild-targets}
 export N=${N:-2000}
 export SEED=${SEED:-3000}
 THREADS=${THREADS:-2}
 export TAG=${TAG:-shipped}
-ADAPTERS=${ADAPTERS:-"Pb e-"}
+ADAPTERS=${ADAPTERS-"Pb e-"}  # ADAPTERS="": the base alone
 CLASSES=${CLASSES:-"0:W:gamma 1:Ta:gamma 2:Pb:gamma 3:W:e- 4:Ta:e- 5:Pb:e-"}
 export GENERATE=${GENERATE:-}
-WEIGHTS=src/calofm/weights/calofm-ild
+MODEL=${MODEL:-src/calofm/weights/calofm-ild}
 adapter_args=()
 for a in $ADAPTERS; do
-  [ -d "$a" ] || a=$WEIGHTS/adapters/$a
+  [ -d "$a" ] || a=$MODEL/adapters/$a
   adapter_args+=(--adapter "$a")
 done
 mkdir -p "$OUT"
@@ -40,7 +42,7 @@ for cfg in $CLASSES; do
   echo "$(date +%T) $m $p: simulate, generate, evaluate, five folds"
   [ -f "$ref" ] || calofm simulate --geometry ild --material "$m" --particle "$p" --energy 10:100 --n "$N" \
     --seed $((SEED + 100 + i)) -o "$ref" > "$run/sim.log"
-  [ -f "$run/gen.h5" ] || calofm generate --model calofm-ild "${adapter_args[@]}" --material "$m" --particle "$p" \
+  [ -f "$run/gen.h5" ] || calofm generate --model "$MODEL" "${adapter_args[@]}" --material "$m" --particle "$p" \
     --energy 10:100 --n "$N" --seed $((SEED + i)) --batch-size 500 --threads "$THREADS" --no-progress \
     $GENERATE -o "$run/gen.h5" > "$run/gen.log"
   [ -f "$run/eval/metrics.json" ] || calofm evaluate --reference "$ref" --generated "$run/gen.h5" --seed "$SEED" \
@@ -48,7 +50,7 @@ for cfg in $CLASSES; do
   python benchmarks/classifier_spread.py "$run/eval" --seeds 0-4 --folds 5 --threads "$THREADS" \
     --json "$run/spread.json" > "$run/spread.log"
 done
-export TARGETS_COMMAND="OUT=$OUT N=$N SEED=$SEED THREADS=$THREADS TAG=$TAG ADAPTERS='$ADAPTERS' CLASSES='$CLASSES' GENERATE='$GENERATE' bash benchmarks/ild_targets.sh"
+export TARGETS_COMMAND="MODEL=$MODEL OUT=$OUT N=$N SEED=$SEED THREADS=$THREADS TAG=$TAG ADAPTERS='$ADAPTERS' CLASSES='$CLASSES' GENERATE='$GENERATE' bash benchmarks/ild_targets.sh"
 python - "$OUT/targets_$TAG.json" "$ADAPTERS" "${dirs[@]}" <<'PY'
 import json, os, sys
 sys.path.insert(0, "benchmarks")
@@ -74,3 +76,10 @@ with open(out + ".tmp", "w") as fh:
 os.replace(out + ".tmp", out)
 print("wrote", out)
 PY
+labelled=()
+for run in "${dirs[@]}"; do
+  name=$(basename "$run")
+  labelled+=("${name#"${TAG}_"}=$run/eval/metrics.json")
+done
+python benchmarks/published_table.py "${labelled[@]}" --json "$OUT/published_$TAG.json" > "$OUT/published_$TAG.md"
+echo "wrote $OUT/published_$TAG.json (tables: $OUT/published_$TAG.md)"

@@ -2,6 +2,7 @@
 
     calofm demo --model calofm-ild --n 2000 -o demo-ild          # or any calofm evaluate report
     python benchmarks/published_table.py demo-ild/metrics.json [--json published_ild.json]
+    python benchmarks/published_table.py W_gamma=run1/metrics.json W_e-=run2/metrics.json  # one class each
 
 Prints one Markdown table per metric: a row per observable, a column per class, each value with the
 noise floor (two halves of the reference) in parentheses. Against calofm's embedded simulator, not Geant4.
@@ -14,9 +15,12 @@ from calofm.evaluate.published import OBSERVABLES
 from provenance import provenance
 
 
-def results(metrics: dict) -> dict:
-    """{class label: one comparison} of a metrics.json (one material or several)."""
-    return metrics["materials"] if "materials" in metrics else {metrics["material"]: metrics}
+def results(metrics: dict, label: str | None = None) -> dict:
+    """{class label: one comparison} of a metrics.json (one material or several); label names the class
+    of a one-class report in place of its material."""
+    if "materials" in metrics:
+        return metrics["materials"]
+    return {label or metrics["material"]: metrics}
 
 
 def table(per_class: dict, metric: str) -> str:
@@ -33,20 +37,27 @@ def table(per_class: dict, metric: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("metrics", help="metrics.json of calofm evaluate or calofm demo")
+    p.add_argument("metrics", nargs="+", help="metrics.json of calofm evaluate or calofm demo; LABEL=PATH "
+                   "names the class of a one-class report (several reports: one table)")
     p.add_argument("--json", default=None, help="also write the numbers, with provenance, to this file")
     args = p.parse_args()
-    with open(args.metrics) as fh:
-        per_class = results(json.load(fh))
-    missing = [k for k, r in per_class.items() if "published" not in r]
-    if missing:
-        raise SystemExit(f"{args.metrics}: no published metrics for {missing} (written by an older calofm)")
+    per_class = {}
+    for arg in args.metrics:
+        label, path = arg.split("=", 1) if "=" in arg else (None, arg)
+        with open(path) as fh:
+            found = results(json.load(fh), label)
+        clash = sorted(set(found) & set(per_class))
+        missing = [k for k, r in found.items() if "published" not in r]
+        if clash or missing:
+            raise SystemExit(f"{path}: " + (f"class {clash} given twice (name it with LABEL=PATH)" if clash else
+                                            f"no published metrics for {missing} (written by an older calofm)"))
+        per_class.update(found)
     n = {k: (r["n_reference"], r["n_generated"]) for k, r in per_class.items()}
     print(f"showers (reference, generated) per class: {n}")
     print("\nW1 (noise floor):\n" + table(per_class, "wasserstein"))
     print("\nKL(reference || generated) (noise floor):\n" + table(per_class, "kl"))
     if args.json:
-        out = {**provenance(), "source": args.metrics, "n": n,
+        out = {**provenance(), "source": args.metrics if len(args.metrics) > 1 else args.metrics[0], "n": n,
                "published": {k: {"value": r["published"], "noise_floor": r["noise_floor"]["published"]}
                              for k, r in per_class.items()}}
         with open(args.json, "w") as fh:
