@@ -70,4 +70,6 @@ if [ ! -f "$WEIGHTS/adapters/e-/adapter.safetensors" ]; then
 fi
 # the targets' protocol: N_EVAL generated vs N_EVAL fresh showers per class, five-fold AUCs and the
 # paper's W1 / KL table ($RUN/targets/targets_shipped.json, published_shipped.json)
-OUT="$RUN/targets" N="$N_EVAL" THREADS="$THREADS" bash benchmarks/ild_targets.sh
+# (every setting named, so that this script's SEED and MODEL do not leak into it)
+OUT="$RUN/targets" MODEL="$WEIGHTS" N="$N_EVAL" SEED=3000 TAG=shipped ADAPTERS="Pb e-" CLASSES= GENERATE= \
+  THREADS="$THREADS" bash benchmarks/ild_targets.sh

@@ -42,7 +42,7 @@ for cfg in $CLASSES; do
   echo "$(date +%T) $m $p: simulate, generate, evaluate, five folds"
   [ -f "$ref" ] || calofm simulate --geometry ild --material "$m" --particle "$p" --energy 10:100 --n "$N" \
     --seed $((SEED + 100 + i)) -o "$ref" > "$run/sim.log"
-  [ -f "$run/gen.h5" ] || calofm generate --model "$MODEL" "${adapter_args[@]}" --material "$m" --particle "$p" \
+  [ -f "$run/gen.h5" ] || calofm generate --model "$MODEL" ${adapter_args[@]+"${adapter_args[@]}"} --material "$m" --particle "$p" \
     --energy 10:100 --n "$N" --seed $((SEED + i)) --batch-size 500 --threads "$THREADS" --no-progress \
     $GENERATE -o "$run/gen.h5" > "$run/gen.log"
   [ -f "$run/eval/metrics.json" ] || calofm evaluate --reference "$ref" --generated "$run/gen.h5" --seed "$SEED" \

@@ -10,6 +10,7 @@ noise floor (two halves of the reference) in parentheses. Against calofm's embed
 
 import argparse
 import json
+import os
 
 from calofm.evaluate.published import OBSERVABLES
 from provenance import provenance
@@ -19,6 +20,8 @@ def results(metrics: dict, label: str | None = None) -> dict:
     """{class label: one comparison} of a metrics.json (one material or several); label names the class
     of a one-class report in place of its material."""
     if "materials" in metrics:
+        if label:
+            raise SystemExit(f"LABEL={label}: a report of several classes names its own")
         return metrics["materials"]
     return {label or metrics["material"]: metrics}
 
@@ -43,13 +46,13 @@ def main() -> None:
     args = p.parse_args()
     per_class = {}
     for arg in args.metrics:
-        label, path = arg.split("=", 1) if "=" in arg else (None, arg)
+        label, path = (None, arg) if os.path.isfile(arg) or "=" not in arg else arg.split("=", 1)
         with open(path) as fh:
             found = results(json.load(fh), label)
         clash = sorted(set(found) & set(per_class))
         missing = [k for k, r in found.items() if "published" not in r]
         if clash or missing:
-            raise SystemExit(f"{path}: " + (f"class {clash} given twice (name it with LABEL=PATH)" if clash else
+            raise SystemExit(f"{path}: " + (f"class {', '.join(clash)} given twice (name it with LABEL=PATH)" if clash else
                                             f"no published metrics for {missing} (written by an older calofm)"))
         per_class.update(found)
     n = {k: (r["n_reference"], r["n_generated"]) for k, r in per_class.items()}
@@ -57,7 +60,7 @@ def main() -> None:
     print("\nW1 (noise floor):\n" + table(per_class, "wasserstein"))
     print("\nKL(reference || generated) (noise floor):\n" + table(per_class, "kl"))
     if args.json:
-        out = {**provenance(), "source": args.metrics if len(args.metrics) > 1 else args.metrics[0], "n": n,
+        out = {**provenance(), "source": args.metrics, "n": n,
                "published": {k: {"value": r["published"], "noise_floor": r["noise_floor"]["published"]}
                              for k, r in per_class.items()}}
         with open(args.json, "w") as fh:
