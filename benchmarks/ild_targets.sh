@@ -32,11 +32,13 @@ for a in $ADAPTERS; do
 done
 mkdir -p "$OUT"
 dirs=()
+labelled=()  # CLASS=metrics.json, for benchmarks/published_table.py
 for cfg in $CLASSES; do
   IFS=: read -r i m p <<< "$cfg"
   ref=$OUT/ref_${m}_${p}.h5
   run=$OUT/${TAG}_${m}_${p}
   dirs+=("$run")
+  labelled+=("${m}_${p}=$run/eval/metrics.json")
   [ -f "$run/spread.json" ] && continue
   mkdir -p "$run"
   echo "$(date +%T) $m $p: simulate, generate, evaluate, five folds"
@@ -76,10 +78,5 @@ with open(out + ".tmp", "w") as fh:
 os.replace(out + ".tmp", out)
 print("wrote", out)
 PY
-labelled=()
-for run in "${dirs[@]}"; do
-  name=$(basename "$run")
-  labelled+=("${name#"${TAG}_"}=$run/eval/metrics.json")
-done
 python benchmarks/published_table.py "${labelled[@]}" --json "$OUT/published_$TAG.json" > "$OUT/published_$TAG.md"
 echo "wrote $OUT/published_$TAG.json (tables: $OUT/published_$TAG.md)"

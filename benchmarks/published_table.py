@@ -50,10 +50,11 @@ def main() -> None:
         with open(path) as fh:
             found = results(json.load(fh), label)
         clash = sorted(set(found) & set(per_class))
+        if clash:
+            raise SystemExit(f"{path}: class {', '.join(clash)} given twice (name it with LABEL=PATH)")
         missing = [k for k, r in found.items() if "published" not in r]
-        if clash or missing:
-            raise SystemExit(f"{path}: " + (f"class {', '.join(clash)} given twice (name it with LABEL=PATH)" if clash else
-                                            f"no published metrics for {missing} (written by an older calofm)"))
+        if missing:
+            raise SystemExit(f"{path}: no published metrics for {missing} (written by an older calofm)")
         per_class.update(found)
     n = {k: (r["n_reference"], r["n_generated"]) for k, r in per_class.items()}
     print(f"showers (reference, generated) per class: {n}")
